@@ -1,0 +1,41 @@
+# Two commands matter: `make run` (serve the shipped model) and `make test` (the whole suite).
+# Both set up .venv from the pinned lock file first; `make install` does only that, idempotently.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install test lint run clean
+
+install: $(STAMP)
+
+# Rebuilt only when the dependency set changes. The lock pins every transitive package that CI
+# used (torch 2.14.1 + torchvision 0.29.2 from the registry; the machine's local CPU-only torch
+# 2.13.0 wheel has no working torchvision).
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+run: install
+	@if [ ! -f app/main.py ]; then \
+		echo "make run: the inference service (app/main.py) is not built yet, so there is nothing to serve."; \
+		echo "The detector core is in model/; see README.md for its Python API."; \
+		exit 1; \
+	fi
+	$(PY) -m uvicorn app.main:app --host $(HOST) --port $(PORT) --workers 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

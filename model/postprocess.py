@@ -1,0 +1,105 @@
+"""From raw network outputs to detections, for a whole batch at once.
+
+The steps and defaults follow the authors' ``DetectionOutputLayer`` (ssd_pascal.py test
+settings) and torchvision's SSD: softmax; per class, keep scores above the threshold and at
+most the ``top_k`` best candidates (400); decode and clip to the image; per-class NMS at IoU
+0.45; keep the best ``max_detections`` (200) per image.
+
+There is no Python loop over classes or images: candidates of every image and class go into
+one ``torchvision.ops.batched_nms`` call, keyed by (image, class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from model.box_coding import decode
+
+# The authors' test-time settings (ssd_pascal.py: nms_threshold 0.45, top_k 400, keep_top_k 200).
+NMS_IOU = 0.45
+TOP_K = 400
+MAX_DETECTIONS = 200
+
+
+@dataclass
+class Detections:
+    """Detections for one image, sorted by score (descending).
+
+    ``boxes`` is Tensor[K, 4] xyxy in pixels of that image; ``scores`` Tensor[K] in (0, 1];
+    ``class_ids`` Tensor[K] int64 in 1..C-1; ``labels`` the class names of ``class_ids``.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    class_ids: Tensor
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def postprocess(
+    loc: Tensor,
+    conf: Tensor,
+    default_boxes: Tensor,
+    image_sizes: list[tuple[int, int]],
+    *,
+    score_threshold: float,
+    nms_iou: float = NMS_IOU,
+    top_k: int = TOP_K,
+    max_detections: int = MAX_DETECTIONS,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Turn raw outputs into per-image (boxes, scores, class_ids).
+
+    Args:
+        loc: Tensor[N, P, 4], predicted offsets.
+        conf: Tensor[N, P, C], logits, class 0 being background.
+        default_boxes: Tensor[P, 4], (cx, cy, w, h) relative to the network input.
+        image_sizes: per image, its (width, height) in pixels; boxes are scaled to it.
+        score_threshold: keep class scores strictly above this.
+
+    Returns:
+        Per image: boxes Tensor[K, 4] (xyxy pixels, clipped to the image), scores Tensor[K],
+        class_ids Tensor[K] (int64, 1..C-1), sorted by descending score, K <= max_detections.
+    """
+    num_images, num_priors, num_classes = conf.shape
+    if len(image_sizes) != num_images:
+        raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {num_images}")
+    device = conf.device
+    scores = conf.float().softmax(dim=-1)[..., 1:]  # (N, P, C-1), background dropped
+
+    # Per (image, class), the top-k candidates by score: (N, C-1, P) -> (N, C-1, k)
+    k = min(top_k, num_priors)
+    top_scores, top_prior = scores.transpose(1, 2).topk(k, dim=2)
+    keep = top_scores > score_threshold
+    image_idx, class_idx, _ = keep.nonzero(as_tuple=True)
+    cand_scores = top_scores[keep]
+    cand_prior = top_prior[keep]
+
+    # Decode only the candidates' boxes, clip in the relative frame, then scale per image.
+    boxes = decode(loc[image_idx, cand_prior].float(), default_boxes[cand_prior].float())
+    boxes = boxes.clamp(min=0.0, max=1.0)
+    sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)  # (N, 2) as (w, h)
+    boxes = boxes * sizes[image_idx].repeat(1, 2)
+
+    # One NMS over everything, keyed so that only boxes of one image and one class compete.
+    group = image_idx * num_classes + class_idx
+    kept = batched_nms(boxes, cand_scores, group, nms_iou)  # sorted by score, descending
+
+    # Keep the best max_detections per image: a stable sort by image keeps score order inside.
+    kept = kept[torch.sort(image_idx[kept], stable=True).indices]
+    kept_image = image_idx[kept]
+    counts = torch.bincount(kept_image, minlength=num_images)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(kept.numel(), device=device) - starts[kept_image]
+    kept = kept[rank < max_detections]
+    counts = counts.clamp(max=max_detections).tolist()
+
+    results = []
+    for idx in kept.split(counts):
+        results.append((boxes[idx], cand_scores[idx], class_idx[idx] + 1))
+    return results

@@ -1,0 +1,163 @@
+"""The SSD network and its builders, ``ssd300_vgg16`` and ``ssd512_vgg16``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model.default_boxes import DefaultBoxSpec, make_default_boxes, preset_spec
+from model.vgg import EXTRAS_300, EXTRAS_512, L2Norm, output_sides, vgg16_stages
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild a network: what a checkpoint stores besides weights."""
+
+    builder: str
+    num_classes: int
+    size: int
+    preset: str
+    batch_norm: bool
+    width: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class SSD(nn.Module):
+    """Single Shot MultiBox Detector over a stack of feature stages.
+
+    Args:
+        stages: modules applied in sequence; the output of each is one source feature map.
+        channels: channels of each source map.
+        default_box_spec: default-box sizes; the maps' sides are derived from ``stages``.
+        num_classes: including background as class 0.
+        l2norm_first: apply an L2Norm (scale 20) to the first source, as SSD does on conv4_3.
+
+    ``forward`` takes a normalised Tensor[N, 3, S, S] and returns ``(loc, conf)``:
+    Tensor[N, P, 4] of encoded offsets and Tensor[N, P, num_classes] of logits, with P rows in
+    the order of ``default_boxes``.
+    """
+
+    def __init__(
+        self,
+        stages: nn.ModuleList,
+        channels: list[int],
+        default_box_spec: DefaultBoxSpec,
+        num_classes: int,
+        *,
+        l2norm_first: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts background, so it must be >= 2, got {num_classes}")
+        if len(stages) != len(channels):
+            raise ValueError(f"{len(stages)} stages but {len(channels)} channel counts")
+        self.stages = stages
+        self.l2norm = L2Norm(channels[0]) if l2norm_first else nn.Identity()
+        self.num_classes = num_classes
+        self.input_size = default_box_spec.size
+        self.feature_map_sizes = output_sides(stages, default_box_spec.size)
+        boxes = default_box_spec.boxes_per_location
+        self.register_buffer(
+            "default_boxes", make_default_boxes(default_box_spec, self.feature_map_sizes),
+            persistent=False,
+        )
+        # The paper's predictors: one 3x3 conv per source map for offsets, one for class scores.
+        self.loc_heads = nn.ModuleList(
+            nn.Conv2d(c, a * 4, kernel_size=3, padding=1) for c, a in zip(channels, boxes, strict=True)
+        )
+        self.conf_heads = nn.ModuleList(
+            nn.Conv2d(c, a * num_classes, kernel_size=3, padding=1)
+            for c, a in zip(channels, boxes, strict=True)
+        )
+        self.architecture: Architecture | None = None  # set by the builders
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        locs, confs = [], []
+        for k, stage in enumerate(self.stages):
+            x = stage(x)
+            source = self.l2norm(x) if k == 0 else x
+            n = source.shape[0]
+            # (N, A*4, H, W) -> (N, H, W, A*4) -> (N, H*W*A, 4)
+            locs.append(self.loc_heads[k](source).permute(0, 2, 3, 1).reshape(n, -1, 4))
+            # (N, A*C, H, W) -> (N, H, W, A*C) -> (N, H*W*A, C)
+            confs.append(
+                self.conf_heads[k](source).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
+            )
+        return torch.cat(locs, dim=1), torch.cat(confs, dim=1)
+
+
+def _init_weights(network: SSD) -> None:
+    """He init for the base (torchvision's VGG init), Xavier for extras and heads (authors)."""
+    base = {id(m) for m in (*network.stages[0].modules(), *network.stages[1].modules())}
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            if id(module) in base:
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _build(
+    builder: str,
+    size: int,
+    num_classes: int,
+    *,
+    batch_norm: bool,
+    preset: str,
+    width: float,
+) -> SSD:
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    extras = EXTRAS_300 if size == 300 else EXTRAS_512
+    stages, channels = vgg16_stages(extras, width=width, batch_norm=batch_norm)
+    network = SSD(stages, channels, preset_spec(size, preset), num_classes)
+    _init_weights(network)
+    network.architecture = Architecture(
+        builder=builder,
+        num_classes=num_classes,
+        size=size,
+        preset=preset,
+        batch_norm=batch_norm,
+        width=width,
+    )
+    return network
+
+
+def ssd300_vgg16(
+    num_classes: int, *, batch_norm: bool = False, preset: str = "voc", width: float = 1.0
+) -> SSD:
+    """SSD300 with the reduced atrous VGG16 base; ``num_classes`` includes background."""
+    return _build("ssd300_vgg16", 300, num_classes, batch_norm=batch_norm, preset=preset,
+                  width=width)
+
+
+def ssd512_vgg16(
+    num_classes: int, *, batch_norm: bool = False, preset: str = "voc", width: float = 1.0
+) -> SSD:
+    """SSD512 with the reduced atrous VGG16 base; ``num_classes`` includes background."""
+    return _build("ssd512_vgg16", 512, num_classes, batch_norm=batch_norm, preset=preset,
+                  width=width)
+
+
+BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16}
+
+
+def build(architecture: Architecture) -> SSD:
+    """Rebuild a network from its recorded architecture."""
+    if architecture.builder not in BUILDERS:
+        raise ValueError(f"unknown builder {architecture.builder!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[architecture.builder](
+        architecture.num_classes,
+        batch_norm=architecture.batch_norm,
+        preset=architecture.preset,
+        width=architecture.width,
+    )
