@@ -27,7 +27,9 @@ _MAX_LOG_SCALE = math.log(1000.0 / 16)
 _MIN_SIZE = 1e-6
 
 
-def encode(boxes: Tensor, default_boxes: Tensor, variances: tuple[float, float] = VARIANCES) -> Tensor:
+def encode(
+    boxes: Tensor, default_boxes: Tensor, variances: tuple[float, float] = VARIANCES
+) -> Tensor:
     """Encode xyxy ``boxes`` (..., 4) against cxcywh ``default_boxes`` (..., 4), same frame.
 
     Returns offsets (..., 4) in the order (t_x, t_y, t_w, t_h).
@@ -40,7 +42,9 @@ def encode(boxes: Tensor, default_boxes: Tensor, variances: tuple[float, float] 
     return torch.cat([t_xy, t_wh], dim=-1)
 
 
-def decode(offsets: Tensor, default_boxes: Tensor, variances: tuple[float, float] = VARIANCES) -> Tensor:
+def decode(
+    offsets: Tensor, default_boxes: Tensor, variances: tuple[float, float] = VARIANCES
+) -> Tensor:
     """Invert :func:`encode`: offsets (..., 4) and cxcywh default boxes (..., 4) to xyxy boxes."""
     d_xy, d_wh = default_boxes[..., :2], default_boxes[..., 2:]
     xy = d_xy + offsets[..., :2] * variances[0] * d_wh

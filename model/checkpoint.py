@@ -55,7 +55,7 @@ def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             stripped = False
             for prefix in _WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         cleaned[key] = value
     return cleaned
 
@@ -116,8 +116,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"expected {FORMAT!r})"
         )
     try:
-        return {key: json.loads(raw[key]) for key in
-                ("architecture", "class_names", "normalization", "recipe")}
+        return {
+            key: json.loads(raw[key])
+            for key in ("architecture", "class_names", "normalization", "recipe")
+        }
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({exc!r})") from exc
 
@@ -132,13 +134,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         architecture = Architecture(**meta["architecture"])
         network = build(architecture)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unusable architecture {meta['architecture']} ({exc})") from exc
+        raise CheckpointError(
+            f"{path}: unusable architecture {meta['architecture']} ({exc})"
+        ) from exc
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt weights ({exc})") from exc
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in strip_wrapper_prefixes(tensors).items()}
+    state = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in strip_wrapper_prefixes(tensors).items()
+    }
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:

@@ -130,7 +130,9 @@ class Detector:
             max_detections=max_detections,
         )
         if len(outputs) != len(images):
-            raise RuntimeError(f"post-processing returned {len(outputs)} results for {len(images)} images")
+            raise RuntimeError(
+                f"post-processing returned {len(outputs)} results for {len(images)} images"
+            )
         results = []
         for boxes, scores, class_ids in outputs:
             labels = [self.class_names[i - 1] for i in class_ids.tolist()]

@@ -41,7 +41,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is reported with the path
+    except Exception as exc:
         raise ValueError(f"{path}: cannot read a VGG16 state dict ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

@@ -72,13 +72,21 @@ def postprocess(
     device = conf.device
     scores = conf.float().softmax(dim=-1)[..., 1:]  # (N, P, C-1), background dropped
 
-    # Per (image, class), the top-k candidates by score: (N, C-1, P) -> (N, C-1, k)
-    k = min(top_k, num_priors)
-    top_scores, top_prior = scores.transpose(1, 2).topk(k, dim=2)
-    keep = top_scores > score_threshold
-    image_idx, class_idx, _ = keep.nonzero(as_tuple=True)
-    cand_scores = top_scores[keep]
-    cand_prior = top_prior[keep]
+    above = scores > score_threshold
+    if num_images == 0:
+        return []
+    if int(above.sum(dim=1).amax()) <= top_k:
+        # Usual case: no (image, class) has more than top_k candidates, so no top-k is needed.
+        image_idx, cand_prior, class_idx = above.nonzero(as_tuple=True)
+        cand_scores = scores[above]
+    else:
+        # Per (image, class), the top-k candidates by score: (N, C-1, P) -> (N, C-1, k)
+        k = min(top_k, num_priors)
+        top_scores, top_prior = scores.transpose(1, 2).topk(k, dim=2)
+        keep = top_scores > score_threshold
+        image_idx, class_idx, _ = keep.nonzero(as_tuple=True)
+        cand_scores = top_scores[keep]
+        cand_prior = top_prior[keep]
 
     # Decode only the candidates' boxes, clip in the relative frame, then scale per image.
     boxes = decode(loc[image_idx, cand_prior].float(), default_boxes[cand_prior].float())

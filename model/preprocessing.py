@@ -71,9 +71,7 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(
-    images: list[Tensor], size: int, mean: tuple[float, ...] = PIXEL_MEAN
-) -> Tensor:
+def preprocess(images: list[Tensor], size: int, mean: tuple[float, ...] = PIXEL_MEAN) -> Tensor:
     """uint8 RGB Tensors[3, H, W] to the network input: float32 Tensor[N, 3, size, size].
 
     Each image is resized to ``size`` x ``size`` (bilinear, antialiased), and ``mean`` (RGB)

@@ -52,7 +52,9 @@ class SSD(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes counts background, so it must be >= 2, got {num_classes}")
+            raise ValueError(
+                f"num_classes counts background, so it must be >= 2, got {num_classes}"
+            )
         if len(stages) != len(channels):
             raise ValueError(f"{len(stages)} stages but {len(channels)} channel counts")
         self.stages = stages
@@ -62,12 +64,14 @@ class SSD(nn.Module):
         self.feature_map_sizes = output_sides(stages, default_box_spec.size)
         boxes = default_box_spec.boxes_per_location
         self.register_buffer(
-            "default_boxes", make_default_boxes(default_box_spec, self.feature_map_sizes),
+            "default_boxes",
+            make_default_boxes(default_box_spec, self.feature_map_sizes),
             persistent=False,
         )
         # The paper's predictors: one 3x3 conv per source map for offsets, one for class scores.
         self.loc_heads = nn.ModuleList(
-            nn.Conv2d(c, a * 4, kernel_size=3, padding=1) for c, a in zip(channels, boxes, strict=True)
+            nn.Conv2d(c, a * 4, kernel_size=3, padding=1)
+            for c, a in zip(channels, boxes, strict=True)
         )
         self.conf_heads = nn.ModuleList(
             nn.Conv2d(c, a * num_classes, kernel_size=3, padding=1)
@@ -136,16 +140,18 @@ def ssd300_vgg16(
     num_classes: int, *, batch_norm: bool = False, preset: str = "voc", width: float = 1.0
 ) -> SSD:
     """SSD300 with the reduced atrous VGG16 base; ``num_classes`` includes background."""
-    return _build("ssd300_vgg16", 300, num_classes, batch_norm=batch_norm, preset=preset,
-                  width=width)
+    return _build(
+        "ssd300_vgg16", 300, num_classes, batch_norm=batch_norm, preset=preset, width=width
+    )
 
 
 def ssd512_vgg16(
     num_classes: int, *, batch_norm: bool = False, preset: str = "voc", width: float = 1.0
 ) -> SSD:
     """SSD512 with the reduced atrous VGG16 base; ``num_classes`` includes background."""
-    return _build("ssd512_vgg16", 512, num_classes, batch_norm=batch_norm, preset=preset,
-                  width=width)
+    return _build(
+        "ssd512_vgg16", 512, num_classes, batch_norm=batch_norm, preset=preset, width=width
+    )
 
 
 BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16}

@@ -68,9 +68,7 @@ class L2Norm(nn.Module):
         return (x32 / norm * self.weight.float()[None, :, None, None]).to(x.dtype)
 
 
-def _conv(
-    in_ch: int, out_ch: int, batch_norm: bool, **kwargs: int
-) -> list[nn.Module]:
+def _conv(in_ch: int, out_ch: int, batch_norm: bool, **kwargs: int) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, bias=not batch_norm, **kwargs)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_ch))
@@ -109,8 +107,9 @@ def vgg16_stages(
         nn.MaxPool2d(2, 2),  # pool4
         *conv5,
         nn.MaxPool2d(3, 1, padding=1),  # pool5
-        *_conv(ch, fc_ch, batch_norm, kernel_size=3, padding=_FC6_DILATION,
-               dilation=_FC6_DILATION),  # fc6
+        *_conv(
+            ch, fc_ch, batch_norm, kernel_size=3, padding=_FC6_DILATION, dilation=_FC6_DILATION
+        ),  # fc6
         *_conv(fc_ch, fc_ch, batch_norm, kernel_size=1),  # fc7
     ]
     stages = [nn.Sequential(*stage0), nn.Sequential(*stage1)]
@@ -121,8 +120,7 @@ def vgg16_stages(
         stages.append(
             nn.Sequential(
                 *_conv(ch, mid, batch_norm, kernel_size=1),
-                *_conv(mid, out_ch, batch_norm, kernel_size=kernel, stride=stride,
-                       padding=padding),
+                *_conv(mid, out_ch, batch_norm, kernel_size=kernel, stride=stride, padding=padding),
             )
         )
         channels.append(out_ch)
@@ -137,8 +135,10 @@ def output_sides(stages: nn.ModuleList, size: int) -> list[int]:
     for stage in stages:
         for layer in stage.modules():
             if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
-                k, s, p, d = (_pair0(getattr(layer, a)) for a in
-                              ("kernel_size", "stride", "padding", "dilation"))
+                k, s, p, d = (
+                    _pair0(getattr(layer, a))
+                    for a in ("kernel_size", "stride", "padding", "dilation")
+                )
                 span = side + 2 * p - d * (k - 1) - 1
                 ceil = isinstance(layer, nn.MaxPool2d) and layer.ceil_mode
                 side = -(-span // s) + 1 if ceil else span // s + 1

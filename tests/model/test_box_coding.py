@@ -32,11 +32,16 @@ def test_equals_torchvision_box_coder_with_weights_10_10_5_5():
     gt = _random_boxes(300, g)
     anchors = _random_boxes(300, g)
     coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
-    torch.testing.assert_close(encode(gt, xyxy_to_cxcywh(anchors)),
-                               coder.encode_single(gt, anchors), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        encode(gt, xyxy_to_cxcywh(anchors)), coder.encode_single(gt, anchors), atol=1e-5, rtol=1e-5
+    )
     offsets = torch.randn(300, 4, generator=g)
-    torch.testing.assert_close(decode(offsets, xyxy_to_cxcywh(anchors)),
-                               coder.decode_single(offsets, anchors), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        decode(offsets, xyxy_to_cxcywh(anchors)),
+        coder.decode_single(offsets, anchors),
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 def test_degenerate_box_encodes_to_finite_values():
@@ -54,7 +59,11 @@ def test_box_helpers():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [5.0, 5.0, 6.0, 6.0]])
     torch.testing.assert_close(box_iou(a, b), torch.tensor([[1.0 / 7.0, 0.0]]))
-    torch.testing.assert_close(cxcywh_to_xyxy(torch.tensor([[1.0, 2.0, 2.0, 4.0]])),
-                               torch.tensor([[0.0, 0.0, 2.0, 4.0]]))
-    assert has_positive_area(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1], [2, 2, 1, 3]])).tolist() \
-        == [True, False, False]
+    torch.testing.assert_close(
+        cxcywh_to_xyxy(torch.tensor([[1.0, 2.0, 2.0, 4.0]])), torch.tensor([[0.0, 0.0, 2.0, 4.0]])
+    )
+    assert has_positive_area(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1], [2, 2, 1, 3]])).tolist() == [
+        True,
+        False,
+        False,
+    ]

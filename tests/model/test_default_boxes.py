@@ -11,8 +11,9 @@ from model.ssd import ssd300_vgg16, ssd512_vgg16
 def test_tiny_configuration_matches_hand_computed_boxes():
     # One 2x2 map on a 100 px input, step 50: centres at 0.25 and 0.75.
     # s_k = 20/100 = 0.2; s'_k = sqrt(20 * 45) / 100 = 0.3; ratio 2: (0.2*sqrt2, 0.2/sqrt2).
-    spec = DefaultBoxSpec(size=100, min_sizes=(20,), max_sizes=(45,), steps=(50,),
-                          aspect_ratios=((2,),))
+    spec = DefaultBoxSpec(
+        size=100, min_sizes=(20,), max_sizes=(45,), steps=(50,), aspect_ratios=((2,),)
+    )
     boxes = make_default_boxes(spec, [2])
     r2 = math.sqrt(2)
     per_cell = [(0.2, 0.2), (0.3, 0.3), (0.2 * r2, 0.2 / r2), (0.2 / r2, 0.2 * r2)]
@@ -56,10 +57,8 @@ def test_preset_sizes_match_the_authors_scripts():
     assert voc512.max_sizes == pytest.approx((76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6))
     # COCO SSD512: min_ratio 10, max_ratio 90, first map 4% / 10% of 512.
     coco512 = preset_spec(512, "coco")
-    assert coco512.min_sizes == pytest.approx(
-        (20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8))
-    assert coco512.max_sizes == pytest.approx(
-        (51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72))
+    assert coco512.min_sizes == pytest.approx((20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8))
+    assert coco512.max_sizes == pytest.approx((51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72))
     assert voc.steps == (8, 16, 32, 64, 100, 300)
     assert voc.boxes_per_location == [4, 6, 6, 6, 4, 4]
     assert voc512.boxes_per_location == [4, 6, 6, 6, 6, 4, 4]
@@ -87,14 +86,17 @@ def test_coco_preset_equals_torchvision_default_box_generator():
 @pytest.mark.parametrize(("size", "preset"), [(300, "voc"), (512, "voc"), (512, "coco")])
 def test_other_presets_agree_with_torchvision_layout(size, preset):
     spec = preset_spec(size, preset)
-    network_sides = (ssd300_vgg16 if size == 300 else ssd512_vgg16)(2, width=0.125).feature_map_sizes
+    network_sides = (ssd300_vgg16 if size == 300 else ssd512_vgg16)(
+        2, width=0.125
+    ).feature_map_sizes
     scales = [s / size for s in spec.min_sizes] + [spec.max_sizes[-1] / size]
     generator = DefaultBoxGenerator(
         [list(r) for r in spec.aspect_ratios], scales=scales, steps=list(spec.steps), clip=False
     )
     reference = generator._grid_default_boxes([[s, s] for s in network_sides], [size, size])
-    torch.testing.assert_close(make_default_boxes(spec, network_sides), reference.float(),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        make_default_boxes(spec, network_sides), reference.float(), rtol=0, atol=1e-6
+    )
 
 
 def test_boxes_are_not_clipped():

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
@@ -61,13 +60,17 @@ def test_exactly_three_negatives_per_positive_on_a_real_prior_set():
     priors = make_default_boxes(preset_spec(300, "voc"), [38, 19, 10, 5, 3, 1])
     loss = MultiBoxLoss(priors)
     g = torch.Generator().manual_seed(3)
-    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.9]]), torch.tensor([[0.3, 0.3, 0.35, 0.4]])]
+    boxes = [
+        torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.9]]),
+        torch.tensor([[0.3, 0.3, 0.35, 0.4]]),
+    ]
     labels = [torch.tensor([1, 2]), torch.tensor([3])]
     conf = torch.randn(2, priors.shape[0], 4, generator=g)
     padded, _ = pad_targets(boxes, labels)
     positive = match(padded, priors) >= 0
-    ce = F.cross_entropy(conf.flatten(0, 1), torch.zeros(2 * priors.shape[0], dtype=torch.int64),
-                         reduction="none").view(2, -1)
+    ce = F.cross_entropy(
+        conf.flatten(0, 1), torch.zeros(2 * priors.shape[0], dtype=torch.int64), reduction="none"
+    ).view(2, -1)
     negative = loss._hard_negatives(ce, positive)
     assert negative.sum(dim=1).tolist() == (3 * positive.sum(dim=1)).tolist()
     assert not (negative & positive).any()
@@ -81,8 +84,9 @@ def test_exactly_three_negatives_per_positive_on_a_real_prior_set():
 def test_no_ground_truth_gives_a_finite_zero_loss_and_gradients():
     loc = torch.randn(2, 8, 4, requires_grad=True)
     conf = torch.randn(2, 8, 3, requires_grad=True)
-    terms = MultiBoxLoss(PRIORS)(loc, conf, [torch.zeros(0, 4)] * 2,
-                                 [torch.zeros(0, dtype=torch.int64)] * 2)
+    terms = MultiBoxLoss(PRIORS)(
+        loc, conf, [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2
+    )
     assert terms.total.item() == 0.0 and terms.num_positives == 0
     terms.total.backward()
     assert torch.isfinite(loc.grad).all() and torch.isfinite(conf.grad).all()

@@ -4,12 +4,14 @@ from model.matching import match
 
 # Four default boxes (cx, cy, w, h): A = [0, 0, .5, .5], B = [.5, 0, 1, .5], C = the whole
 # image, D = [.5, .5, 1, 1] in xyxy.
-PRIORS = torch.tensor([
-    [0.25, 0.25, 0.5, 0.5],
-    [0.75, 0.25, 0.5, 0.5],
-    [0.50, 0.50, 1.0, 1.0],
-    [0.75, 0.75, 0.5, 0.5],
-])
+PRIORS = torch.tensor(
+    [
+        [0.25, 0.25, 0.5, 0.5],
+        [0.75, 0.25, 0.5, 0.5],
+        [0.50, 0.50, 1.0, 1.0],
+        [0.75, 0.75, 0.5, 0.5],
+    ]
+)
 
 
 def _match(*gts: list[float], threshold: float = 0.5) -> list[int]:
@@ -55,7 +57,9 @@ def test_batch_equals_one_image_at_a_time():
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(3, 5, 2, generator=g) * 0.7
     gts = torch.cat([xy, xy + 0.05 + torch.rand(3, 5, 2, generator=g) * 0.3], dim=2)
-    priors = torch.cat([torch.rand(200, 2, generator=g), torch.rand(200, 2, generator=g) * 0.4 + 0.05], 1)
+    priors = torch.cat(
+        [torch.rand(200, 2, generator=g), torch.rand(200, 2, generator=g) * 0.4 + 0.05], 1
+    )
     batched = match(gts, priors)
     for i in range(3):
         assert torch.equal(batched[i], match(gts[i : i + 1], priors)[0])

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import ssd300_vgg16
+from model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+)
+
+NAMES = ["circle", "square"]
+
+
+@pytest.fixture
+def network():
+    torch.manual_seed(0)
+    net = ssd300_vgg16(3, batch_norm=True, width=0.125, preset="coco").eval()
+    # Non-default BatchNorm statistics, so that buffers are checked too.
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+    return net
+
+
+def test_round_trip_restores_architecture_names_and_outputs(tmp_path, network):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, network, NAMES, recipe={"epochs": 3})
+    loaded = load_checkpoint(path)
+    assert loaded.class_names == NAMES
+    assert loaded.network.architecture == network.architecture
+    assert loaded.recipe == {"epochs": 3}
+    assert loaded.normalization == {"mean": [123.0, 117.0, 104.0], "size": 300}
+    x = torch.randn(1, 3, 300, 300)
+    with torch.no_grad():
+        for a, b in zip(network(x), loaded.network(x), strict=True):
+            torch.testing.assert_close(a, b)
+    meta = read_metadata(path)
+    assert meta["architecture"]["builder"] == "ssd300_vgg16"
+    assert meta["architecture"]["batch_norm"] is True
+
+
+def test_half_precision_storage_is_smaller_and_loads_as_float32(tmp_path, network):
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_checkpoint(full, network, NAMES)
+    save_checkpoint(half, network, NAMES, dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half).network
+    weight = loaded.conf_heads[0].weight
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, network.conf_heads[0].weight, atol=1e-3, rtol=1e-3)
+
+
+def test_not_a_checkpoint_names_the_file(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.safetensors"):
+        load_checkpoint(text)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match=r"foreign\.safetensors.*not an SSD checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_truncated_file_names_the_file(tmp_path, network):
+    path = tmp_path / "cut.safetensors"
+    save_checkpoint(path, network, NAMES)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors"):
+        load_checkpoint(path)
+
+
+def test_wrapper_prefixes_are_stripped_on_load(tmp_path, network):
+    path = tmp_path / "ddp.safetensors"
+    save_checkpoint(path, network, NAMES)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in load_file(str(path)).items()}
+    save_file(wrapped, str(path), metadata=metadata)
+    assert load_checkpoint(path).class_names == NAMES
+    assert strip_wrapper_prefixes({"_orig_mod.module.a": 1}) == {"a": 1}
+
+
+def test_mismatches_are_refused(tmp_path, network):
+    with pytest.raises(ValueError, match="expected 2 class names"):
+        save_checkpoint(tmp_path / "x.safetensors", network, ["only-one"])
+    with torch.no_grad():
+        network.loc_heads[0].bias[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(tmp_path / "nan.safetensors", network, NAMES)
+    assert not (tmp_path / "nan.safetensors").exists()
+
+
+def test_damaged_metadata_names_the_file(tmp_path, network):
+    path = tmp_path / "meta.safetensors"
+    save_checkpoint(path, network, NAMES)
+    tensors = load_file(str(path))
+    save_file(
+        tensors,
+        str(path),
+        metadata={"format": "ssd-checkpoint/1", "architecture": json.dumps({"builder": "x"})},
+    )
+    with pytest.raises(CheckpointError, match=r"meta\.safetensors"):
+        load_checkpoint(path)

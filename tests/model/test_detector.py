@@ -1,0 +1,114 @@
+"""The Detector end to end, with a network whose output is known in advance.
+
+Its predictor weights are zero, so every default box gets the predictor's bias whatever the
+image: one confident "circle" on the 1x1 map's first box (centre (0.5, 0.5), side 264/300),
+and nine "square"s on the 3x3 map's first boxes, shrunk to a tenth by their offsets. The boxes
+each image must get are then known in its own pixels.
+"""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from model import Detector, ssd300_vgg16
+from model.checkpoint import save_checkpoint
+
+NAMES = ["circle", "square"]
+SHRINK = 0.1
+
+
+def _known_network():
+    network = ssd300_vgg16(3, width=0.125).eval()
+    for heads in (network.loc_heads, network.conf_heads):
+        for head in heads:
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+    for head in network.conf_heads:
+        head.bias.data.view(-1, 3)[:, 1:] = -10.0  # (A*C,) -> (A, C): background wins
+    network.conf_heads[5].bias.data.view(-1, 3)[0, 1] = 10.0  # circle, 1x1 map, box 0
+    network.conf_heads[4].bias.data.view(-1, 3)[0, 2] = 10.0  # square, 3x3 map, box 0
+    # t_w = t_h = log(0.1) / 0.2 shrinks the squares to a tenth of their default size.
+    network.loc_heads[4].bias.data.view(-1, 4)[0, 2:] = math.log(SHRINK) / 0.2
+    return network
+
+
+def _expected_relative() -> tuple[torch.Tensor, torch.Tensor]:
+    s = 264 / 300
+    circle = torch.tensor([[0.5 - s / 2, 0.5 - s / 2, 0.5 + s / 2, 0.5 + s / 2]])
+    half = 213 / 300 * SHRINK / 2
+    centres = [(j + 0.5) / 3 for j in range(3)]
+    squares = torch.tensor(
+        [[cx - half, cy - half, cx + half, cy + half] for cy in centres for cx in centres]
+    )
+    return circle, squares
+
+
+def _images() -> list:
+    return [
+        Image.new("RGB", (640, 480), (10, 200, 30)),
+        Image.new("L", (123, 457), 50),
+        Image.new("RGBA", (300, 300), (0, 0, 0, 0)),
+        Image.new("CMYK", (1000, 20)),
+        Image.new("P", (33, 90)),
+        torch.zeros(3, 77, 301, dtype=torch.uint8),
+        torch.zeros(1, 5, 5, dtype=torch.uint8),
+    ]
+
+
+def _size(image) -> tuple[int, int]:
+    return (
+        (image.width, image.height)
+        if isinstance(image, Image.Image)
+        else (image.shape[2], image.shape[1])
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_boxes_are_in_each_images_own_frame(precision):
+    detector = Detector(_known_network(), NAMES, precision=precision)
+    images = _images()
+    results = detector.predict(images, score_threshold=0.5)
+    circle, squares = _expected_relative()
+    assert len(results) == len(images)
+    for image, result in zip(images, results, strict=True):
+        w, h = _size(image)
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        assert result.labels.count("circle") == 1 and result.labels.count("square") == 9
+        assert result.class_ids.tolist() == [1 if n == "circle" else 2 for n in result.labels]
+        tol = 1e-4 if precision == "fp32" else 2e-2
+        got_circle = result.boxes[result.class_ids == 1]
+        torch.testing.assert_close(got_circle / scale, circle, atol=tol, rtol=0)
+        got_squares = result.boxes[result.class_ids == 2] / scale
+        order = torch.argsort(got_squares[:, 1] * 10 + got_squares[:, 0])
+        torch.testing.assert_close(got_squares[order], squares, atol=tol, rtol=0)
+        assert (result.scores > 0.99).all()
+
+
+def test_max_detections_and_threshold():
+    detector = Detector(_known_network(), NAMES)
+    image = Image.new("RGB", (50, 60))
+    assert len(detector.predict([image], max_detections=4)[0]) == 4
+    assert len(detector.predict([image], score_threshold=1.0)[0]) == 0
+    assert detector.predict([]) == []
+    with pytest.raises(ValueError, match="score_threshold"):
+        detector.predict([image], score_threshold=1.5)
+
+
+def test_load_from_checkpoint(tmp_path):
+    path = tmp_path / "known.safetensors"
+    save_checkpoint(path, _known_network(), NAMES)
+    detector = Detector.load(path, device="auto")
+    assert detector.class_names == NAMES
+    assert detector.input_size == 300
+    assert detector.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    result = detector.predict([Image.new("RGB", (10, 10))])[0]
+    assert sorted(set(result.labels)) == NAMES
+
+
+def test_class_name_count_must_match_the_network():
+    with pytest.raises(ValueError, match="2 foreground classes but 3"):
+        Detector(_known_network(), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="precision"):
+        Detector(_known_network(), NAMES, precision="int8")
