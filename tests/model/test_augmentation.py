@@ -1,0 +1,433 @@
+import colorsys
+
+import pytest
+import torch
+
+from model.augmentation import (
+    CAFFE_MIN_IOUS,
+    EvalTransform,
+    HorizontalFlip,
+    IoUCrop,
+    Normalise,
+    PhotometricDistort,
+    Resize,
+    TrainTransform,
+    ZoomOut,
+    crop_sample,
+)
+from model.boxes import box_iou
+from model.preprocessing import PIXEL_MEAN, preprocess
+
+MEAN_U8 = torch.tensor(PIXEL_MEAN, dtype=torch.float32).to(torch.uint8)[:, None, None]
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=_seeded(seed))
+
+
+def _random_boxes(
+    n: int, height: int, width: int, g: torch.Generator, max_side: float = 0.6
+) -> torch.Tensor:
+    """n xyxy pixel boxes inside a height x width image, 1 pixel to max_side of it a side."""
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width - 1.0, height - 1.0])
+    wh = 1.0 + torch.rand(n, 2, generator=g) * torch.tensor([width, height]) * max_side
+    x1y1 = torch.minimum(xy + wh, torch.tensor([float(width), float(height)]))
+    return torch.cat([xy, x1y1], dim=1)
+
+
+def _no_boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- horizontal flip
+
+
+def test_flip_golden_box_and_mirrored_pixels():
+    image = _image(50, 100)
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    labels = torch.tensor([7])
+    out_image, out_boxes, out_labels = HorizontalFlip(prob=1.0)(image, boxes, labels)
+    torch.testing.assert_close(out_boxes, torch.tensor([[70.0, 20.0, 90.0, 40.0]]))
+    assert torch.equal(out_image, image.flip(-1))
+    assert torch.equal(out_labels, labels)
+
+
+def test_flip_with_prob_zero_is_identity_and_default_flips_about_half():
+    image, boxes, labels = _image(5, 10), torch.tensor([[1.0, 1.0, 3.0, 4.0]]), torch.tensor([1])
+    out = HorizontalFlip(prob=0.0)(image, boxes, labels)
+    assert torch.equal(out[0], image) and torch.equal(out[1], boxes)
+    g = _seeded(0)
+    flipped = sum(
+        bool(HorizontalFlip()(image, boxes, labels, g)[1][0, 0] != 1.0) for _ in range(400)
+    )
+    assert 150 < flipped < 250
+
+
+# ---------------------------------------------------------------- zoom-out
+
+
+def test_zoom_out_moves_box_by_offset_keeps_size_and_fills_with_mean():
+    height, width = 20, 30
+    image = _image(height, width)
+    boxes = torch.tensor([[3.0, 4.0, 13.0, 19.0], [0.0, 0.0, 30.0, 20.0]])
+    labels = torch.tensor([1, 2])
+    zoom = ZoomOut(max_ratio=4.0, prob=1.0)
+    zoomed = 0
+    for seed in range(40):
+        out_image, out_boxes, out_labels = zoom(image, boxes, labels, _seeded(seed))
+        canvas_h, canvas_w = out_image.shape[-2:]
+        assert out_image.dtype == torch.uint8
+        assert height <= canvas_h <= 4 * height and width <= canvas_w <= 4 * width
+        # The second box is the whole image: its corner is the placement offset.
+        left, top = (int(v) for v in out_boxes[1, :2])
+        assert torch.equal(out_boxes - boxes, torch.tensor([[left, top, left, top]] * 2).float())
+        assert torch.equal(out_image[:, top : top + height, left : left + width], image)
+        outside = torch.ones(canvas_h, canvas_w, dtype=torch.bool)
+        outside[top : top + height, left : left + width] = False
+        assert torch.equal(out_image[:, outside], MEAN_U8[:, :, 0].expand(-1, int(outside.sum())))
+        assert torch.equal(out_labels, labels)
+        zoomed += (canvas_h, canvas_w) != (height, width)
+    assert zoomed > 30
+
+
+def test_zoom_out_ratio_never_exceeds_max_and_prob_zero_is_identity():
+    image, boxes, labels = _image(10, 10), torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.tensor([1])
+    g = _seeded(1)
+    sides = [
+        ZoomOut(max_ratio=1.5, prob=1.0)(image, boxes, labels, g)[0].shape[-1] for _ in range(200)
+    ]
+    assert max(sides) <= 15 and min(sides) >= 10 and max(sides) >= 14
+    out = ZoomOut(prob=0.0)(image, boxes, labels, g)
+    assert out[0] is image and out[1] is boxes
+
+
+# ---------------------------------------------------------------- IoU crop
+
+
+def test_crop_sample_keeps_boxes_by_centre_and_clips_them():
+    image = _image(100, 100)
+    boxes = torch.tensor(
+        [
+            [10.0, 10.0, 30.0, 30.0],  # centre (20, 20): inside, untouched
+            [40.0, 40.0, 80.0, 80.0],  # centre (60, 60): outside although it overlaps
+            [30.0, 30.0, 60.0, 60.0],  # centre (45, 45): inside, clipped to 50
+            [40.0, 0.0, 70.0, 20.0],  # centre (55, 10): outside
+        ]
+    )
+    labels = torch.tensor([0, 1, 2, 3])
+    crop = torch.tensor([0.0, 0.0, 50.0, 50.0])
+    out_image, out_boxes, out_labels = crop_sample(image, boxes, labels, crop)
+    assert torch.equal(out_image, image[:, :50, :50])
+    torch.testing.assert_close(out_boxes, torch.tensor([[10.0, 10, 30, 30], [30.0, 30, 50, 50]]))
+    assert out_labels.tolist() == [0, 2]
+    # Moved right by 21: box 0's centre (x = 20) falls out, the kept ones shift by 21.
+    _, out_boxes, out_labels = crop_sample(image, boxes, labels, torch.tensor([21.0, 0, 71, 50]))
+    assert out_labels.tolist() == [2, 3]
+    torch.testing.assert_close(out_boxes, torch.tensor([[9.0, 30, 39, 50], [19.0, 0, 49, 20]]))
+    # A centre on the crop's edge counts as inside (Caffe's MeetEmitConstraint).
+    _, out_boxes, out_labels = crop_sample(image, boxes, labels, torch.tensor([20.0, 0, 70, 50]))
+    assert out_labels.tolist() == [0, 2, 3]
+    torch.testing.assert_close(out_boxes[0], torch.tensor([0.0, 10, 10, 30]))
+
+
+def test_crop_sample_rejects_a_crop_outside_the_image():
+    image, (boxes, labels) = _image(10, 10), _no_boxes()
+    with pytest.raises(ValueError, match="11"):
+        crop_sample(image, boxes, labels, torch.tensor([0.0, 0.0, 11.0, 5.0]))
+
+
+def test_sampled_crops_meet_their_iou_constraint_and_shape_limits():
+    crop = IoUCrop()
+    g = _seeded(0)
+    seen: set[float | None] = set()
+    for _ in range(300):
+        height, width = (int(v) for v in torch.randint(20, 120, (2,), generator=g))
+        count = int(torch.randint(1, 4, (), generator=g))
+        boxes = _random_boxes(count, height, width, g, max_side=1.0)
+        if count == 1:  # a near-whole-image box, so that even the 0.9 constraint is met
+            boxes = torch.tensor([[1.0, 0.0, width, height - 1.0]])
+        crop_box, min_iou = crop.sample(boxes, (height, width), g)
+        seen.add(min_iou)
+        left, top, right, bottom = crop_box.tolist()
+        assert crop_box.dtype == torch.float32 and torch.equal(crop_box, crop_box.round())
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        if min_iou is None:
+            assert crop_box.tolist() == [0, 0, width, height]
+            continue
+        assert box_iou(crop_box[None], boxes).max() >= min_iou
+        # Area is scale**2 of the image for scale in [0.3, 1]; relative aspect in [0.5, 2].
+        # Rounding to whole pixels moves each side by at most half a pixel.
+        w, h = right - left, bottom - top
+        assert (w + 0.5) * (h + 0.5) >= 0.3**2 * width * height
+        assert 0.5 * (h - 0.5) / height <= (w + 0.5) / width
+        assert (w - 0.5) / width <= 2.0 * (h + 0.5) / height
+    assert seen == {None, *CAFFE_MIN_IOUS}
+
+
+def test_unmeetable_constraint_falls_back_to_whole_image():
+    # A 2x2 box in 100x100: a patch covers >= 9% of the image, so IoU <= 4 / 900 < 0.9.
+    boxes = torch.tensor([[50.0, 50.0, 52.0, 52.0]])
+    crop = IoUCrop(min_ious=(0.9,))
+    g = _seeded(0)
+    for _ in range(20):
+        crop_box, min_iou = crop.sample(boxes, (100, 100), g)
+        assert min_iou is None and crop_box.tolist() == [0, 0, 100, 100]
+
+
+def test_no_boxes_only_the_unconstrained_option_can_crop():
+    boxes, labels = _no_boxes()
+    image = _image(40, 60)
+    g = _seeded(0)
+    chosen = {IoUCrop().sample(boxes, (40, 60), g)[1] for _ in range(60)}
+    assert chosen == {None, 0.0}
+    _, out_boxes, out_labels = IoUCrop()(image, boxes, labels, g)
+    assert out_boxes.shape == (0, 4) and out_labels.shape == (0,)
+
+
+def test_cropped_boxes_are_the_centre_inside_ones_clipped():
+    crop = IoUCrop()
+    g = _seeded(1)
+    for _ in range(200):
+        boxes = _random_boxes(4, 60, 80, g)
+        labels = torch.arange(4)
+        crop_box, _ = crop.sample(boxes, (60, 80), g)
+        out_image, out_boxes, out_labels = crop_sample(_image(60, 80), boxes, labels, crop_box)
+        left, top, right, bottom = crop_box.tolist()
+        assert out_image.shape == (3, bottom - top, right - left)
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inside = ((centres >= crop_box[:2]) & (centres <= crop_box[2:])).all(dim=1)
+        assert out_labels.tolist() == labels[inside].tolist()
+        offset = torch.tensor([left, top, left, top])
+        clipped = torch.minimum(
+            (boxes[out_labels] - offset).clamp(min=0),
+            torch.tensor([right - left, bottom - top] * 2, dtype=torch.float32),
+        )
+        torch.testing.assert_close(out_boxes, clipped)
+        assert (out_boxes[:, 2:] > out_boxes[:, :2]).all()
+
+
+# ---------------------------------------------------------------- resize
+
+
+def test_resize_scales_boxes_by_size_over_width_and_height():
+    image = _image(50, 200)
+    boxes = torch.tensor([[20.0, 10.0, 60.0, 30.0]])
+    out_image, out_boxes, _ = Resize(300)(image, boxes, torch.tensor([1]))
+    assert out_image.shape == (3, 300, 300) and out_image.dtype == torch.uint8
+    # S/W = 1.5, S/H = 6
+    torch.testing.assert_close(out_boxes, torch.tensor([[30.0, 60.0, 90.0, 180.0]]))
+
+
+def test_normalise_subtracts_the_mean_and_makes_boxes_relative():
+    image = torch.full((3, 50, 200), 200, dtype=torch.uint8)
+    out_image, out_boxes, _ = Normalise()(
+        image, torch.tensor([[20.0, 10, 60, 30]]), torch.tensor([1])
+    )
+    assert out_image.dtype == torch.float32
+    torch.testing.assert_close(out_image[:, 0, 0], torch.tensor([77.0, 83.0, 96.0]))
+    torch.testing.assert_close(out_boxes, torch.tensor([[0.1, 0.2, 0.3, 0.6]]))
+
+
+# ---------------------------------------------------------------- photometric
+
+
+def test_photometric_changes_image_only_and_keeps_uint8():
+    image, boxes, labels = _image(20, 20), torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([3])
+    distort = PhotometricDistort(
+        brightness_prob=1.0, contrast_prob=1.0, saturation_prob=1.0, hue_prob=1.0
+    )
+    out_image, out_boxes, out_labels = distort(image, boxes, labels, _seeded(0))
+    assert out_boxes is boxes and out_labels is labels
+    assert out_image.dtype == torch.uint8 and out_image.shape == image.shape
+    assert not torch.equal(out_image, image)
+
+
+def test_brightness_is_a_shift_within_delta_and_contrast_a_gain_within_range():
+    image = torch.full((3, 4, 4), 100, dtype=torch.uint8)
+    boxes, labels = _no_boxes()
+    only_brightness = PhotometricDistort(
+        brightness_prob=1.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0
+    )
+    only_contrast = PhotometricDistort(
+        brightness_prob=0.0, contrast_prob=1.0, saturation_prob=0.0, hue_prob=0.0
+    )
+    g = _seeded(0)
+    shifts, gains = set(), set()
+    for _ in range(50):
+        bright = only_brightness(image, boxes, labels, g)[0].int()
+        assert (bright == bright[0, 0, 0]).all() and abs(int(bright[0, 0, 0]) - 100) <= 32
+        shifts.add(int(bright[0, 0, 0]))
+        gained = only_contrast(image, boxes, labels, g)[0].int()
+        assert (gained == gained[0, 0, 0]).all() and 50 <= int(gained[0, 0, 0]) <= 150
+        gains.add(int(gained[0, 0, 0]))
+    assert len(shifts) > 10 and len(gains) > 10
+
+
+def _only(**probs: float) -> PhotometricDistort:
+    off = {"brightness_prob": 0.0, "contrast_prob": 0.0, "saturation_prob": 0.0, "hue_prob": 0.0}
+    return PhotometricDistort(**(off | probs))
+
+
+def test_hue_turns_by_at_most_36_degrees_and_saturation_spares_grey():
+    # Column 0 is an orange (hue 20 degrees), column 1 a grey, which neither change may touch.
+    image = torch.tensor([[200, 128], [100, 128], [50, 128]], dtype=torch.uint8)[:, None, :]
+    boxes, labels = _no_boxes()
+    g = _seeded(0)
+    turns, saturations = [], []
+    for _ in range(40):
+        hued = _only(hue_prob=1.0)(image, boxes, labels, g)[0]
+        saturated = _only(saturation_prob=1.0)(image, boxes, labels, g)[0]
+        assert hued[:, 0, 1].tolist() == saturated[:, 0, 1].tolist() == [128, 128, 128]
+        hue = colorsys.rgb_to_hsv(*(hued[:, 0, 0].double() / 255).tolist())[0] * 360
+        turns.append((hue - 20 + 180) % 360 - 180)
+        saturations.append(colorsys.rgb_to_hsv(*(saturated[:, 0, 0].double() / 255).tolist())[1])
+    # OpenCV hue delta 18 = 36 degrees; 2 degrees allowed for rounding to uint8.
+    assert max(abs(t) for t in turns) <= 38 and max(abs(t) for t in turns) > 20
+    assert min(saturations) < 0.6 < 0.9 < max(saturations)  # the orange's own is 0.75
+
+
+def test_all_probabilities_zero_is_identity():
+    image, (boxes, labels) = _image(8, 8), _no_boxes()
+    off = PhotometricDistort(
+        brightness_prob=0.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0
+    )
+    assert torch.equal(off(image, boxes, labels, _seeded(0))[0], image)
+
+
+# ---------------------------------------------------------------- full transforms
+
+
+def _check_output(out, size):
+    image, boxes, labels = out
+    assert image.shape == (3, size, size) and image.dtype == torch.float32
+    assert boxes.dtype == torch.float32 and boxes.ndim == 2 and boxes.shape[1] == 4
+    assert labels.dtype == torch.int64 and labels.shape == (boxes.shape[0],)
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
+    # pixels 0..255 minus the mean
+    mean = torch.tensor(PIXEL_MEAN)[:, None, None]
+    assert (image >= -mean - 1e-4).all() and (image <= 255 - mean + 1e-4).all()
+
+
+@pytest.mark.parametrize("size", [300, 512])
+def test_train_transform_output_format(size):
+    image = _image(60, 90)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [50.0, 10.0, 88.0, 58.0], [0.0, 0.0, 90, 60]])
+    labels = torch.tensor([4, 9, 12])
+    transform = TrainTransform(size)
+    g = _seeded(0)
+    for _ in range(8):
+        out = transform(image, boxes, labels, g)
+        _check_output(out, size)
+        assert set(out[2].tolist()) <= {4, 9, 12}
+        assert len(set(out[2].tolist())) == len(out[2])
+
+
+def test_train_transform_keeps_labels_aligned_with_boxes():
+    # Flip only: the box order and labels must survive, and the boxes mirror.
+    image = _image(40, 80)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 10.0], [40.0, 20.0, 80.0, 40.0]])
+    labels = torch.tensor([5, 6])
+    transform = TrainTransform(
+        64,
+        distort=PhotometricDistort(0.0, 0.0, (1.0, 1.0), 0.0, (1.0, 1.0), 0.0, 0.0, 0.0),
+        zoom_out=ZoomOut(prob=0.0),
+        crop=IoUCrop(min_ious=()),
+        flip=HorizontalFlip(prob=1.0),
+    )
+    _, out_boxes, out_labels = transform(image, boxes, labels)
+    assert out_labels.tolist() == [5, 6]
+    torch.testing.assert_close(
+        out_boxes, torch.tensor([[0.75, 0.0, 1.0, 0.25], [0.0, 0.5, 0.5, 1]])
+    )
+
+
+def test_train_transform_is_deterministic_given_a_seed():
+    image = _image(50, 70)
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 40.0], [35.0, 10.0, 68.0, 48.0]])
+    labels = torch.tensor([1, 2])
+    transform = TrainTransform(64)
+    runs = [[transform(image, boxes, labels, _seeded(s)) for s in range(6)] for _ in range(2)]
+    for first, second in zip(*runs, strict=True):
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b)
+    assert any(not torch.equal(runs[0][0][0], other[0]) for other in runs[0][1:])
+    # The global RNG is used consistently when no generator is given.
+    torch.manual_seed(3)
+    a = transform(image, boxes, labels)
+    torch.manual_seed(3)
+    b = transform(image, boxes, labels)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_train_transform_zero_boxes_and_tiny_box():
+    image = _image(30, 40)
+    boxes, labels = _no_boxes()
+    tiny = torch.tensor([[10.0, 10.0, 10.5, 10.25]])
+    transform = TrainTransform(64)
+    g = _seeded(0)
+    for _ in range(30):
+        _check_output(transform(image, boxes, labels, g), 64)
+        _check_output(transform(image, tiny, torch.tensor([1]), g), 64)
+
+
+def test_input_boxes_outside_the_image_are_clipped_or_dropped():
+    image = _image(10, 20)
+    boxes = torch.tensor([[-5.0, 2.0, 10.0, 12.0], [25.0, 0.0, 30.0, 5.0]])
+    _, out_boxes, out_labels = EvalTransform(20)(image, boxes, torch.tensor([1, 2]))
+    torch.testing.assert_close(out_boxes, torch.tensor([[0.0, 0.2, 0.5, 1.0]]))
+    assert out_labels.tolist() == [1]
+
+
+@pytest.mark.parametrize(("height", "width"), [(37, 51), (420, 250)])
+def test_eval_transform_matches_inference_preprocessing(height, width):
+    image = _image(height, width)
+    boxes = torch.tensor([[5.1, 3.7, 25.5, 37.0]])
+    out_image, out_boxes, out_labels = EvalTransform(300)(image, boxes, torch.tensor([2]))
+    assert torch.equal(out_image, preprocess([image], 300)[0])
+    torch.testing.assert_close(out_boxes, boxes / torch.tensor([width, height, width, height]))
+    assert out_labels.tolist() == [2]
+
+
+def test_train_with_randomness_off_equals_eval():
+    image = _image(33, 47)
+    boxes = torch.tensor([[1.0, 2.0, 30.0, 31.0]])
+    labels = torch.tensor([3])
+    off = TrainTransform(
+        96,
+        distort=PhotometricDistort(0.0, 0.0, (1.0, 1.0), 0.0, (1.0, 1.0), 0.0, 0.0, 0.0),
+        zoom_out=ZoomOut(prob=0.0),
+        crop=IoUCrop(min_ious=()),
+        flip=HorizontalFlip(prob=0.0),
+    )
+    for a, b in zip(
+        off(image, boxes, labels), EvalTransform(96)(image, boxes, labels), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("image", "boxes", "labels", "message"),
+    [
+        (torch.zeros(3, 4, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), "float32"),
+        (torch.zeros(1, 4, 4, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0).long(), "1, 4"),
+        (torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(2, 5), torch.zeros(2).long(), "2, 5"),
+        (torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(2, 4), torch.zeros(3).long(), "(3,)"),
+    ],
+)
+def test_bad_samples_raise_with_the_bad_value(image, boxes, labels, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EvalTransform(32)(image, boxes, labels)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match=r"0\.5"):
+        ZoomOut(max_ratio=0.5)
+    with pytest.raises(ValueError, match=r"1\.2"):
+        IoUCrop(min_ious=(0.1, 1.2))
+    with pytest.raises(ValueError, match=r"1\.5"):
+        HorizontalFlip(prob=1.5)

@@ -1,0 +1,328 @@
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model.datasets import CocoDataset, VocDataset, holdout, load_dataset
+from model.synthetic import SyntheticShapes
+
+# ../shared/datasets beside the repository root (see that folder's README.md).
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    if not (SHARED / "raccoon").is_dir() or not (SHARED / "coco128").is_dir():
+        pytest.skip(f"shared datasets (raccoon, coco128) not found at {SHARED}")
+    return SHARED
+
+
+def _coco_spec(root: Path) -> str:
+    return (
+        f"coco:{root / 'coco128' / 'images'}:{root / 'coco128' / 'annotations' / 'instances.json'}"
+    )
+
+
+def _boxes(dataset) -> int:
+    return sum(len(dataset.target(i)["boxes"]) for i in range(len(dataset)))
+
+
+def _check_sample(image: torch.Tensor, target: dict) -> None:
+    """The sample contract, and no value that could turn into NaN."""
+    assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+    boxes, height, width = target["boxes"], image.shape[1], image.shape[2]
+    assert boxes.dtype == torch.float32 and boxes.shape == (len(target["labels"]), 4)
+    assert target["labels"].dtype == torch.int64 and target["difficult"].dtype == torch.bool
+    assert torch.isfinite(boxes).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all()
+    assert (boxes[:, [1, 3]] <= height).all()
+
+
+# Real data: raccoon (VOC) and coco128 (COCO) ------------------------------------------------
+
+
+def test_raccoon_published_split_and_box_count(shared_datasets):
+    root = shared_datasets / "raccoon"
+    train = load_dataset(f"voc:{root}:train", split="train")
+    val = load_dataset(f"voc:{root}:val", split="val")
+    everything = load_dataset(f"voc:{root}", split="all")
+    assert (len(train), len(val), len(everything)) == (160, 40, 200)
+    assert _boxes(train) + _boxes(val) == _boxes(everything) == 217
+    assert {t["file_name"] for t in map(train.target, range(160))}.isdisjoint(
+        val.target(i)["file_name"] for i in range(40)
+    )
+    # Without :SPLIT, "train" uses ImageSets/Main/train.txt because it exists.
+    assert len(load_dataset(f"voc:{root}", split="train")) == 160
+    assert train.class_names == ["raccoon"]
+    assert set(train.report().values()) == {0}
+
+
+def test_raccoon_greyscale_images_come_out_rgb(shared_datasets):
+    dataset = load_dataset(f"voc:{shared_datasets / 'raccoon'}:train", split="train")
+    names = [dataset.target(i)["file_name"] for i in range(len(dataset))]
+    # These three are stored as 8-bit greyscale (PIL mode "L"), all in the train split.
+    for stem in ("raccoon-150", "raccoon-152", "raccoon-161"):
+        index = names.index(f"JPEGImages/{stem}.jpg")
+        assert Image.open(dataset.records[index].path).mode == "L"
+        image, target = dataset[index]
+        _check_sample(image, target)
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_raccoon_coordinates_against_the_xml_by_hand(shared_datasets):
+    dataset = load_dataset(f"voc:{shared_datasets / 'raccoon'}:train", split="train")
+    names = [dataset.target(i)["file_name"] for i in range(len(dataset))]
+    image, target = dataset[names.index("JPEGImages/raccoon-119.jpg")]
+    # Annotations/raccoon-119.xml: (xmin, ymin, xmax, ymax) = (16, 62, 362, 353),
+    # (211, 359, 277, 402), (198, 392, 280, 473), 1-based inclusive -> minus one on the mins.
+    expected = [[15, 61, 362, 353], [210, 358, 277, 402], [197, 391, 280, 473]]
+    assert target["boxes"].tolist() == expected
+    assert target["labels"].tolist() == [1, 1, 1]
+    assert target["difficult"].tolist() == [False] * 3
+    _check_sample(image, target)
+
+
+def test_coco128_classes_crowd_and_empty_images(shared_datasets):
+    dataset = load_dataset(_coco_spec(shared_datasets), split="train")
+    assert isinstance(dataset, CocoDataset)
+    assert len(dataset.class_names) == 80  # all categories, though only 71 are used
+    assert len(dataset) == 128  # including the two images without objects
+    targets = [dataset.target(i) for i in range(len(dataset))]
+    assert sum(len(t["boxes"]) for t in targets) == 939 - 10
+    assert sum(len(t["crowd_boxes"]) for t in targets) == 10
+    assert sum(len(t["boxes"]) == 0 and len(t["crowd_boxes"]) == 0 for t in targets) == 2
+    assert set(dataset.report().values()) == {0}
+
+
+def test_coco128_category_mapping_round_trip(shared_datasets):
+    dataset = load_dataset(_coco_spec(shared_datasets), split="val")
+    assert sorted(dataset.label_to_category_id) == list(range(1, 81))
+    for label, category_id in dataset.label_to_category_id.items():
+        assert dataset.category_id_to_label[category_id] == label
+    # COCO ids skip 12, 26, 29, 30, ...: "dog" is id 18 but label 17; id 90 is the last label.
+    assert dataset.class_names[dataset.category_id_to_label[18] - 1] == "dog"
+    assert dataset.category_id_to_label[18] == 17
+    assert dataset.label_to_category_id[80] == 90 and dataset.class_names[-1] == "toothbrush"
+    # instances.json, annotation 1774: image 74, category 18, bbox [x, y, w, h] =
+    # [61.87, 276.25, 296.42, 103.18] -> xyxy [61.87, 276.25, 358.29, 379.43].
+    index = next(i for i, r in enumerate(dataset.records) if r.image_id == 74)
+    image, target = dataset[index]
+    _check_sample(image, target)
+    rows = (target["boxes"] - torch.tensor([61.87, 276.25, 358.29, 379.43])).abs().sum(1) < 1e-3
+    assert rows.sum() == 1 and target["labels"][rows].item() == 17
+
+
+# VOC layouts built in tmp_path --------------------------------------------------------------
+
+
+def _image(path: Path, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, 128).save(path)
+
+
+def _xml(path: Path, filename: str | None, objects: list[tuple], size=(64, 48)) -> None:
+    """objects: (name, xmin, ymin, xmax, ymax[, difficult]) in VOC's 1-based pixel indices."""
+    parts = [f"<filename>{filename}</filename>" if filename is not None else ""]
+    parts.append(f"<size><width>{size[0]}</width><height>{size[1]}</height></size>")
+    for name, x0, y0, x1, y1, *difficult in objects:
+        flag = f"<difficult>{int(difficult[0])}</difficult>" if difficult else ""
+        box = f"<xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
+        parts.append(f"<object><name>{name}</name>{flag}<bndbox>{box}</bndbox></object>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation>{''.join(parts)}</annotation>")
+
+
+def test_flat_folder_finds_images_by_filename_and_by_stem(tmp_path):
+    _xml(tmp_path / "a.xml", "photo_of_a.png", [("dog", 1, 1, 10, 20)])
+    _image(tmp_path / "photo_of_a.png")
+    _xml(tmp_path / "b.xml", None, [("cat", 5, 6, 64, 48, 1)])  # no filename tag: by stem
+    _image(tmp_path / "b.jpg", mode="L")
+    _xml(tmp_path / "c.xml", "elsewhere/c.jpeg", [])  # tag with a path: by its name
+    _image(tmp_path / "c.jpeg")
+    dataset = load_dataset(f"voc:{tmp_path}", split="test")
+    assert dataset.class_names == ["cat", "dog"]
+    by_name = {dataset.target(i)["file_name"]: dataset[i] for i in range(len(dataset))}
+    assert sorted(by_name) == ["b.jpg", "c.jpeg", "photo_of_a.png"]
+    image, target = by_name["photo_of_a.png"]
+    assert target["boxes"].tolist() == [[0, 0, 10, 20]] and target["labels"].tolist() == [2]
+    image, target = by_name["b.jpg"]
+    assert image.shape == (3, 48, 64)
+    assert target["boxes"].tolist() == [[4, 5, 64, 48]]  # the whole image's far edges
+    assert target["difficult"].tolist() == [True]
+    assert by_name["c.jpeg"][1]["boxes"].shape == (0, 4)
+    assert set(dataset.report().values()) == {0}
+
+
+def _two_folder_dataset(root: Path, n: int) -> None:
+    for i in range(n):
+        _xml(root / "labels" / f"img{i}.xml", f"img{i}.jpg", [("thing", 1, 1, 8, 8, i == 0)])
+        _image(root / "pictures" / f"img{i}.jpg")
+
+
+def test_two_subfolder_layout_holds_out_a_deterministic_split(tmp_path):
+    _two_folder_dataset(tmp_path, 10)
+    spec = f"voc:{tmp_path}"
+    val = load_dataset(spec, split="val", val_fraction=0.2)
+    train = load_dataset(spec, split="train", val_fraction=0.2)
+    val_names = {val.target(i)["file_name"] for i in range(len(val))}
+    train_names = {train.target(i)["file_name"] for i in range(len(train))}
+    # SHA-1 order of the stems, pinned: Python's salted hash() would change it every run.
+    assert val_names == {"pictures/img3.jpg", "pictures/img4.jpg"}
+    assert len(train_names) == 8 and train_names.isdisjoint(val_names)
+    assert len(load_dataset(spec, split="all")) == len(load_dataset(spec, split="test")) == 10
+    again = load_dataset(spec, split="val", val_fraction=0.2)
+    assert [again.target(i)["file_name"] for i in range(2)] == sorted(val_names)
+    # A larger fraction holds out a superset, so growing it never moves an image to train.
+    assert holdout([f"img{i}" for i in range(10)], 0.3) >= {"img3", "img4"}
+
+
+def test_difficult_objects_are_flagged_and_optionally_left_out_of_training(tmp_path):
+    _two_folder_dataset(tmp_path, 10)
+    spec = f"voc:{tmp_path}"
+    # img0 carries the only difficult object and falls in train (val is img3, img4).
+    train = load_dataset(spec, split="train", val_fraction=0.2, use_difficult=True)
+    assert sum(t["difficult"].sum().item() for t in map(train.target, range(8))) == 1
+    train = load_dataset(spec, split="train", val_fraction=0.2, use_difficult=False)
+    assert _boxes(train) == 7
+    evaluation = load_dataset(spec, split="test", use_difficult=False)
+    assert _boxes(evaluation) == 10
+
+
+def test_voc_folder_with_image_sets(tmp_path):
+    for i in range(4):
+        _xml(tmp_path / "Annotations" / f"{i:06d}.xml", f"{i:06d}.jpg", [("bird", 2, 2, 9, 9)])
+        _image(tmp_path / "JPEGImages" / f"{i:06d}.jpg")
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000003\n")
+    dataset = load_dataset(f"voc:{tmp_path}:trainval", split="train")
+    assert [dataset.target(i)["file_name"] for i in range(2)] == [
+        "JPEGImages/000001.jpg",
+        "JPEGImages/000003.jpg",
+    ]
+    with pytest.raises(FileNotFoundError, match="nosuchset"):
+        load_dataset(f"voc:{tmp_path}:nosuchset", split="train")
+
+
+# Bad data -----------------------------------------------------------------------------------
+
+
+def _truncated_jpeg(path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8, generator=generator)
+    Image.fromarray(noise.numpy()).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, scan data cut off
+
+
+def test_bad_voc_data_is_repaired_or_skipped_and_counted(tmp_path, caplog):
+    _xml(tmp_path / "0_good.xml", "0_good.jpg", [
+        ("dog", -20, 10, 30, 400),  # outside the image: clipped to (0, 9, 30, 48)
+        ("dog", 10, 10, 9, 20),  # xmax < xmin: zero area once converted, dropped
+        ("dog", 70, 10, 90, 20),  # entirely right of the 64 px image: zero area, dropped
+        ("zebra", 1, 1, 5, 5),  # not in the fixed classes
+        ("dog", "nan", 1, 5, 5),  # not a number
+        ("dog", 3, 4, 13, 14),  # fine
+    ])  # fmt: skip
+    _image(tmp_path / "0_good.jpg")
+    _xml(tmp_path / "1_truncated.xml", "1_truncated.jpg", [("dog", 1, 1, 5, 5)])
+    _truncated_jpeg(tmp_path / "1_truncated.jpg")
+    _xml(tmp_path / "2_garbage.xml", "2_garbage.jpg", [("dog", 1, 1, 5, 5)])
+    (tmp_path / "2_garbage.jpg").write_bytes(b"not an image at all")
+    _xml(tmp_path / "3_missing.xml", "3_missing.jpg", [("dog", 1, 1, 5, 5)])
+    (tmp_path / "4_broken.xml").write_text("<annotation><object>")
+    _xml(tmp_path / "5_good.xml", "5_good.jpg", [("cat", 2, 2, 6, 6)])
+    _image(tmp_path / "5_good.jpg")
+
+    with caplog.at_level(logging.INFO, logger="model.datasets"):
+        dataset = VocDataset(tmp_path, split="all", classes=["cat", "dog"])
+    summaries = [r for r in caplog.records if "bad data" in r.getMessage()]
+    assert len(summaries) == 1 and summaries[0].levelno == logging.WARNING
+    assert dataset.report() == {
+        "missing_annotations": 0,
+        "unreadable_annotations": 1,
+        "missing_images": 1,
+        "unreadable_images": 1,  # the garbage file, found when indexing
+        "malformed_objects": 1,
+        "unknown_classes": 1,
+        "clipped_boxes": 1,
+        "zero_area_boxes": 2,
+        "size_mismatches": 0,
+    }
+    assert len(dataset) == 3  # good, truncated (not yet known to be bad), good
+    _, target = dataset[0]
+    assert target["boxes"].tolist() == [[0, 9, 30, 48], [2, 3, 13, 14]]
+    assert target["labels"].tolist() == [2, 2]
+    # The truncated JPEG fails on decoding: counted once, the next good sample comes instead.
+    image, target = dataset[1]
+    assert target["file_name"] == "5_good.jpg" and target["labels"].tolist() == [1]
+    _check_sample(image, target)
+    assert dataset[1][1]["file_name"] == "5_good.jpg"
+    assert dataset.report()["unreadable_images"] == 2
+    for i in range(len(dataset)):
+        _check_sample(*dataset[i])
+
+
+def test_coco_bad_data_and_a_wrong_image_size(tmp_path):
+    _image(tmp_path / "a.jpg", size=(50, 40))
+    _image(tmp_path / "b.jpg", size=(50, 40))
+    annotations = {
+        "categories": [{"id": 7, "name": "cup"}, {"id": 3, "name": "car"}],
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},  # really 50 x 40
+            {"id": 2, "file_name": "b.jpg", "width": 50, "height": 40},
+            {"id": 3, "file_name": "gone.jpg", "width": 50, "height": 40},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [40, 30, 30, 30], "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 3, "bbox": [45, 0, 10, 10], "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [5, 5, 0, 10], "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 20, 20], "iscrowd": 1},
+            {"id": 5, "image_id": 2, "category_id": 3, "bbox": "oops", "iscrowd": 0},
+            {"id": 6, "image_id": 3, "category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 0},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(annotations))
+    dataset = load_dataset(f"coco:{tmp_path}:{tmp_path / 'ann.json'}", split="train")
+    assert dataset.class_names == ["car", "cup"]  # category-id order: 3, then 7
+    assert dataset.category_id_to_label == {3: 1, 7: 2}
+    _, target = dataset[0]
+    # Indexed against the JSON's 100 x 80, then clipped to the real 50 x 40 when loaded.
+    assert target["boxes"].tolist() == [[40, 30, 50, 40]] and target["labels"].tolist() == [2]
+    _, target = dataset[1]
+    assert target["boxes"].tolist() == [[45, 0, 50, 10]]
+    assert target["crowd_boxes"].tolist() == [[0, 0, 20, 20]]
+    report = dataset.report()
+    assert (report["size_mismatches"], report["missing_images"]) == (1, 1)
+    assert (report["clipped_boxes"], report["zero_area_boxes"]) == (1, 1)
+    assert report["malformed_objects"] == 1
+    dataset[0]
+    assert dataset.report()["size_mismatches"] == 1  # counted once per image, not per load
+
+
+# The spec -----------------------------------------------------------------------------------
+
+
+def test_synthetic_spec_lengths_and_streams():
+    train, val = load_dataset("synthetic", split="train"), load_dataset("synthetic", split="val")
+    assert isinstance(train, SyntheticShapes) and (len(train), len(val)) == (10_000, 500)
+    test = load_dataset("synthetic:20", split="test")
+    assert len(test) == 20 and (test.split, val.split) == ("test", "val")
+    assert test.class_names == ["circle", "square", "triangle", "star", "cross", "bar"]
+
+
+@pytest.mark.parametrize("spec", ["", "voc", "coco:only_one_path", "synthetic:-3", "yolo:x"])
+def test_bad_specs_name_themselves(spec):
+    with pytest.raises(ValueError, match=re.escape(repr(spec))):
+        load_dataset(spec, split="train")
+
+
+def test_bad_split_and_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="'training'"):
+        load_dataset("synthetic", split="training")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset(f"voc:{tmp_path / 'nowhere'}", split="train")
