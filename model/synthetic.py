@@ -65,7 +65,8 @@ class SyntheticShapes(Dataset):
 
     ``image`` is a uint8 Tensor[3, H, W] RGB; ``target`` holds "boxes" (float32 [G, 4], xyxy
     absolute pixels), "labels" (int64 [G], 1..6 for CLASS_NAMES), "difficult" (bool [G], all
-    False), "crowd_boxes" (float32 [0, 4]), "image_id" (``i``) and "file_name".
+    False), "crowd_boxes" (float32 [0, 4]), "crowd_labels" (int64 [0]), "image_id" (``i``) and
+    "file_name".
 
     Args:
         length: number of samples.
@@ -119,6 +120,7 @@ class SyntheticShapes(Dataset):
             "labels": torch.tensor([p.label for p in placed], dtype=torch.int64),
             "difficult": torch.zeros(len(placed), dtype=torch.bool),
             "crowd_boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "crowd_labels": torch.zeros(0, dtype=torch.int64),
             "image_id": index,
             "file_name": f"synthetic/{self.split}/{index:07d}",
         }

@@ -1,24 +1,23 @@
 import json
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from model.datasets import CocoDataset, VocDataset, holdout, load_dataset
+from model.coco import CocoDataset
+from model.datasets import load_dataset
 from model.synthetic import SyntheticShapes
-
-# ../shared/datasets beside the repository root (see that folder's README.md).
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+from model.voc import VocDataset, holdout
 
 
 @pytest.fixture
-def shared_datasets() -> Path:
-    if not (SHARED / "raccoon").is_dir() or not (SHARED / "coco128").is_dir():
-        pytest.skip(f"shared datasets (raccoon, coco128) not found at {SHARED}")
-    return SHARED
+def shared_datasets(raccoon: Path, coco128: Path) -> Path:
+    """The folder holding both shared datasets (fixtures in tests/conftest.py)."""
+    return raccoon.parent
 
 
 def _coco_spec(root: Path) -> str:
@@ -37,6 +36,9 @@ def _check_sample(image: torch.Tensor, target: dict) -> None:
     boxes, height, width = target["boxes"], image.shape[1], image.shape[2]
     assert boxes.dtype == torch.float32 and boxes.shape == (len(target["labels"]), 4)
     assert target["labels"].dtype == torch.int64 and target["difficult"].dtype == torch.bool
+    crowd = target["crowd_boxes"]
+    assert crowd.dtype == torch.float32 and crowd.shape == (len(target["crowd_labels"]), 4)
+    assert target["crowd_labels"].dtype == torch.int64
     assert torch.isfinite(boxes).all()
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all()
@@ -99,6 +101,29 @@ def test_coco128_classes_crowd_and_empty_images(shared_datasets):
     assert set(dataset.report().values()) == {0}
 
 
+def test_coco128_crowd_labels_and_areas_match_the_json(shared_datasets):
+    dataset = load_dataset(_coco_spec(shared_datasets), split="all")
+    data = json.loads((shared_datasets / "coco128" / "annotations" / "instances.json").read_text())
+    # (image id, category id, area) of each annotation, crowd and not, as the JSON has them.
+    expected = {True: Counter(), False: Counter()}
+    for ann in data["annotations"]:
+        expected[bool(ann["iscrowd"])][ann["image_id"], ann["category_id"], ann["area"]] += 1
+    found = {True: Counter(), False: Counter()}
+    for i, record in enumerate(dataset.records):
+        target = dataset.target(i)
+        assert target["areas"].dtype == target["crowd_areas"].dtype == torch.float64
+        for crowd, prefix in ((False, ""), (True, "crowd_")):
+            labels, areas = target[f"{prefix}labels"], target[f"{prefix}areas"]
+            assert labels.dtype == torch.int64 and labels.shape == areas.shape
+            assert ((labels >= 1) & (labels <= 80)).all()
+            for label, area in zip(labels.tolist(), areas.tolist(), strict=True):
+                category = dataset.label_to_category_id[label]
+                found[crowd][record.image_id, category, area] += 1
+    # The 10 crowd regions each carry their own annotation's class and area; so do the rest.
+    assert found[True] == expected[True] and sum(found[True].values()) == 10
+    assert found[False] == expected[False] and sum(found[False].values()) == 929
+
+
 def test_coco128_category_mapping_round_trip(shared_datasets):
     dataset = load_dataset(_coco_spec(shared_datasets), split="val")
     assert sorted(dataset.label_to_category_id) == list(range(1, 81))
@@ -155,6 +180,10 @@ def test_flat_folder_finds_images_by_filename_and_by_stem(tmp_path):
     assert target["boxes"].tolist() == [[4, 5, 64, 48]]  # the whole image's far edges
     assert target["difficult"].tolist() == [True]
     assert by_name["c.jpeg"][1]["boxes"].shape == (0, 4)
+    for _, target in by_name.values():  # VOC has no crowd regions, nor COCO's areas
+        assert target["crowd_labels"].dtype == torch.int64
+        assert target["crowd_labels"].shape == (0,) and target["crowd_boxes"].shape == (0, 4)
+        assert "areas" not in target and "crowd_areas" not in target
     assert set(dataset.report().values()) == {0}
 
 
@@ -293,9 +322,13 @@ def test_coco_bad_data_and_a_wrong_image_size(tmp_path):
     _, target = dataset[0]
     # Indexed against the JSON's 100 x 80, then clipped to the real 50 x 40 when loaded.
     assert target["boxes"].tolist() == [[40, 30, 50, 40]] and target["labels"].tolist() == [2]
+    # Keys that go per object stay aligned with the boxes clipped away on loading.
+    assert target["areas"].tolist() == [900.0]  # no "area" in this JSON: the indexed box's
     _, target = dataset[1]
     assert target["boxes"].tolist() == [[45, 0, 50, 10]]
+    assert target["areas"].tolist() == [50.0]  # the clipped box's 5 x 10
     assert target["crowd_boxes"].tolist() == [[0, 0, 20, 20]]
+    assert target["crowd_labels"].tolist() == [1] and target["crowd_areas"].tolist() == [400.0]
     report = dataset.report()
     assert (report["size_mismatches"], report["missing_images"]) == (1, 1)
     assert (report["clipped_boxes"], report["zero_area_boxes"]) == (1, 1)
@@ -313,6 +346,8 @@ def test_synthetic_spec_lengths_and_streams():
     test = load_dataset("synthetic:20", split="test")
     assert len(test) == 20 and (test.split, val.split) == ("test", "val")
     assert test.class_names == ["circle", "square", "triangle", "star", "cross", "bar"]
+    _, target = test[0]
+    assert target["crowd_labels"].dtype == torch.int64 and target["crowd_labels"].shape == (0,)
 
 
 @pytest.mark.parametrize("spec", ["", "voc", "coco:only_one_path", "synthetic:-3", "yolo:x"])

@@ -1,0 +1,113 @@
+"""COCO JSON detection annotations: ``CocoDataset``.
+
+Samples follow the contract in ``model.datasets``, with the COCO-only "areas" and
+"crowd_areas" described there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from model.datasets import DetectionDataset, Record, image_size
+
+
+class CocoDataset(DetectionDataset):
+    """COCO-style JSON detection annotations (``images``, ``annotations``, ``categories``).
+
+    Every image of the file is used, with or without objects: COCO ships its splits as
+    separate files. Boxes are ``[x, y, width, height]`` in pixel-edge coordinates, turned into
+    xyxy. Categories, sorted by id, become labels 1..C-1 with their names kept, all of the
+    file's categories whether used or not; ``label_to_category_id`` and
+    ``category_id_to_label`` map between the two. With ``classes`` fixed, categories are
+    matched by name and annotations of other categories are skipped and counted.
+    ``iscrowd`` annotations are never training boxes; they go to ``target["crowd_boxes"]`` and
+    ``target["crowd_labels"]``. Each annotation's ``area`` (the segmentation's area in square
+    pixels, which COCOeval uses for small/medium/large) goes to ``target["areas"]`` or
+    ``target["crowd_areas"]``; the clipped box's area stands in when the field is missing.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotations: str | Path,
+        *,
+        classes: list[str] | None = None,
+    ) -> None:
+        images_dir, annotations = Path(images_dir), Path(annotations)
+        if not images_dir.is_dir():
+            raise FileNotFoundError(f"COCO images folder not found: {images_dir}")
+        try:
+            data = json.loads(annotations.read_text())
+            categories = sorted(data["categories"], key=lambda c: c["id"])
+            images = data["images"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot read COCO annotations {annotations}: {error}") from error
+        if classes is None:
+            classes = [c["name"] for c in categories]
+        super().__init__(f"coco:{images_dir}:{annotations}", classes)
+        label_of_name = {name: k for k, name in enumerate(self.class_names, start=1)}
+        self.category_id_to_label = {
+            c["id"]: label_of_name[c["name"]] for c in categories if c["name"] in label_of_name
+        }
+        self.label_to_category_id = {v: k for k, v in self.category_id_to_label.items()}
+        by_id: dict[int, Record | None] = {}  # None: the image is missing or unreadable
+        for image in images:
+            path = images_dir / str(image.get("file_name", ""))
+            by_id[image.get("id")] = None
+            if not path.is_file():
+                self._counts["missing_images"] += 1
+                continue
+            # Sizes come from the JSON (reading 118k headers would be slow); a wrong one is
+            # caught and repaired when the image is loaded (size_mismatches).
+            size = (image.get("width"), image.get("height"))
+            if all(isinstance(v, int | float) and v > 0 for v in size):
+                size = (int(size[0]), int(size[1]))
+            else:
+                size = image_size(path)
+            if size is None:
+                self._counts["unreadable_images"] += 1
+                continue
+            record = Record(
+                path, image["file_name"], int(image["id"]), size, areas=[], crowd_areas=[]
+            )
+            by_id[record.image_id] = record
+            self.records.append(record)
+        for ann in data.get("annotations", []):
+            if ann.get("image_id") in by_id and by_id[ann["image_id"]] is None:
+                continue  # its image was already counted as missing or unreadable
+            record = by_id.get(ann.get("image_id"))
+            bbox = ann.get("bbox")
+            if record is None or not _is_xywh(bbox):
+                self._counts["malformed_objects"] += 1
+                continue
+            label = self.category_id_to_label.get(ann.get("category_id"))
+            if label is None:
+                self._counts["unknown_classes"] += 1
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            area = ann.get("area")
+            area = float(area) if _is_number(area) and math.isfinite(area) else None
+            if ann.get("iscrowd", 0):
+                if self._add_box(record, [x, y, x + w, y + h], crowd=True):
+                    record.crowd_labels.append(label)
+                    record.crowd_areas.append(_area_or_box(area, record.crowd_boxes[-1]))
+            elif self._add_box(record, [x, y, x + w, y + h]):
+                record.labels.append(label)
+                record.difficult.append(False)
+                record.areas.append(_area_or_box(area, record.boxes[-1]))
+        self._finish_index()
+
+
+def _area_or_box(area: float | None, xyxy: list[float]) -> float:
+    """The annotation's area, or the (clipped) box's when the JSON has none."""
+    return area if area is not None else (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_xywh(bbox: object) -> bool:
+    return isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)

@@ -1,0 +1,299 @@
+"""The training module end to end, on the CPU, with small networks and few steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model import Detector
+from model.checkpoint import load_checkpoint
+from model.evaluate import evaluate
+from model.synthetic import SyntheticShapes
+from model.train import epoch_batches, main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1"]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def _shapes_folder(root: Path) -> Path:
+    """Four 300x300 VOC images with one or two plain shapes each, drawn here."""
+    from PIL import ImageDraw
+
+    layouts = [
+        [("circle", (40, 50, 140, 150))],
+        [("square", (150, 60, 260, 170)), ("circle", (30, 180, 110, 260))],
+        [("square", (90, 90, 210, 210))],
+        [("circle", (170, 20, 280, 130)), ("square", (20, 170, 120, 270))],
+    ]
+    root.mkdir()
+    for i, objects in enumerate(layouts):
+        image = Image.new("RGB", (300, 300), (235, 230, 220))
+        draw = ImageDraw.Draw(image)
+        xml = []
+        for name, box in objects:
+            colour = (200, 40, 40) if name == "circle" else (40, 60, 200)
+            (draw.ellipse if name == "circle" else draw.rectangle)(box, fill=colour)
+            # VOC's 1-based inclusive pixel indices for 0-based edges (x0, y0, x1 + 1, y1 + 1)
+            xml.append(
+                f"<object><name>{name}</name><bndbox><xmin>{box[0] + 1}</xmin>"
+                f"<ymin>{box[1] + 1}</ymin><xmax>{box[2] + 1}</xmax>"
+                f"<ymax>{box[3] + 1}</ymax></bndbox></object>"
+            )
+        image.save(root / f"{i}.png")
+        (root / f"{i}.xml").write_text(
+            f"<annotation><filename>{i}.png</filename>{''.join(xml)}</annotation>"
+        )
+    return root
+
+
+def test_overfits_a_few_images(tmp_path):
+    # Matching, loss, decoding and NMS must fit together for a network to learn four images.
+    data = f"voc:{_shapes_folder(tmp_path / 'shapes')}"
+    out = tmp_path / "overfit.safetensors"
+    code = main(
+        [
+            "--data",
+            data,
+            "--val-fraction",
+            "0",
+            "--out",
+            str(out),
+            "--steps",
+            "120",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--clip-grad-norm",
+            "5",
+            "--warmup-steps",
+            "10",
+            "--no-augment",
+            "--eval-every",
+            "0",
+            "--seed",
+            "1",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    detector = Detector.load(out, device="cpu")
+    report, _ = evaluate(detector, data)
+    assert report.num_images == 4
+    assert report.map50 >= 0.9, report.per_class
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    common = [
+        "--data",
+        "synthetic:16",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "0",
+        "--seed",
+        "3",
+        *TINY,
+    ]
+    straight = tmp_path / "straight.safetensors"
+    assert main([*common, "--out", str(straight)]) == 0
+    split = tmp_path / "split.safetensors"
+    assert main([*common, "--out", str(split), "--stop-at", "3"]) == 0
+    state = tmp_path / "split.state.pt"
+    assert state.exists()
+    assert main([*common, "--out", str(split), "--resume", str(state)]) == 0
+    expected = {r["step"]: r["loss"] for r in _log(straight)}
+    resumed = {r["step"]: r["loss"] for r in _log(split)}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4)
+    a = load_checkpoint(straight).network.state_dict()
+    b = load_checkpoint(split).network.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoints_every_epoch_and_keeps_the_best(tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert (
+        main(
+            [
+                "--data",
+                "synthetic:8",
+                "--val-data",
+                "synthetic:4",
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    evaluations = [r for r in _log(out) if "val_map50" in r]
+    assert [r["epoch"] for r in evaluations] == [1, 2]
+    best = load_checkpoint(tmp_path / "m.best.safetensors")
+    assert best.recipe["val_map50"] == max(r["val_map50"] for r in evaluations)
+    final = load_checkpoint(out)
+    assert final.recipe["step"] == 4 and final.recipe["data"] == "synthetic:8"
+    assert final.class_names == SyntheticShapes.class_names
+
+
+def test_divergence_stops_with_the_step_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "nan.safetensors"
+    code = main(
+        [
+            "--data",
+            "synthetic:8",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e12",
+            "--warmup-steps",
+            "1",
+            "--eval-every",
+            "0",
+            *TINY,
+        ]
+    )
+    assert code == 3
+    assert "non-finite loss at step" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_samples_do_not_stop_training(tmp_path, caplog):
+    data = tmp_path / "voc"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(data / f"img{i}.jpg")
+        boxes = [(5, 5, 30, 30), (40, 10, 90, 70), (100, 60, 120, 80)]  # fine, partly, wholly out
+        objects = "".join(
+            f"<object><name>thing</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
+            f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+            for a, b, c, d in boxes
+        )
+        (data / f"img{i}.xml").write_text(
+            f"<annotation><filename>img{i}.jpg</filename>{objects}</annotation>"
+        )
+    (data / "img3.jpg").write_bytes((data / "img3.jpg").read_bytes()[:200])  # truncated
+    out = tmp_path / "voc.safetensors"
+    with caplog.at_level("INFO"):
+        code = main(
+            [
+                "--data",
+                f"voc:{data}",
+                "--val-fraction",
+                "0",
+                "--out",
+                str(out),
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--eval-every",
+                "0",
+                *TINY,
+            ]
+        )
+    assert code == 0
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in _log(out)])))
+    text = caplog.text
+    # The truncated image is skipped; the other three keep their in-image boxes, clipped.
+    assert "3 images, 6 boxes" in text
+    assert "'unreadable_images': 1, 'clipped_boxes': 3, 'zero_area_boxes': 3" in text
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["--data", "synthetic:8", "--out", str(out), "--batch-size", "1", *TINY]) == 2
+    assert "--batch-norm needs --batch-size of at least 2" in capsys.readouterr().err
+    assert main(["--data", "synthetic:2", "--out", str(out), "--batch-size", "4", *TINY]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    junk = tmp_path / "junk.state.pt"
+    junk.write_bytes(b"nope")
+    assert (
+        main(
+            [
+                "--data",
+                "synthetic:8",
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "--resume",
+                str(junk),
+                *TINY,
+            ]
+        )
+        == 2
+    )
+    assert "junk.state.pt" in capsys.readouterr().err
+
+
+def test_epoch_batches_split_across_processes_without_overlap():
+    ranks = [epoch_batches(20, 3, seed=0, epoch=2, rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 20 // (3 * 2)
+    seen = [key for batches in ranks for batch in batches for key in batch]
+    assert len(seen) == len(set(seen)) == 18
+    assert epoch_batches(20, 3, seed=0, epoch=2, rank=0, world=2) == ranks[0]
+    assert epoch_batches(20, 3, seed=0, epoch=3, rank=0, world=2) != ranks[0]
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "model.train",
+            "--data",
+            "synthetic:8",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "0",
+            "--device",
+            "cpu",
+            *TINY,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.recipe["world_size"] == 2
+    assert [r["step"] for r in _log(out)] == [1, 2]
