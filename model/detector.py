@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from model.checkpoint import load_checkpoint
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
@@ -105,41 +105,92 @@ class Detector:
 
         Returns:
             One ``Detections`` per image, boxes xyxy in that image's pixels.
+
+        The three stages are also public, for callers that batch or time them separately
+        (the service): ``prepare`` each image, ``forward`` the stacked inputs, ``decode``.
         """
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
-        if max_detections < 1:
-            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
         if len(images) == 0:
             return []
-        rgb = [to_rgb_tensor(image) for image in images]
-        sizes = [(int(img.shape[2]), int(img.shape[1])) for img in rgb]  # (width, height)
-        batch = preprocess(rgb, self.input_size, self.pixel_mean).to(self.device)
+        prepared = [self.prepare(image) for image in images]
+        loc, conf = self.forward(torch.stack([inputs for inputs, _ in prepared]))
+        sizes = [size for _, size in prepared]
+        return self.decode(loc, conf, sizes, score_threshold, max_detections)
+
+    def prepare(self, image: ImageLike) -> tuple[Tensor, tuple[int, int]]:
+        """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
+
+        CPU-only work (colour conversion, resize, mean subtraction): safe to run in a thread.
+        """
+        rgb = to_rgb_tensor(image)
+        size = (int(rgb.shape[2]), int(rgb.shape[1]))
+        return preprocess([rgb], self.input_size, self.pixel_mean)[0], size
+
+    @torch.inference_mode()
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the network on prepared inputs Tensor[N, 3, S, S]; returns float32 (loc, conf)."""
+        batch = inputs.to(self.device)
         if self.device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             loc, conf = self.network(batch)
+        return loc.float(), conf.float()
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        loc: Tensor,
+        conf: Tensor,
+        sizes: Sequence[tuple[int, int]],
+        score_threshold: float | Sequence[float] = 0.3,
+        max_detections: int | Sequence[int] = MAX_DETECTIONS,
+    ) -> list[Detections]:
+        """Raw outputs to detections in each image's pixels (``sizes``: (width, height) each).
+
+        ``score_threshold`` and ``max_detections`` may be given per image. The batch is
+        post-processed once at the lowest threshold and the highest cap, then each image is
+        cut to its own: NMS visits boxes in score order, so boxes below an image's threshold
+        never suppress boxes above it and the result equals a run at that threshold alone.
+        """
+        count = len(sizes)
+        thresholds = _per_image(score_threshold, count, "score_threshold")
+        caps = _per_image(max_detections, count, "max_detections")
+        if any(not 0.0 <= t <= 1.0 for t in thresholds):
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if any(c < 1 for c in caps):
+            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
         outputs = postprocess(
-            loc.float(),
-            conf.float(),
+            loc,
+            conf,
             self._default_boxes,
-            sizes,
-            score_threshold=score_threshold,
+            list(sizes),
+            score_threshold=min(thresholds),
             nms_iou=self.nms_iou,
             top_k=self.top_k,
-            max_detections=max_detections,
+            max_detections=max(caps),
         )
-        if len(outputs) != len(images):
-            raise RuntimeError(
-                f"post-processing returned {len(outputs)} results for {len(images)} images"
-            )
+        if len(outputs) != count:
+            raise RuntimeError(f"post-processing returned {len(outputs)} results for {count}")
         results = []
-        for boxes, scores, class_ids in outputs:
+        for (boxes, scores, class_ids), threshold, cap in zip(
+            outputs, thresholds, caps, strict=True
+        ):
+            keep = (scores > threshold).nonzero().flatten()[:cap]
+            boxes, scores, class_ids = boxes[keep].cpu(), scores[keep].cpu(), class_ids[keep].cpu()
             labels = [self.class_names[i - 1] for i in class_ids.tolist()]
-            results.append(Detections(boxes.cpu(), scores.cpu(), class_ids.cpu(), labels))
+            results.append(Detections(boxes, scores, class_ids, labels))
         return results
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+
+def _per_image(value: float | Sequence[float], count: int, name: str) -> list:
+    """A scalar repeated for every image, or a sequence checked to have one value per image."""
+    if isinstance(value, int | float):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name}: got {len(values)} values for {count} images")
+    return values

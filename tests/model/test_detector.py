@@ -112,3 +112,31 @@ def test_class_name_count_must_match_the_network():
         Detector(_known_network(), ["a", "b", "c"])
     with pytest.raises(ValueError, match="precision"):
         Detector(_known_network(), NAMES, precision="int8")
+
+
+def test_per_image_thresholds_equal_separate_runs():
+    detector = Detector(_known_network(), NAMES)
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(2, 8732, 4, generator=g) * 0.5
+    conf = torch.randn(2, 8732, 3, generator=g) * 3
+    sizes = [(640, 480), (300, 200)]
+    mixed = detector.decode(loc, conf, sizes, [0.05, 0.6], [200, 7])
+    for i, (threshold, cap) in enumerate([(0.05, 200), (0.6, 7)]):
+        alone = detector.decode(loc[i : i + 1], conf[i : i + 1], sizes[i : i + 1], threshold, cap)
+        assert torch.equal(mixed[i].boxes, alone[0].boxes)
+        assert torch.equal(mixed[i].scores, alone[0].scores)
+        assert mixed[i].labels == alone[0].labels
+    assert len(mixed[1]) == 7 and len(mixed[0]) > 7
+    with pytest.raises(ValueError, match="2 values for 1 images"):
+        detector.decode(loc[:1], conf[:1], sizes[:1], [0.1, 0.2])
+
+
+def test_prepare_forward_decode_equals_predict():
+    detector = Detector(_known_network(), NAMES)
+    image = Image.new("RGB", (64, 40), (200, 30, 30))
+    inputs, size = detector.prepare(image)
+    assert inputs.shape == (3, 300, 300) and size == (64, 40)
+    loc, conf = detector.forward(inputs[None])
+    staged = detector.decode(loc, conf, [size])[0]
+    direct = detector.predict([image])[0]
+    assert torch.equal(staged.boxes, direct.boxes) and staged.labels == direct.labels
