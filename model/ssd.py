@@ -94,9 +94,21 @@ class SSD(nn.Module):
         return torch.cat(locs, dim=1), torch.cat(confs, dim=1)
 
 
+# Standard deviation of ImageNet pixels on the 0-255 scale (torchvision's normalisation std
+# (0.229, 0.224, 0.225) x 255, averaged). SSD feeds 0-255 pixels minus the mean, unscaled.
+_PIXEL_STD = 57.6
+
+
 def _init_weights(network: SSD) -> None:
-    """He init for the base (torchvision's VGG init), Xavier for extras and heads (authors)."""
+    """He init for the base (torchvision's VGG init), Xavier for extras and heads (authors).
+
+    He init assumes unit-variance inputs, but SSD's input keeps the 0-255 scale (std ~58), as
+    the authors' ImageNet-pretrained weights expect. The first conv's initial weights are
+    divided by that std, so a network trained from scratch starts with unit-scale activations
+    instead of ones ~58x too large (ImageNet initialisation overwrites them anyway).
+    """
     base = {id(m) for m in (*network.stages[0].modules(), *network.stages[1].modules())}
+    first_conv = next(m for m in network.stages[0].modules() if isinstance(m, nn.Conv2d))
     for module in network.modules():
         if isinstance(module, nn.Conv2d):
             if id(module) in base:
@@ -108,6 +120,8 @@ def _init_weights(network: SSD) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        first_conv.weight /= _PIXEL_STD
 
 
 def _build(

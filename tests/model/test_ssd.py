@@ -98,3 +98,15 @@ def test_invalid_arguments_are_reported():
         ssd300_vgg16(3, preset="nope")
     with pytest.raises(ValueError, match="width"):
         ssd300_vgg16(3, width=0)
+
+
+def test_from_scratch_activations_start_at_unit_scale():
+    # SSD's input keeps the 0-255 scale; the first conv's init compensates (see _init_weights).
+    torch.manual_seed(0)
+    network = ssd300_vgg16(3, width=0.25).eval()
+    x = torch.randn(2, 3, 300, 300) * 58.0  # pixels minus the mean: std ~58
+    with torch.no_grad():
+        conv4_3 = network.stages[0](x)
+        fc7 = network.stages[1](conv4_3)
+    assert 0.1 < conv4_3.pow(2).mean().sqrt() < 10
+    assert 0.1 < fc7.pow(2).mean().sqrt() < 10
