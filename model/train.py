@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.augmentation import EvalTransform, TrainTransform, ZoomOut
@@ -43,6 +43,7 @@ from model.imagenet import load_vgg16_backbone
 from model.loss import MultiBoxLoss
 from model.schedule import SCHEDULES, lr_factor
 from model.ssd import BUILDERS, SSD
+from model.training_data import AugmentedDataset, collate, epoch_batches
 
 logger = logging.getLogger("model.train")
 
@@ -53,52 +54,6 @@ STATE_FORMAT = "ssd-train-state/1"
 
 class DivergenceError(RuntimeError):
     """The loss stopped being finite; nothing is written after it."""
-
-
-class AugmentedDataset(Dataset):
-    """A dataset seen through the training transform, indexed by (epoch, index).
-
-    The augmentation's generator is seeded from (seed, epoch, index), so a sample's crop and
-    colours do not depend on the worker that makes it or on where a run was resumed.
-    """
-
-    def __init__(
-        self, dataset: Dataset, transform: TrainTransform | EvalTransform, seed: int
-    ) -> None:
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-        epoch, index = key
-        image, target = self.dataset[index]
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2**63 - 1))
-        return self.transform(image, target["boxes"], target["labels"], generator)
-
-
-def collate(
-    batch: list[tuple[Tensor, Tensor, Tensor]],
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Stack images (N, 3, S, S); boxes and labels stay per-image lists."""
-    images, boxes, labels = zip(*batch, strict=True)
-    return torch.stack(images), list(boxes), list(labels)
-
-
-def epoch_batches(
-    length: int, batch_size: int, *, seed: int, epoch: int, rank: int, world: int
-) -> list[list[tuple[int, int]]]:
-    """This process's batches of (epoch, index) keys for one epoch; incomplete ones dropped."""
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    per_step = batch_size * world
-    steps = length // per_step
-    batches = []
-    for s in range(steps):
-        chunk = order[s * per_step : (s + 1) * per_step][rank::world]
-        batches.append([(epoch, int(i)) for i in chunk])
-    return batches
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

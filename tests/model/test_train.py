@@ -14,7 +14,7 @@ from model import Detector
 from model.checkpoint import load_checkpoint
 from model.evaluate import evaluate
 from model.synthetic import SyntheticShapes
-from model.train import epoch_batches, main
+from model.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1"]
@@ -249,15 +249,6 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         == 2
     )
     assert "junk.state.pt" in capsys.readouterr().err
-
-
-def test_epoch_batches_split_across_processes_without_overlap():
-    ranks = [epoch_batches(20, 3, seed=0, epoch=2, rank=r, world=2) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 3  # 20 // (3 * 2)
-    seen = [key for batches in ranks for batch in batches for key in batch]
-    assert len(seen) == len(set(seen)) == 18
-    assert epoch_batches(20, 3, seed=0, epoch=2, rank=0, world=2) == ranks[0]
-    assert epoch_batches(20, 3, seed=0, epoch=3, rank=0, world=2) != ranks[0]
 
 
 def test_two_process_ddp_on_cpu(tmp_path):

@@ -1,0 +1,60 @@
+"""What the trainer feeds the network: augmented samples and deterministic batches.
+
+Every random choice is a function of the seed, the epoch and the sample index, so a sample
+looks the same whichever worker makes it, and a resumed run sees exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from model.augmentation import EvalTransform, TrainTransform
+
+
+class AugmentedDataset(Dataset):
+    """A dataset seen through the training transform, indexed by (epoch, index).
+
+    The augmentation's generator is seeded from (seed, epoch, index), so a sample's crop and
+    colours do not depend on the worker that makes it or on where a run was resumed.
+    """
+
+    def __init__(
+        self, dataset: Dataset, transform: TrainTransform | EvalTransform, seed: int
+    ) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        epoch, index = key
+        image, target = self.dataset[index]
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2**63 - 1))
+        return self.transform(image, target["boxes"], target["labels"], generator)
+
+
+def collate(
+    batch: list[tuple[Tensor, Tensor, Tensor]],
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Stack images (N, 3, S, S); boxes and labels stay per-image lists."""
+    images, boxes, labels = zip(*batch, strict=True)
+    return torch.stack(images), list(boxes), list(labels)
+
+
+def epoch_batches(
+    length: int, batch_size: int, *, seed: int, epoch: int, rank: int, world: int
+) -> list[list[tuple[int, int]]]:
+    """This process's batches of (epoch, index) keys for one epoch; incomplete ones dropped."""
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    per_step = batch_size * world
+    steps = length // per_step
+    batches = []
+    for s in range(steps):
+        chunk = order[s * per_step : (s + 1) * per_step][rank::world]
+        batches.append([(epoch, int(i)) for i in chunk])
+    return batches
