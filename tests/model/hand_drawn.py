@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from model.synthetic import CLASS_NAMES
 
@@ -85,8 +86,9 @@ def hand_drawn_set(
     side_range: tuple[int, int] = (40, 160),
     photos: list[Path] | None = None,
     image_size: tuple[int, int] = (480, 360),
-) -> list[tuple[Image.Image, dict]]:
-    """``count`` images with 1-4 non-overlapping shapes; targets in the project's contract."""
+) -> list[tuple[torch.Tensor, dict]]:
+    """``count`` (uint8 Tensor[3, H, W], target) pairs with 1-4 non-overlapping shapes each,
+    in the project's sample contract (``model.datasets``)."""
     rng = random.Random(seed)
     samples = []
     for index in range(count):
@@ -138,8 +140,6 @@ def hand_drawn_set(
             "difficult": torch.zeros(len(labels), dtype=torch.bool),
             "image_id": index,
             "file_name": f"hand_drawn/{index:04d}.png",
-            "width": image_size[0],
-            "height": image_size[1],
         }
-        samples.append((image, target))
+        samples.append((pil_to_tensor(image), target))
     return samples
