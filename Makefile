@@ -29,12 +29,8 @@ lint: install
 test: lint
 	$(PY) -m pytest
 
+# One uvicorn worker: one copy of the model. See README.md, "Service", for more processes.
 run: install
-	@if [ ! -f app/main.py ]; then \
-		echo "make run: the inference service (app/main.py) is not built yet, so there is nothing to serve."; \
-		echo "The detector core is in model/; see README.md for its Python API."; \
-		exit 1; \
-	fi
 	$(PY) -m uvicorn app.main:app --host $(HOST) --port $(PORT) --workers 1
 
 clean:

@@ -1,0 +1,277 @@
+"""Dynamic batching: requests queue up, and one forward pass answers a whole batch.
+
+A batch is formed when ``max_batch_size`` images wait, or when the oldest has waited
+``max_wait_s``, whichever comes first. The forward pass and box decoding run on one dedicated
+thread, so the event loop keeps accepting requests while a batch runs, and the next batch
+fills up in the meantime. The queue is bounded; a full queue is refused at once (503).
+
+Before a batch runs, images whose client has gone away or whose deadline has passed are
+dropped. A failure inside a batch answers every image in it with ``InferenceFailedError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from app.errors import (
+    ClientDisconnectedError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    OverloadedError,
+)
+from app.metrics import Metrics
+from model import Detections, Detector
+
+log = logging.getLogger(__name__)
+
+DisconnectCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prepared image and how its detections are to be cut.
+
+    ``inputs`` is the network input Tensor[3, S, S] from ``Detector.prepare``, ``size`` the
+    image's (width, height) in pixels, ``score_threshold`` in [0, 1].
+    """
+
+    inputs: Tensor
+    size: tuple[int, int]
+    score_threshold: float
+    max_detections: int
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: Job
+    enqueued: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+    is_disconnected: DisconnectCheck | None
+    future: asyncio.Future[Detections] = field(repr=False)
+
+
+class Batcher:
+    """Queues jobs and runs them through ``detector`` in batches, one batch at a time.
+
+    Args:
+        detector: the model (its ``forward`` and ``decode`` are called on a worker thread).
+        metrics: where batch sizes, stage times, queue depth and counts are recorded.
+        max_batch_size: most images per forward pass.
+        max_wait_s: longest time the oldest waiting image waits for others, in seconds.
+        max_queue: most images waiting; beyond that ``submit`` raises ``OverloadedError``.
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError(
+                f"need max_batch_size >= 1, max_queue >= 1, max_wait_s >= 0; got "
+                f"{max_batch_size}, {max_queue}, {max_wait_s}"
+            )
+        self.detector = detector
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._pending: deque[_Entry] = deque()
+        self._arrived = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        # One thread: one batch at a time on the one model copy.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
+        metrics.queue_depth.set_function(lambda: self.queue_depth)
+
+    @property
+    def queue_depth(self) -> int:
+        """Images waiting for a batch."""
+        return len(self._pending)
+
+    def check_capacity(self, count: int) -> None:
+        """Raise ``OverloadedError`` if ``count`` more images would not fit in the queue now."""
+        if len(self._pending) + count > self.max_queue:
+            raise OverloadedError(
+                f"the queue is full ({len(self._pending)} of {self.max_queue} images waiting); "
+                "retry later"
+            )
+
+    async def start(self) -> None:
+        """Start the batching loop (call from the event loop that will submit)."""
+        self._task = asyncio.create_task(self._loop(), name="ssd-batcher")
+
+    async def stop(self) -> None:
+        """Run what is queued, then stop the loop and the worker thread."""
+        self._stopping = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def warm_up(self) -> None:
+        """Run one blank image through the model, so the first request is not the slow one."""
+        size = self.detector.input_size
+        inputs, image_size = self.detector.prepare(Image.new("RGB", (size, size)))
+        loop = asyncio.get_running_loop()
+        blank = Job(inputs, image_size, score_threshold=0.0, max_detections=1)
+        await loop.run_in_executor(self._executor, self._infer, [blank], False)
+
+    async def submit(
+        self,
+        jobs: Sequence[Job],
+        deadline: float,
+        is_disconnected: DisconnectCheck | None = None,
+    ) -> list[Detections]:
+        """Queue ``jobs`` together and wait for their detections, in order.
+
+        Args:
+            jobs: prepared images; all are queued at once or none is.
+            deadline: ``time.monotonic()`` by which the answer must be there.
+            is_disconnected: checked before a batch runs; True drops the jobs.
+
+        Raises:
+            OverloadedError: the queue has no room for all of ``jobs``.
+            DeadlineExceededError: the deadline passed first.
+            InferenceFailedError: a batch holding one of the jobs failed.
+            ClientDisconnectedError: the client went away before the batch ran.
+        """
+        self.check_capacity(len(jobs))
+        if self._stopping:
+            raise OverloadedError("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        entries = [
+            _Entry(job, now, deadline, is_disconnected, loop.create_future()) for job in jobs
+        ]
+        self._pending.extend(entries)
+        self._arrived.set()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - now)):
+                return list(await asyncio.gather(*(entry.future for entry in entries)))
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no answer within the request deadline ({deadline - now:.3g} s)"
+            ) from None
+        finally:
+            # Jobs left waiting (deadline passed, another job failed) leave the queue now;
+            # gather has cancelled their futures already on a timeout.
+            for entry in entries:
+                entry.future.cancel()
+                if entry.future.cancelled():
+                    with contextlib.suppress(ValueError):  # not there: taken into a batch
+                        self._pending.remove(entry)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            batch = await self._drop_gone(batch)
+            if not batch:
+                continue
+            started = time.monotonic()
+            for entry in batch:
+                self.metrics.stage_duration.labels(stage="queue").observe(started - entry.enqueued)
+            jobs = [entry.job for entry in batch]
+            try:
+                results = await loop.run_in_executor(self._executor, self._infer, jobs, True)
+            except Exception as exc:
+                log.exception("a batch of %d images failed", len(batch))
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(
+                            InferenceFailedError(f"the batch this image was in failed: {exc!r}")
+                        )
+                continue
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+
+    async def _next_batch(self) -> list[_Entry] | None:
+        """Wait until a batch is due; None once stopping with nothing left."""
+        while True:
+            while self._pending and self._pending[0].future.done():
+                self._pending.popleft()
+            if not self._pending:
+                if self._stopping:
+                    return None
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            due = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
+            if len(self._pending) >= self.max_batch_size or due <= 0 or self._stopping:
+                break
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(due):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+        count = min(self.max_batch_size, len(self._pending))
+        return [self._pending.popleft() for _ in range(count)]
+
+    async def _drop_gone(self, batch: list[_Entry]) -> list[_Entry]:
+        """The entries still worth running: not cancelled, not past deadline, client there."""
+        kept, now = [], time.monotonic()
+        for entry in batch:
+            if entry.future.done() or entry.deadline <= now:
+                continue  # the waiting request answers (504) or has answered already
+            if entry.is_disconnected is not None and await _safe_check(entry.is_disconnected):
+                entry.future.set_exception(
+                    ClientDisconnectedError("the client disconnected before its batch ran")
+                )
+                continue
+            kept.append(entry)
+        return kept
+
+    def _infer(self, jobs: list[Job], record: bool) -> list[Detections]:
+        """One forward pass and one decode for ``jobs`` (runs on the worker thread)."""
+        start = time.perf_counter()
+        loc, conf = self.detector.forward(torch.stack([job.inputs for job in jobs]))
+        forwarded = time.perf_counter()
+        results = self.detector.decode(
+            loc,
+            conf,
+            [job.size for job in jobs],
+            [job.score_threshold for job in jobs],
+            [job.max_detections for job in jobs],
+        )
+        done = time.perf_counter()
+        if len(results) != len(jobs):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(jobs)} images")
+        if record:
+            m = self.metrics
+            m.batch_size.observe(len(jobs))
+            m.images.inc(len(jobs))
+            for _ in jobs:
+                m.stage_duration.labels(stage="inference").observe(forwarded - start)
+                m.stage_duration.labels(stage="postprocess").observe(done - forwarded)
+            for result in results:
+                for label in result.labels:
+                    m.detections.labels(label=label).inc()
+        return results
+
+
+async def _safe_check(is_disconnected: DisconnectCheck) -> bool:
+    try:
+        return await is_disconnected()
+    except Exception:  # a broken check must not take the batch down; assume still there
+        log.warning("disconnect check failed", exc_info=True)
+        return False

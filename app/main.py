@@ -1,0 +1,110 @@
+"""The ASGI app ``app.main:app``: the app factory and its lifespan.
+
+Importing this module builds the app but loads nothing; the lifespan reads the settings,
+loads the model, warms it up and starts the batcher, and undoes it all on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.batcher import Batcher
+from app.errors import install_error_handlers
+from app.metrics import Metrics, MetricsMiddleware
+from app.routes import demo, detect, health, info
+from app.service import Service, decode_slots, model_ref, resolve_precision
+from app.settings import Settings, SettingsError, get_settings
+from app.shutdown import install_drain_handler
+from model import Detector
+from model.checkpoint import CheckpointError, read_metadata
+from model.detector import resolve_device
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """SSD object detection with dynamic batching.
+
+Boxes are xyxy, in pixels of the image as displayed (EXIF orientation applied). Every error is
+JSON: `{"error": {"code": "...", "message": "..."}}`."""
+
+
+def load_detector(settings: Settings) -> Detector:
+    """The model named by the settings, on its device and precision.
+
+    Raises:
+        SettingsError: the weights, device or precision cannot be used; names the variable.
+    """
+    weights = f"invalid setting SSD_WEIGHTS={str(settings.weights)!r}"
+    try:
+        read_metadata(settings.weights)  # cheap: names a wrong file before any weight loads
+        device = resolve_device(settings.device)
+    except CheckpointError as exc:
+        raise SettingsError(f"{weights}: {exc}") from None
+    except ValueError as exc:
+        raise SettingsError(f"invalid setting SSD_DEVICE={settings.device!r}: {exc}") from None
+    precision = resolve_precision(settings.precision, device)
+    try:
+        return Detector.load(settings.weights, device=device, precision=precision)
+    except CheckpointError as exc:
+        raise SettingsError(f"{weights}: {exc}") from None
+
+
+def create_app(settings: Settings | None = None, detector: Detector | None = None) -> FastAPI:
+    """Build the app. ``settings`` default to ``get_settings()`` (read at start-up, not here);
+    ``detector`` defaults to the one ``settings.weights`` names (tests pass their own)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            config = settings or get_settings()
+            model = detector or await run_in_threadpool(load_detector, config)
+        except SettingsError as exc:
+            log.error("cannot start: %s", exc)
+            raise
+        metrics = Metrics(config.max_batch_size)
+        batcher = Batcher(
+            model,
+            metrics,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+        )
+        ref = await run_in_threadpool(model_ref, config.weights)
+        service = Service(config, model, batcher, metrics, ref, decode_slots())
+        metrics.model_info.labels(
+            name=ref.name, version=ref.version, device=str(model.device), precision=model.precision
+        ).set(1)
+        app.state.service = service
+        await batcher.start()
+        restore_sigterm = install_drain_handler(
+            lambda: setattr(service, "draining", True), config.drain_s, asyncio.get_running_loop()
+        )
+        try:
+            await batcher.warm_up()
+            service.ready = True
+            log.info("serving %s %s on %s", ref.name, ref.version, model.device)
+            yield
+        finally:
+            service.draining = True
+            restore_sigterm()
+            await batcher.stop()
+
+    app = FastAPI(
+        title="SSD detection service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    for module in (detect, health, info, demo):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

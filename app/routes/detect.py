@@ -1,0 +1,151 @@
+"""POST /detect and POST /detect/batch: image bytes in, detections out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Query, Request
+
+from app.batcher import Job
+from app.errors import InvalidImageError, ServiceError, UnsupportedTypeError
+from app.intake import decode_image
+from app.routes.docs import error_responses, image_body
+from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize, ModelRef
+from app.service import Service, ServiceDep
+from app.uploads import form_images, is_multipart, read_body
+from model import Detections
+
+router = APIRouter(tags=["detection"])
+
+ScoreThreshold = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        le=1,
+        description="Keep detections scoring above this (default: SSD_SCORE_THRESHOLD, 0.3).",
+    ),
+]
+MaxDetections = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=1000,
+        description="At most this many detections per image (default: SSD_MAX_DETECTIONS, 100).",
+    ),
+]
+ERRORS = error_responses(400, 413, 415, 422, 500, 503, 504)
+
+
+@router.post("/detect", responses=ERRORS, openapi_extra=image_body("image", many=False))
+async def detect(
+    request: Request,
+    service: ServiceDep,
+    score_threshold: ScoreThreshold = None,
+    max_detections: MaxDetections = None,
+) -> DetectResponse:
+    """Detect objects in one image: multipart field `image`, or the raw body as image/*."""
+    arrived = time.monotonic()
+    service.check_accepting()
+    service.batcher.check_capacity(1)
+    body = await read_body(request, service.settings.max_upload_bytes)
+    images = await form_images(request, body, "image", 1) if is_multipart(request) else [body]
+    [result] = await _detect(service, request, images, arrived, score_threshold, max_detections)
+    return result
+
+
+@router.post("/detect/batch", responses=ERRORS, openapi_extra=image_body("images", many=True))
+async def detect_batch(
+    request: Request,
+    service: ServiceDep,
+    score_threshold: ScoreThreshold = None,
+    max_detections: MaxDetections = None,
+) -> BatchResponse:
+    """Detect objects in several images (multipart fields `images`); results in that order."""
+    arrived = time.monotonic()
+    service.check_accepting()
+    service.batcher.check_capacity(1)
+    body = await read_body(request, service.settings.max_upload_bytes)
+    if not is_multipart(request):
+        raise UnsupportedTypeError("send multipart/form-data with one or more files in `images`")
+    cap = service.settings.max_images_per_request
+    images = await form_images(request, body, "images", cap)
+    results = await _detect(
+        service, request, images, arrived, score_threshold, max_detections, numbered=True
+    )
+    return BatchResponse(results=results)
+
+
+async def _detect(
+    service: Service,
+    request: Request,
+    images: list[bytes],
+    arrived: float,
+    score_threshold: float | None,
+    max_detections: int | None,
+    *,
+    numbered: bool = False,
+) -> list[DetectResponse]:
+    """Decode the images in the thread pool, run them as queued jobs, build the responses."""
+    settings = service.settings
+    threshold = settings.score_threshold if score_threshold is None else score_threshold
+    cap = settings.max_detections if max_detections is None else max_detections
+
+    async def prepare(index: int, data: bytes) -> Job:
+        try:
+            return await anyio.to_thread.run_sync(
+                _prepare, service, data, threshold, cap, limiter=service.decode_slots
+            )
+        except ServiceError as exc:
+            if not numbered:
+                raise
+            raise type(exc)(f"images[{index}]: {exc.message}") from None
+
+    jobs = await asyncio.gather(*(prepare(i, data) for i, data in enumerate(images)))
+    deadline = arrived + settings.request_timeout_s
+    detections = await service.batcher.submit(jobs, deadline, request.is_disconnected)
+    return [
+        _response(result, job.size, service.model)
+        for result, job in zip(detections, jobs, strict=True)
+    ]
+
+
+def _prepare(service: Service, data: bytes, score_threshold: float, max_detections: int) -> Job:
+    """Bytes to a queued job (runs in the thread pool): decode, colour, resize."""
+    start = time.perf_counter()
+    image = decode_image(data, service.settings.max_image_pixels)
+    try:
+        inputs, size = service.detector.prepare(image)
+    except (ValueError, TypeError) as exc:  # the model's word for an image it cannot use
+        raise InvalidImageError(f"cannot use the image: {exc}") from None
+    service.metrics.stage_duration.labels(stage="decode").observe(time.perf_counter() - start)
+    return Job(inputs, size, score_threshold, max_detections)
+
+
+def _response(result: Detections, size: tuple[int, int], model: ModelRef) -> DetectResponse:
+    """Detections (xyxy pixels, sorted by score) as the response body; pixels to 0.01."""
+    detections = [
+        Detection(
+            label=label,
+            class_id=class_id,
+            score=round(score, 4),
+            box=Box(
+                x_min=round(box[0], 2),
+                y_min=round(box[1], 2),
+                x_max=round(box[2], 2),
+                y_max=round(box[3], 2),
+            ),
+        )
+        for box, score, class_id, label in zip(
+            result.boxes.tolist(),
+            result.scores.tolist(),
+            result.class_ids.tolist(),
+            result.labels,
+            strict=True,
+        )
+    ]
+    return DetectResponse(
+        detections=detections, image=ImageSize(width=size[0], height=size[1]), model=model
+    )

@@ -1,0 +1,42 @@
+"""GET /model (what is served) and GET /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.schemas import BatchingInfo, ModelInfo
+from app.service import ServiceDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/model")
+async def model_info(service: ServiceDep) -> ModelInfo:
+    """The model (name, version, classes, input size, device, precision) and batching."""
+    settings, detector = service.settings, service.detector
+    return ModelInfo(
+        name=service.model.name,
+        version=service.model.version,
+        class_names=detector.class_names,
+        input_size=detector.input_size,
+        device=str(detector.device),
+        precision=detector.precision,
+        batching=BatchingInfo(
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
+            max_images_per_request=settings.max_images_per_request,
+        ),
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    body, content_type = service.metrics.exposition()
+    return Response(body, media_type=content_type)

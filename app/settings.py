@@ -1,0 +1,90 @@
+"""Service settings, read from ``SSD_*`` environment variables by pydantic-settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SSD_"
+# The shipped default model (weights/README.md is its model card).
+DEFAULT_WEIGHTS = Path("weights/ssd300_shapes.safetensors")
+
+
+class SettingsError(RuntimeError):
+    """An invalid setting; the message names the environment variable and its value."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field ``name`` is the variable ``SSD_NAME``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint file (safetensors)")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto is bf16/fp16 on a GPU and fp32 on the CPU"
+    )
+    max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
+    max_wait_ms: float = Field(
+        10.0, ge=0, le=10_000, description="longest wait of the oldest request for a batch"
+    )
+    max_queue: int = Field(64, ge=1, le=100_000, description="images waiting; more get 503")
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="deadline of a request, from arrival; then 504"
+    )
+    max_upload_bytes: int = Field(10 * 2**20, ge=1, description="largest request body")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest width x height, read from the image header"
+    )
+    max_images_per_request: int = Field(
+        16, ge=1, le=1000, description="images in one POST /detect/batch"
+    )
+    score_threshold: float = Field(0.3, ge=0, le=1, description="default score_threshold")
+    max_detections: int = Field(100, ge=1, le=1000, description="default max_detections")
+    drain_s: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="after SIGTERM, seconds /readyz answers 503 before the server stops "
+        "accepting connections (set it to the load balancer's probe period)",
+    )
+
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> Settings:
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"SSD_MAX_IMAGES_PER_REQUEST={self.max_images_per_request} is larger than "
+                f"SSD_MAX_QUEUE={self.max_queue}, so such a request could never be queued"
+            )
+        return self
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line per invalid field, each naming its ``SSD_*`` variable and the value given."""
+    lines = []
+    for item in error.errors():
+        if item["loc"]:
+            name = ENV_PREFIX + str(item["loc"][0]).upper()
+            lines.append(f"invalid setting {name}={item['input']!r}: {item['msg']}")
+        else:  # a model-level check; its message names the variables itself
+            lines.append(f"invalid settings: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment (``cache_clear()`` to re-read).
+
+    Raises:
+        SettingsError: a variable is invalid; the message names it.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_error(exc)) from None

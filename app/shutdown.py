@@ -1,0 +1,55 @@
+"""Graceful shutdown on SIGTERM: stop being ready first, then let the server drain.
+
+Uvicorn already stops accepting connections on SIGTERM, finishes the requests in flight and
+then runs the lifespan shutdown (which empties the batch queue). This adds the step before:
+``/readyz`` answers 503 for ``drain_s`` seconds, so a load balancer stops sending new work
+before the listening socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+
+def install_drain_handler(
+    on_drain: Callable[[], None], drain_s: float, loop: asyncio.AbstractEventLoop
+) -> Callable[[], None]:
+    """Wrap the server's SIGTERM handler: call ``on_drain`` at once, the server's handler
+    ``drain_s`` seconds later (at once on a second SIGTERM). Returns an undo function.
+
+    Does nothing (returns a no-op) when no Python handler is installed for SIGTERM, as under
+    an in-process test client, or when not on the main thread.
+    """
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        return lambda: None
+    if not callable(previous):
+        return lambda: None
+    server_handler: Callable[[int, FrameType | None], object] = previous
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if getattr(on_sigterm, "fired", False):  # a second SIGTERM: no more waiting
+            server_handler(signum, frame)
+            return
+        on_sigterm.fired = True  # type: ignore[attr-defined]
+        on_drain()
+        log.info("SIGTERM: draining, stopping in %.3g s", drain_s)
+        loop.call_soon_threadsafe(loop.call_later, drain_s, server_handler, signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread
+        return lambda: None
+
+    def undo() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, server_handler)
+
+    return undo

@@ -1,0 +1,196 @@
+"""The HTTP service under N concurrent clients against the bare model, in the same run.
+
+Starts ``uvicorn app.main:app`` on 127.0.0.1, has ``--clients`` clients post ``--requests``
+images in all (each client one request at a time), and reads the mean batch size from
+/metrics. Then, with the server stopped, runs ``Detector.predict`` on batches of the same
+sizes (the mean batch size and the maximum) from the same encoded images. Prints images/s,
+latency percentiles and the service / bare-model ratio; never fails on a time.
+
+    .venv/bin/python -m bench.service [--clients 32] [--requests 256] [--weights PATH]
+
+Without ``--weights`` it uses the shipped model, or a small random one when that is absent
+(the ratio still means something: both sides run the same network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image, ImageDraw
+
+from bench.timing import median_seconds
+from model import Detector, ssd300_vgg16
+from model.checkpoint import save_checkpoint
+
+SHIPPED = Path("weights/ssd300_shapes.safetensors")
+CLASS_NAMES = ["circle", "square", "triangle", "star", "cross", "bar"]
+IMAGE_COUNT = 16  # distinct images cycled through by the clients
+
+
+def _images() -> list[bytes]:
+    """JPEGs of 480x360 scenes, a circle and a square at varying places."""
+    images = []
+    for i in range(IMAGE_COUNT):
+        image = Image.new("RGB", (480, 360), (230, 232, 225))
+        draw = ImageDraw.Draw(image)
+        x = 20 + 12 * i
+        draw.ellipse((x, 40, x + 150, 190), fill=(210, 40, 40))
+        draw.rectangle((300 - 5 * i, 150, 440 - 5 * i, 290), fill=(40, 70, 200))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def _start(weights: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
+    env.update(
+        SSD_WEIGHTS=str(weights),
+        SSD_DEVICE="cpu",
+        SSD_MAX_BATCH_SIZE=str(args.max_batch_size),
+        SSD_MAX_WAIT_MS=str(args.max_wait_ms),
+        SSD_MAX_QUEUE=str(max(64, 2 * args.clients)),
+        SSD_REQUEST_TIMEOUT_S="300",
+        OMP_NUM_THREADS=str(args.threads),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    process = subprocess.Popen(command, env=env)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not become ready")
+
+
+async def _load(url: str, images: list[bytes], clients: int, total: int) -> tuple[float, list]:
+    """Elapsed seconds and per-request latencies for ``total`` requests by ``clients``."""
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for i in counter:
+            start = time.perf_counter()
+            response = await http.post(
+                "/detect", content=images[i % len(images)], headers={"Content-Type": "image/jpeg"}
+            )
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        await http.post("/detect", content=images[0], headers={"Content-Type": "image/jpeg"})
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return time.perf_counter() - start, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = args.weights or (SHIPPED if SHIPPED.is_file() else None)
+        if weights is None:
+            weights = Path(tmp) / "random.safetensors"
+            network = ssd300_vgg16(7, width=0.25, batch_norm=True, preset="coco").eval()
+            save_checkpoint(weights, network, CLASS_NAMES)
+            print(f"{SHIPPED} not found: using a random SSD300 of width 0.25")
+        images = _images()
+
+        port = _free_port()
+        server = _start(weights, port, args)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            before = httpx.get(url + "/metrics").text
+            elapsed, latencies = asyncio.run(_load(url, images, args.clients, args.requests))
+            after = httpx.get(url + "/metrics").text
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+        batches = _metric(after, "ssd_batch_size_count") - _metric(before, "ssd_batch_size_count")
+        batched = _metric(after, "ssd_batch_size_sum") - _metric(before, "ssd_batch_size_sum")
+        mean_batch = batched / batches if batches else float("nan")
+        service_rate = args.requests / elapsed
+
+        torch.set_num_threads(args.threads)
+        detector = Detector.load(weights, device="cpu")
+        bare = {}
+        for size in sorted({max(1, round(mean_batch)), args.max_batch_size}):
+            batch = images[:size] if size <= len(images) else (images * size)[:size]
+
+            def run(batch: list[bytes] = batch) -> None:
+                detector.predict([Image.open(io.BytesIO(data)) for data in batch])
+
+            bare[size] = size / median_seconds(run, repeats=args.repeats, warmup=1)
+
+    cuts = statistics.quantiles(latencies, n=100)
+    print(
+        f"model {weights}, {args.threads} torch threads, batches of at most "
+        f"{args.max_batch_size} within {args.max_wait_ms} ms"
+    )
+    print(f"service, {args.clients} clients, {args.requests} requests:")
+    print(
+        f"  {service_rate:7.1f} images/s   latency p50 {cuts[49] * 1000:.0f} ms, "
+        f"p95 {cuts[94] * 1000:.0f} ms, p99 {cuts[98] * 1000:.0f} ms"
+    )
+    print(f"  mean batch size {mean_batch:.2f} ({batches:.0f} batches, from /metrics)")
+    print("bare model (Detector.predict, decode included, no HTTP):")
+    for size, rate in bare.items():
+        ratio = service_rate / rate
+        print(f"  batch {size:3d}  {rate:7.1f} images/s   service / bare {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

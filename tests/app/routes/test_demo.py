@@ -1,0 +1,106 @@
+"""GET /: the demo page, driven in headless Chromium (Debian's) through Playwright."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.app.support import Server, encode, shapes_image
+
+CHROMIUM = "/usr/bin/chromium"
+# No sandbox (CI runs as root), and nothing that reaches out to the network on its own.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_page_is_self_contained_html(server: Server) -> None:
+    response = httpx.get(server.url + "/", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert '<input id="file" type="file"' in page and 'type="range"' in page
+    assert "<script src=" not in page and "http://" not in page and "https://" not in page
+
+
+def _playwright():
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
+        pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    return sync_api.sync_playwright
+
+
+def test_upload_draws_boxes(server: Server, tmp_path: Path) -> None:
+    sync_playwright = _playwright()
+    image = tmp_path / "shapes.png"
+    image.write_bytes(encode(shapes_image(), "PNG"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(server.url + "/")
+            canvas = page.locator("#stage")
+            assert canvas.get_attribute("data-state") == "empty"
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#stage[data-state=drawn]", timeout=30_000)
+            assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("480", "360")
+
+            # Random weights: move the slider to 0 so every fetched detection is drawn.
+            page.locator("#threshold").fill("0")
+            drawn = int(canvas.get_attribute("data-drawn"))
+            items = page.locator("#detections li.detection")
+            assert drawn > 0
+            assert items.count() == drawn
+            labels = {items.nth(i).get_attribute("data-label") for i in range(drawn)}
+            assert labels <= {"circle", "square", "triangle", "star", "cross", "bar"}
+            # Boxes are really on the canvas: some pixels differ from the uploaded image.
+            painted = page.evaluate(
+                """() => {
+                    const c = document.getElementById('stage');
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let coloured = 0;
+                    for (let i = 0; i < d.length; i += 4) {
+                        if (d[i] > 200 && d[i + 1] > 200 && d[i + 2] > 200) continue;
+                        coloured++;
+                    }
+                    return coloured;
+                }"""
+            )
+            assert painted > 0
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+            # A higher threshold hides boxes without a new request.
+            page.locator("#threshold").fill("1")
+            assert canvas.get_attribute("data-drawn") == "0"
+            assert items.count() == 0
+            assert (tmp_path / "demo.png").stat().st_size > 0
+        finally:
+            browser.close()
+
+
+def test_error_is_shown(server: Server, tmp_path: Path) -> None:
+    sync_playwright = _playwright()
+    gif = tmp_path / "anim.gif"
+    gif.write_bytes(encode(shapes_image(), "GIF"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.set_input_files("#file", str(gif))
+            page.wait_for_selector("#stage[data-state=error]", state="attached", timeout=30_000)
+            assert "unsupported_type" in page.locator("#status").inner_text()
+        finally:
+            browser.close()

@@ -1,0 +1,183 @@
+"""POST /detect and /detect/batch: response schema, real detections, EXIF frames, batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageOps
+
+from tests.app.support import (
+    CIRCLE_BOX,
+    CLASS_NAMES,
+    SHAPES_SIZE,
+    SQUARE_BOX,
+    Server,
+    box_tuple,
+    encode,
+    iou,
+    shapes_image,
+)
+
+PHOTOS_PER_DATASET = 3
+
+
+def _photos(raccoon: Path, coco128: Path) -> list[Path]:
+    raccoons = sorted((raccoon / "JPEGImages").glob("*.jpg"))[:PHOTOS_PER_DATASET]
+    cocos = sorted((coco128 / "images").rglob("*.jpg"))[:PHOTOS_PER_DATASET]
+    return raccoons + cocos
+
+
+def _check_schema(body: dict, width: int, height: int, max_detections: int) -> None:
+    assert set(body) == {"detections", "image", "model"}
+    assert body["image"] == {"width": width, "height": height}
+    assert set(body["model"]) == {"name", "version"}
+    assert len(body["model"]["version"]) == 12
+    detections = body["detections"]
+    assert len(detections) <= max_detections
+    scores = [d["score"] for d in detections]
+    assert scores == sorted(scores, reverse=True)
+    for d in detections:
+        assert set(d) == {"label", "class_id", "score", "box"}
+        assert d["label"] == CLASS_NAMES[d["class_id"] - 1]
+        assert 0.0 <= d["score"] <= 1.0
+        x_min, y_min, x_max, y_max = box_tuple(d)
+        assert 0.0 <= x_min <= x_max <= width
+        assert 0.0 <= y_min <= y_max <= height
+
+
+def test_response_schema_on_real_photos(server: Server, raccoon: Path, coco128: Path) -> None:
+    for path in _photos(raccoon, coco128):
+        with Image.open(path) as image:
+            width, height = ImageOps.exif_transpose(image).size
+        data = path.read_bytes()
+        response = httpx.post(
+            server.url + "/detect?score_threshold=0.05&max_detections=20",
+            files={"image": (path.name, data, "image/jpeg")},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        _check_schema(response.json(), width, height, max_detections=20)
+
+
+def test_raw_body_and_multipart_give_the_same_answer(server: Server) -> None:
+    data = encode(shapes_image(), "PNG")
+    query = "?score_threshold=0.01&max_detections=7"
+    raw = httpx.post(
+        server.url + "/detect" + query,
+        content=data,
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
+    form = httpx.post(server.url + "/detect" + query, files={"image": ("s.png", data)}, timeout=30)
+    assert raw.status_code == form.status_code == 200
+    assert raw.json() == form.json()
+    assert len(raw.json()["detections"]) == 7  # random weights: many low-scoring boxes
+
+
+def test_batch_answers_in_upload_order(server: Server) -> None:
+    sizes = [(320, 240), (200, 410), (500, 300)]
+    files = [
+        ("images", (f"{i}.png", encode(shapes_image(size), "PNG"), "image/png"))
+        for i, size in enumerate(sizes)
+    ]
+    response = httpx.post(server.url + "/detect/batch?max_detections=3", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [(r["image"]["width"], r["image"]["height"]) for r in results] == sizes
+    for result, (width, height) in zip(results, sizes, strict=True):
+        _check_schema(result, width, height, max_detections=3)
+
+
+def test_batch_states_its_cap(server: Server) -> None:
+    png = encode(shapes_image((64, 64)), "PNG")
+    files = [("images", (f"{i}.png", png, "image/png")) for i in range(17)]  # cap: 16
+    response = httpx.post(server.url + "/detect/batch", files=files, timeout=60)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "bad_request"
+    assert "16" in response.json()["error"]["message"]
+
+
+def test_batch_names_the_bad_image(server: Server) -> None:
+    files = [
+        ("images", ("ok.png", encode(shapes_image(), "PNG"), "image/png")),
+        ("images", ("bad.gif", encode(shapes_image(), "GIF"), "image/gif")),
+    ]
+    response = httpx.post(server.url + "/detect/batch", files=files, timeout=60)
+    assert response.status_code == 415
+    assert response.json()["error"]["message"].startswith("images[1]: ")
+
+
+def test_batch_needs_multipart(server: Server) -> None:
+    response = httpx.post(
+        server.url + "/detect/batch",
+        content=encode(shapes_image(), "PNG"),
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
+    assert response.status_code == 415
+
+
+def _exif_rotated_jpeg(displayed: Image.Image, orientation: int) -> bytes:
+    """A JPEG whose stored pixels, once its EXIF orientation is applied, show ``displayed``."""
+    # Orientation 6 is displayed by rotating 90 degrees clockwise, 8 counter-clockwise, so the
+    # stored pixels are the displayed ones turned the other way.
+    turn = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(displayed.transpose(turn), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_rotated_jpeg_is_answered_in_the_displayed_frame(
+    server: Server, orientation: int
+) -> None:
+    data = _exif_rotated_jpeg(shapes_image(), orientation)
+    with Image.open(io.BytesIO(data)) as stored:
+        assert stored.size == SHAPES_SIZE[::-1]  # stored portrait, displayed landscape
+    response = httpx.post(
+        server.url + "/detect?score_threshold=0.01",
+        content=data,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    width, height = SHAPES_SIZE
+    _check_schema(response.json(), width, height, max_detections=100)
+
+
+def _best(detections: list[dict], label: str, box: tuple[float, ...]) -> float:
+    return max((iou(box_tuple(d), box) for d in detections if d["label"] == label), default=0.0)
+
+
+def test_shapes_are_found_with_the_right_labels_and_boxes(trained_server: Server) -> None:
+    response = httpx.post(
+        trained_server.url + "/detect",
+        content=encode(shapes_image(), "PNG"),
+        headers={"Content-Type": "image/png"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    detections = response.json()["detections"]
+    assert _best(detections, "circle", CIRCLE_BOX) >= 0.5, detections
+    assert _best(detections, "square", SQUARE_BOX) >= 0.5, detections
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_rotated_boxes_are_in_the_rotated_frame(
+    trained_server: Server, orientation: int
+) -> None:
+    data = _exif_rotated_jpeg(shapes_image(), orientation)
+    response = httpx.post(
+        trained_server.url + "/detect",
+        content=data,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    detections = response.json()["detections"]
+    assert _best(detections, "circle", CIRCLE_BOX) >= 0.5, detections
+    assert _best(detections, "square", SQUARE_BOX) >= 0.5, detections

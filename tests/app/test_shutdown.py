@@ -1,0 +1,67 @@
+"""SIGTERM: /readyz turns 503 at once, new work is refused, the request in flight finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.app.support import Server, encode, metric, shapes_image
+
+PNG = encode(shapes_image((320, 240)), "PNG")
+
+
+def test_sigterm_drains(tiny_weights: Path, tmp_path: Path) -> None:
+    # The request waits 2.5 s for its batch; SIGTERM comes while it waits, and the server
+    # stops listening 1 s after it (SSD_DRAIN_S), so the request is still in flight then.
+    env = {
+        "SSD_WEIGHTS": str(tiny_weights),
+        "SSD_DEVICE": "cpu",
+        "SSD_MAX_WAIT_MS": "2500",
+        "SSD_DRAIN_S": "1",
+    }
+    server = Server(env, tmp_path / "uvicorn.log").wait_ready()
+    try:
+
+        async def scenario() -> dict[str, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                in_flight = asyncio.create_task(
+                    client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+                )
+                end = time.monotonic() + 10
+                while metric(server.metrics(), "ssd_queue_depth") != 1:
+                    assert time.monotonic() < end
+                    await asyncio.sleep(0.05)
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                async with httpx.AsyncClient(base_url=server.url, timeout=10) as fresh:
+                    ready = await fresh.get("/readyz")
+                    health = await fresh.get("/healthz")
+                    refused = await fresh.post(
+                        "/detect", content=PNG, headers={"Content-Type": "image/png"}
+                    )
+                return {
+                    "ready": ready,
+                    "health": health,
+                    "refused": refused,
+                    "in_flight": await in_flight,
+                }
+
+        answers = asyncio.run(scenario())
+        assert answers["ready"].status_code == 503
+        assert answers["ready"].json()["error"]["code"] == "draining"
+        assert "Retry-After" in answers["ready"].headers
+        assert answers["health"].status_code == 200  # alive, just not taking work
+        assert answers["refused"].status_code == 503
+        assert answers["refused"].json()["error"]["code"] == "draining"
+        in_flight = answers["in_flight"]
+        assert in_flight.status_code == 200, in_flight.text
+        assert in_flight.json()["image"] == {"width": 320, "height": 240}
+        # uvicorn re-raises the captured SIGTERM after a clean shutdown.
+        assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
