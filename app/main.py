@@ -18,7 +18,7 @@ from app.batcher import Batcher
 from app.errors import install_error_handlers
 from app.metrics import Metrics, MetricsMiddleware
 from app.routes import demo, detect, health, info
-from app.service import Service, decode_slots, model_ref, resolve_precision
+from app.service import Service, decode_slots, model_ref
 from app.settings import Settings, SettingsError, get_settings
 from app.shutdown import install_drain_handler
 from model import Detector
@@ -47,9 +47,8 @@ def load_detector(settings: Settings) -> Detector:
         raise SettingsError(f"{weights}: {exc}") from None
     except ValueError as exc:
         raise SettingsError(f"invalid setting SSD_DEVICE={settings.device!r}: {exc}") from None
-    precision = resolve_precision(settings.precision, device)
     try:
-        return Detector.load(settings.weights, device=device, precision=precision)
+        return Detector.load(settings.weights, device=device, precision=settings.precision)
     except CheckpointError as exc:
         raise SettingsError(f"{weights}: {exc}") from None
 

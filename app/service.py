@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-import torch
 from fastapi import Depends, Request
 
 from app.batcher import Batcher
@@ -58,16 +57,6 @@ def model_ref(weights: Path) -> ModelRef:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return ModelRef(name=weights.stem, version=digest.hexdigest()[:VERSION_DIGITS])
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a GPU that has it, else fp16 on a GPU; fp32 on the CPU (bf16 only
-    pays off on CPUs with AVX-512 BF16, so it is opt-in there)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
 
 
 def get_service(request: Request) -> Service:

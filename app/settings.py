@@ -28,7 +28,8 @@ class Settings(BaseSettings):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto is bf16/fp16 on a GPU and fp32 on the CPU"
+        "auto",
+        description="auto: bf16 (else fp16) on a GPU; on the CPU bf16 if it has AVX-512 BF16",
     )
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
     max_wait_ms: float = Field(

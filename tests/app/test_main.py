@@ -14,6 +14,7 @@ import torch
 
 from app.main import create_app
 from app.settings import Settings, SettingsError
+from model.detector import cpu_has_fast_bf16
 from tests.app.support import REPO, Server, encode, free_port, in_process, shapes_image
 
 
@@ -94,7 +95,8 @@ def test_model_endpoint(server: Server) -> None:
     assert len(body["version"]) == 12
     assert body["class_names"] == ["circle", "square", "triangle", "star", "cross", "bar"]
     assert body["input_size"] == 300
-    assert (body["device"], body["precision"]) == ("cpu", "fp32")
+    # SSD_PRECISION=auto: bf16 on CPUs that do bf16 natively, else fp32
+    assert (body["device"], body["precision"]) == ("cpu", "bf16" if cpu_has_fast_bf16() else "fp32")
     assert body["batching"] == {
         "max_batch_size": 8,
         "max_wait_ms": 30.0,

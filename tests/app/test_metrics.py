@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from app.metrics import batch_size_buckets
+from model.detector import cpu_has_fast_bf16
 from tests.app.support import Server, encode, free_port, metric, shapes_image
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -63,7 +64,8 @@ def test_exposition_has_the_fixed_names(server: Server) -> None:
         "disconnected",
     ):
         assert f'ssd_rejected_total{{reason="{reason}"}}' in text
-    assert metric(text, "ssd_model_info", name="tiny", device="cpu", precision="fp32") == 1
+    precision = "bf16" if cpu_has_fast_bf16() else "fp32"  # SSD_PRECISION=auto
+    assert metric(text, "ssd_model_info", name="tiny", device="cpu", precision=precision) == 1
     assert "process_cpu_seconds_total" in text  # the client library's process metrics
     assert "python_gc_objects_collected_total" in text
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
+from model.detector import cpu_has_fast_bf16, resolve_precision
 
 NAMES = ["circle", "square"]
 SHRINK = 0.1
@@ -140,3 +141,11 @@ def test_prepare_forward_decode_equals_predict():
     staged = detector.decode(loc, conf, [size])[0]
     direct = detector.predict([image])[0]
     assert torch.equal(staged.boxes, direct.boxes) and staged.labels == direct.labels
+
+
+def test_auto_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp16", cpu) == "fp16"
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    detector = Detector(_known_network(), NAMES, precision="auto")
+    assert detector.precision in ("bf16", "fp32")
