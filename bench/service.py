@@ -72,6 +72,7 @@ def _start(weights: Path, port: int, args: argparse.Namespace) -> subprocess.Pop
     env.update(
         SSD_WEIGHTS=str(weights),
         SSD_DEVICE="cpu",
+        SSD_PRECISION=args.precision,
         SSD_MAX_BATCH_SIZE=str(args.max_batch_size),
         SSD_MAX_WAIT_MS=str(args.max_wait_ms),
         SSD_MAX_QUEUE=str(max(64, 2 * args.clients)),
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--precision", default="auto", help="for both sides: auto, fp32, bf16 or fp16"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
@@ -165,7 +169,7 @@ def main() -> None:
         service_rate = args.requests / elapsed
 
         torch.set_num_threads(args.threads)
-        detector = Detector.load(weights, device="cpu")
+        detector = Detector.load(weights, device="cpu", precision=args.precision)
         bare = {}
         for size in sorted({max(1, round(mean_batch)), args.max_batch_size}):
             batch = images[:size] if size <= len(images) else (images * size)[:size]
@@ -177,7 +181,7 @@ def main() -> None:
 
     cuts = statistics.quantiles(latencies, n=100)
     print(
-        f"model {weights}, {args.threads} torch threads, batches of at most "
+        f"model {weights} ({detector.precision}), {args.threads} torch threads, batches of at most "
         f"{args.max_batch_size} within {args.max_wait_ms} ms"
     )
     print(f"service, {args.clients} clients, {args.requests} requests:")
