@@ -35,6 +35,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def uvicorn_command(port: int) -> list[str]:
+    """The command that serves ``app.main:app`` with one worker on 127.0.0.1:``port``."""
+    return [
+        sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+        "--port", str(port), "--workers", "1", "--log-level", "warning",
+    ]  # fmt: skip
+
+
 class Server:
     """``uvicorn app.main:app`` in a subprocess on 127.0.0.1, one torch thread, given SSD_* env.
 
@@ -53,20 +61,7 @@ class Server:
         }
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-            ],
+            uvicorn_command(self.port),
             cwd=REPO,
             env=full_env,
             stdout=self._log,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,23 +14,22 @@ import torch
 from app.main import create_app
 from app.settings import Settings, SettingsError
 from model.detector import cpu_has_fast_bf16
-from tests.app.support import REPO, Server, encode, free_port, in_process, shapes_image
+from tests.app.support import (
+    REPO,
+    Server,
+    encode,
+    free_port,
+    in_process,
+    shapes_image,
+    uvicorn_command,
+)
 
 
 def test_invalid_setting_stops_uvicorn_naming_the_variable() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
     env.update(SSD_MAX_BATCH_SIZE="many", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-        ],
+        uvicorn_command(free_port()),
         cwd=REPO,
         env=env,
         capture_output=True,
