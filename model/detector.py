@@ -94,7 +94,7 @@ class Detector:
         if self.device.type == "cpu":
             # oneDNN's convolutions are markedly faster on NHWC tensors on the CPU.
             self.network = self.network.to(memory_format=torch.channels_last)
-        self._default_boxes = network.default_boxes.to(self.device)
+        self._default_boxes: Tensor = network.get_buffer("default_boxes").to(self.device)
 
     @classmethod
     def load(

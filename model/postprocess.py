@@ -105,9 +105,9 @@ def postprocess(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(kept.numel(), device=device) - starts[kept_image]
     kept = kept[rank < max_detections]
-    counts = counts.clamp(max=max_detections).tolist()
+    per_image = counts.clamp(max=max_detections).tolist()
 
     results = []
-    for idx in kept.split(counts):
+    for idx in kept.split(per_image):
         results.append((boxes[idx], cand_scores[idx], class_idx[idx] + 1))
     return results
