@@ -161,3 +161,32 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         normalization=meta["normalization"],
         recipe=meta["recipe"],
     )
+
+
+def load_matching_weights(network: SSD, path: str | os.PathLike[str]) -> tuple[int, list[str]]:
+    """Copy into ``network`` each module of checkpoint ``path`` whose tensors all fit it.
+
+    For fine-tuning from a checkpoint of a related architecture: another default-box preset
+    (the same heads, new priors), other classes (new class heads) or another input size. The
+    rest of ``network`` keeps its fresh initialisation. A tensor fits when the network has
+    one of the same name and shape. Returns the number of tensors copied
+    and the names of ``network``'s tensors that were not; raises ``CheckpointError`` naming
+    the file when no weight (parameter) fits.
+    """
+    source = load_checkpoint(path).network.state_dict()
+    target = network.state_dict()
+    # A module's tensors go together: a conv whose weight does not fit keeps its own bias too.
+    misfit = {
+        _module_of(name)
+        for name, tensor in target.items()
+        if name not in source or source[name].shape != tensor.shape
+    }
+    fitting = {name: source[name] for name in target if _module_of(name) not in misfit}
+    if not any(name in fitting for name, _ in network.named_parameters()):
+        raise CheckpointError(f"{path}: no weight fits the network being trained")
+    network.load_state_dict(fitting, strict=False)
+    return len(fitting), sorted(set(target) - set(fitting))
+
+
+def _module_of(name: str) -> str:
+    return name.rpartition(".")[0]

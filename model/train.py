@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.augmentation import EvalTransform, TrainTransform, ZoomOut
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_matching_weights, save_checkpoint
 from model.datasets import load_dataset
+from model.default_boxes import PRESETS
 from model.detector import PRECISIONS, Detector, resolve_device
 from model.evaluate import EvaluationReport, predict_dataset, score
 from model.imagenet import load_vgg16_backbone
@@ -68,10 +69,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--val-data", help="validation data (default: the held-out part of --data)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
     p.add_argument("--size", type=int, default=300, choices=[300, 512])
-    p.add_argument("--preset", default="voc", choices=["voc", "coco"])
+    p.add_argument(
+        "--preset", default="voc", choices=PRESETS, help="default-box tiling (model.default_boxes)"
+    )
     p.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
-    p.add_argument("--backbone-weights", type=Path, help="torchvision VGG16(-BN) state dict")
+    backbone = p.add_mutually_exclusive_group()
+    backbone.add_argument("--backbone-weights", type=Path, help="torchvision VGG16(-BN) state dict")
+    backbone.add_argument(
+        "--init",
+        type=Path,
+        help="start from this checkpoint's weights where names and shapes fit (fine-tuning)",
+    )
     p.add_argument("--classes", help="comma-separated class names (default: from the data)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--ignore-difficult", action="store_true", help="drop VOC difficult objects")
@@ -167,6 +176,16 @@ class Trainer:
         )
         if args.backbone_weights:
             load_vgg16_backbone(self.network, args.backbone_weights)
+        if args.init:
+            copied, fresh = load_matching_weights(self.network, args.init)
+            if self.main:
+                logger.info(
+                    "initialised %d tensors from %s; %d start fresh%s",
+                    copied,
+                    args.init,
+                    len(fresh),
+                    f" ({', '.join(fresh)})" if fresh else "",
+                )
         self.network.to(self.device)
         if self.device.type == "cpu":
             self.network.to(memory_format=torch.channels_last)

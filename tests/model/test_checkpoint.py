@@ -8,6 +8,7 @@ from model import ssd300_vgg16
 from model.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    load_matching_weights,
     read_metadata,
     save_checkpoint,
     strip_wrapper_prefixes,
@@ -111,3 +112,29 @@ def test_damaged_metadata_names_the_file(tmp_path, network):
     )
     with pytest.raises(CheckpointError, match=r"meta\.safetensors"):
         load_checkpoint(path)
+
+
+def test_matching_weights_fill_a_related_network(tmp_path, network):
+    path = tmp_path / "coco.safetensors"
+    save_checkpoint(path, network, NAMES)
+    # Another tiling and one more class: the same backbone and box heads, new class heads.
+    torch.manual_seed(1)
+    target = ssd300_vgg16(4, batch_norm=True, width=0.125, preset="fine")
+    fresh_before = {k: v.clone() for k, v in target.state_dict().items()}
+    copied, fresh = load_matching_weights(target, path)
+    source, after = network.state_dict(), target.state_dict()
+    assert fresh == [f"conf_heads.{k}.{p}" for k in range(6) for p in ("bias", "weight")]
+    assert copied == len(after) - len(fresh)
+    for name, tensor in after.items():
+        expected = fresh_before[name] if name in fresh else source[name]
+        assert torch.equal(tensor, expected), name
+    # The priors are the target's own: "fine" puts conv4_3's boxes at 4 %, not 7 %.
+    assert target.default_boxes[0, 2].item() == pytest.approx(0.04)
+
+
+def test_matching_weights_refuse_a_checkpoint_with_nothing_in_common(tmp_path, network):
+    path = tmp_path / "narrow.safetensors"
+    save_checkpoint(path, network, NAMES)
+    wider = ssd300_vgg16(3, batch_norm=True, width=0.25, preset="coco")
+    with pytest.raises(CheckpointError, match=r"narrow\.safetensors: no weight fits"):
+        load_matching_weights(wider, path)

@@ -59,6 +59,12 @@ def test_preset_sizes_match_the_authors_scripts():
     coco512 = preset_spec(512, "coco")
     assert coco512.min_sizes == pytest.approx((20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8))
     assert coco512.max_sizes == pytest.approx((51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72))
+    # "fine": the COCO SSD512 percentages (4 % / 10 %, then 10 % to 90 %) on SSD300.
+    fine = preset_spec(300, "fine")
+    assert fine.min_sizes == pytest.approx((12, 30, 90, 150, 210, 270))
+    assert fine.max_sizes == pytest.approx((30, 90, 150, 210, 270, 330))
+    assert preset_spec(512, "fine") == coco512
+    assert fine.boxes_per_location == coco.boxes_per_location
     assert voc.steps == (8, 16, 32, 64, 100, 300)
     assert voc.boxes_per_location == [4, 6, 6, 6, 4, 4]
     assert voc512.boxes_per_location == [4, 6, 6, 6, 6, 4, 4]

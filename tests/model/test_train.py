@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model import Detector
-from model.checkpoint import load_checkpoint
+from model import Detector, ssd300_vgg16
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.evaluate import evaluate
-from model.synthetic import SyntheticShapes
+from model.synthetic import CLASS_NAMES, SyntheticShapes
 from model.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +124,30 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     b = load_checkpoint(split).network.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_init_fine_tunes_from_a_checkpoint_of_another_tiling(tmp_path, caplog):
+    # A "coco" checkpoint, then one step at learning rate 0 on the "fine" tiling: every weight
+    # must come out as it went in, and the new checkpoint must carry the new priors. Seed 1,
+    # as the trainer's own initialisation uses --seed 0.
+    torch.manual_seed(1)
+    source = tmp_path / "coco.safetensors"
+    save_checkpoint(
+        source, ssd300_vgg16(7, batch_norm=True, width=0.125, preset="coco"), CLASS_NAMES
+    )
+    out = tmp_path / "fine.safetensors"
+    args = ["--data", "synthetic:4", "--out", str(out), "--steps", "1", "--batch-size", "2"]
+    with caplog.at_level("INFO", logger="model.train"):
+        code = main([*args, "--lr", "0", "--eval-every", "0", "--preset", "fine", *TINY,
+                     "--init", str(source)])  # fmt: skip
+    assert code == 0
+    assert f"initialised 163 tensors from {source}; 0 start fresh" in caplog.text
+    tuned, original = load_checkpoint(out).network, load_checkpoint(source).network
+    assert tuned.architecture.preset == "fine"
+    weights = dict(original.named_parameters())
+    for name, weight in tuned.named_parameters():
+        assert torch.equal(weight, weights[name]), name
+    assert not torch.equal(tuned.default_boxes, original.default_boxes)
 
 
 def test_checkpoints_every_epoch_and_keeps_the_best(tmp_path):
