@@ -169,9 +169,9 @@ def load_matching_weights(network: SSD, path: str | os.PathLike[str]) -> tuple[i
     For fine-tuning from a checkpoint of a related architecture: another default-box preset
     (the same heads, new priors), other classes (new class heads) or another input size. The
     rest of ``network`` keeps its fresh initialisation. A tensor fits when the network has
-    one of the same name and shape. Returns the number of tensors copied
-    and the names of ``network``'s tensors that were not; raises ``CheckpointError`` naming
-    the file when no weight (parameter) fits.
+    one of the same name and shape. Returns the number of tensors copied and the names of
+    ``network``'s tensors that were not; raises ``CheckpointError`` naming the file when no
+    weight (parameter) fits.
     """
     source = load_checkpoint(path).network.state_dict()
     target = network.state_dict()

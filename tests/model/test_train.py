@@ -273,6 +273,10 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         == 2
     )
     assert "junk.state.pt" in capsys.readouterr().err
+    missing = tmp_path / "missing.safetensors"
+    args = ["--data", "synthetic:8", "--out", str(out), "--batch-size", "4", *TINY]
+    assert main([*args, "--init", str(missing)]) == 2
+    assert f"{missing}: no such checkpoint file" in capsys.readouterr().err
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
