@@ -61,6 +61,8 @@ class MultiBoxLoss(nn.Module):
         alpha: weight of the localisation term (paper: 1).
     """
 
+    default_boxes: Tensor  # a buffer: (cx, cy, w, h) relative to the input
+
     def __init__(
         self,
         default_boxes: Tensor,

@@ -41,6 +41,8 @@ class SSD(nn.Module):
     the order of ``default_boxes``.
     """
 
+    default_boxes: Tensor  # a buffer: (cx, cy, w, h) relative to the input
+
     def __init__(
         self,
         stages: nn.ModuleList,
