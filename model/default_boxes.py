@@ -68,13 +68,13 @@ def authors_sizes(
     return min_sizes, max_sizes
 
 
-# (min_ratio, max_ratio, first-map percentages) per (input size, preset), from the authors'
-# ssd_pascal.py, ssd_coco.py, ssd_pascal_512.py and the COCO SSD512 script. "fine" is not a
-# script of theirs: it is their finest tiling, the COCO SSD512 percentages (conv4_3 at 4 %),
-# on either input size. The paper leaves the tiling to the data (section 2.2); on SSD300 it
-# suits data with many objects under 16 px, which the 7 % (21 px) of "coco" cannot match at
-# IoU 0.5.
-_AUTHORS_RATIOS: dict[tuple[int, str], tuple[int, int, tuple[int, int]]] = {
+# (min_ratio, max_ratio, first-map percentages) per (input size, preset). "voc" and "coco"
+# are the authors' ssd_pascal.py, ssd_coco.py, ssd_pascal_512.py and COCO SSD512 scripts.
+# "fine" is not a script of theirs: it is their finest tiling, the COCO SSD512 percentages
+# (conv4_3 at 4 %), on either input size. The paper leaves the tiling to the data (section
+# 2.2); on SSD300 it suits data with many objects under 16 px, which the 7 % (21 px) of
+# "coco" cannot match at IoU 0.5.
+_PRESET_RATIOS: dict[tuple[int, str], tuple[int, int, tuple[int, int]]] = {
     (300, "voc"): (20, 90, (10, 20)),
     (300, "coco"): (15, 90, (7, 15)),
     (300, "fine"): (10, 90, (4, 10)),
@@ -96,12 +96,12 @@ def preset_spec(size: int, preset: str) -> DefaultBoxSpec:
 
     ``preset`` is "voc", "coco" or "fine" (the COCO SSD512 percentages, at either size).
     """
-    if (size, preset) not in _AUTHORS_RATIOS:
+    if (size, preset) not in _PRESET_RATIOS:
         raise ValueError(
             f"no default-box preset for size={size!r}, preset={preset!r}; "
-            f"known: {sorted(_AUTHORS_RATIOS)}"
+            f"known: {sorted(_PRESET_RATIOS)}"
         )
-    min_ratio, max_ratio, first = _AUTHORS_RATIOS[(size, preset)]
+    min_ratio, max_ratio, first = _PRESET_RATIOS[(size, preset)]
     steps = _STEPS[size]
     min_sizes, max_sizes = authors_sizes(size, len(steps), min_ratio, max_ratio, first)
     return DefaultBoxSpec(
