@@ -61,7 +61,9 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             config = settings or get_settings()
-            model = detector or await run_in_threadpool(load_detector, config)
+            model = (
+                detector if detector is not None else await run_in_threadpool(load_detector, config)
+            )
         except SettingsError as exc:
             log.error("cannot start: %s", exc)
             raise

@@ -23,33 +23,33 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    weights: Path = Field(DEFAULT_WEIGHTS, description="checkpoint file (safetensors)")
+    weights: Path = Field(default=DEFAULT_WEIGHTS, description="checkpoint file (safetensors)")
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto",
+        default="auto",
         description="auto: bf16 (else fp16) on a GPU; on the CPU bf16 if it has AVX-512 BF16",
     )
-    max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="images per forward pass")
     max_wait_ms: float = Field(
-        10.0, ge=0, le=10_000, description="longest wait of the oldest request for a batch"
+        default=10.0, ge=0, le=10_000, description="longest wait of the oldest request for a batch"
     )
-    max_queue: int = Field(64, ge=1, le=100_000, description="images waiting; more get 503")
+    max_queue: int = Field(default=64, ge=1, le=100_000, description="images waiting; more get 503")
     request_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="deadline of a request, from arrival; then 504"
+        default=10.0, gt=0, le=3600, description="deadline of a request, from arrival; then 504"
     )
-    max_upload_bytes: int = Field(10 * 2**20, ge=1, description="largest request body")
+    max_upload_bytes: int = Field(default=10 * 2**20, ge=1, description="largest request body")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="largest width x height, read from the image header"
+        default=40_000_000, ge=1, description="largest width x height, read from the image header"
     )
     max_images_per_request: int = Field(
-        16, ge=1, le=1000, description="images in one POST /detect/batch"
+        default=16, ge=1, le=1000, description="images in one POST /detect/batch"
     )
-    score_threshold: float = Field(0.3, ge=0, le=1, description="default score_threshold")
-    max_detections: int = Field(100, ge=1, le=1000, description="default max_detections")
+    score_threshold: float = Field(default=0.3, ge=0, le=1, description="default score_threshold")
+    max_detections: int = Field(default=100, ge=1, le=1000, description="default max_detections")
     drain_s: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=600,
         description="after SIGTERM, seconds /readyz answers 503 before the server stops "

@@ -61,9 +61,10 @@ class CocoDataset(DetectionDataset):
                 continue
             # Sizes come from the JSON (reading 118k headers would be slow); a wrong one is
             # caught and repaired when the image is loaded (size_mismatches).
-            size = (image.get("width"), image.get("height"))
-            if all(isinstance(v, int | float) and v > 0 for v in size):
-                size = (int(size[0]), int(size[1]))
+            declared = (image.get("width"), image.get("height"))
+            size: tuple[int, int] | None
+            if all(isinstance(v, int | float) and v > 0 for v in declared):
+                size = (int(declared[0]), int(declared[1]))
             else:
                 size = image_size(path)
             if size is None:
@@ -77,9 +78,9 @@ class CocoDataset(DetectionDataset):
         for ann in data.get("annotations", []):
             if ann.get("image_id") in by_id and by_id[ann["image_id"]] is None:
                 continue  # its image was already counted as missing or unreadable
-            record = by_id.get(ann.get("image_id"))
+            owner = by_id.get(ann.get("image_id"))
             bbox = ann.get("bbox")
-            if record is None or not _is_xywh(bbox):
+            if owner is None or not _is_xywh(bbox):
                 self._counts["malformed_objects"] += 1
                 continue
             label = self.category_id_to_label.get(ann.get("category_id"))
@@ -89,14 +90,15 @@ class CocoDataset(DetectionDataset):
             x, y, w, h = (float(v) for v in bbox)
             area = ann.get("area")
             area = float(area) if _is_number(area) and math.isfinite(area) else None
+            assert owner.areas is not None and owner.crowd_areas is not None  # set above
             if ann.get("iscrowd", 0):
-                if self._add_box(record, [x, y, x + w, y + h], crowd=True):
-                    record.crowd_labels.append(label)
-                    record.crowd_areas.append(_area_or_box(area, record.crowd_boxes[-1]))
-            elif self._add_box(record, [x, y, x + w, y + h]):
-                record.labels.append(label)
-                record.difficult.append(False)
-                record.areas.append(_area_or_box(area, record.boxes[-1]))
+                if self._add_box(owner, [x, y, x + w, y + h], crowd=True):
+                    owner.crowd_labels.append(label)
+                    owner.crowd_areas.append(_area_or_box(area, owner.crowd_boxes[-1]))
+            elif self._add_box(owner, [x, y, x + w, y + h]):
+                owner.labels.append(label)
+                owner.difficult.append(False)
+                owner.areas.append(_area_or_box(area, owner.boxes[-1]))
         self._finish_index()
 
 

@@ -119,6 +119,7 @@ def load_vgg16_backbone(network: SSD, source: str | os.PathLike[str] | dict[str,
                 dst_norm.bias.copy_(src_norm["bias"])
                 # Our conv has no bias: BN(conv(x) + b) with stats (mu, var) equals
                 # BN(conv(x)) with stats (mu - b, var).
+                assert dst_norm.running_mean is not None and dst_norm.running_var is not None
                 dst_norm.running_mean.copy_(src_norm["running_mean"] - bias)
                 dst_norm.running_var.copy_(src_norm["running_var"])
 

@@ -117,8 +117,8 @@ def _ap_from_hits(scores: list[Tensor], hits: list[Tensor], positives: int) -> t
     all_scores, all_hits = torch.cat(scores), torch.cat(hits)
     # Stable sort: equal scores keep image order, as the devkit's sort does in practice.
     order = torch.sort(all_scores, descending=True, stable=True).indices
-    ranked = all_hits[order]
-    ranked = ranked[ranked >= 0].numpy()  # ignored (difficult) detections drop out
+    ranked_hits = all_hits[order]
+    ranked = ranked_hits[ranked_hits >= 0].numpy()  # ignored (difficult) detections drop out
     tp = np.cumsum(ranked == 1)
     fp = np.cumsum(ranked == 0)
     recall = tp / positives
@@ -141,7 +141,8 @@ def coco_metrics(
     (often much smaller than the box's), which is what COCOeval bins by, so pass it to match.
     All zeros when there are no detections or no ground truth at all.
     """
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, gt in enumerate(ground_truths):
         images.append({"id": image_id, "width": gt["width"], "height": gt["height"]})
         boxes = gt["boxes"].tolist()

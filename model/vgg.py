@@ -68,8 +68,19 @@ class L2Norm(nn.Module):
         return (x32 / norm * self.weight.float()[None, :, None, None]).to(x.dtype)
 
 
-def _conv(in_ch: int, out_ch: int, batch_norm: bool, **kwargs: int) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, bias=not batch_norm, **kwargs)]
+def _conv(
+    in_ch: int,
+    out_ch: int,
+    batch_norm: bool,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation, bias=not batch_norm)
+    ]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_ch))
     layers.append(nn.ReLU(inplace=True))

@@ -5,6 +5,7 @@ Samples follow the contract in ``model.datasets``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -91,10 +92,11 @@ class VocDataset(DetectionDataset):
             if stem not in parsed:
                 self._counts["missing_annotations"] += 1
                 continue
-            if parsed[stem] is None:
+            entry = parsed[stem]
+            if entry is None:
                 self._counts["unreadable_annotations"] += 1
                 continue
-            filename, objects = parsed[stem]
+            filename, objects = entry
             path = images.get(Path(filename).name) or images.get(Path(filename).stem)
             path = path or images.get(stem)
             if path is None:
@@ -176,15 +178,14 @@ def _parse_voc_xml(path: Path) -> tuple[str, list[VocObject]] | None:
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         difficult = (obj.findtext("difficult") or "0").strip() == "1"
-        box: list[float] | None
-        try:
-            bndbox = obj.find("bndbox")
-            xmin, ymin, xmax, ymax = (
-                float(bndbox.findtext(tag, "")) for tag in ("xmin", "ymin", "xmax", "ymax")
-            )
-            box = [xmin - 1.0, ymin - 1.0, xmax, ymax]  # see VocDataset: 1-based to edges
-        except (AttributeError, ValueError):
-            box = None
+        bndbox = obj.find("bndbox")
+        box: list[float] | None = None
+        if bndbox is not None:
+            with contextlib.suppress(ValueError):  # a missing or non-numeric coordinate
+                xmin, ymin, xmax, ymax = (
+                    float(bndbox.findtext(tag, "")) for tag in ("xmin", "ymin", "xmax", "ymax")
+                )
+                box = [xmin - 1.0, ymin - 1.0, xmax, ymax]  # see VocDataset: 1-based to edges
         if not name:
             box = None  # an object without a class name is as malformed as one without a box
         objects.append((name, box, difficult))
