@@ -31,7 +31,7 @@ test: lint
 
 # One uvicorn worker: one copy of the model. See README.md, "Service", for more processes.
 run: install
-	$(PY) -m uvicorn app.main:app --host $(HOST) --port $(PORT) --workers 1
+	$(PY) -m app --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "SSD_"
 # The shipped default model (weights/README.md is its model card).
 DEFAULT_WEIGHTS = Path("weights/ssd300_shapes.safetensors")
+# Uploads still arriving this long before SSD_SHUTDOWN_TIMEOUT_S are cut, which leaves the
+# queue's last batch and the answers to the cut uploads time to go out before the exit.
+UPLOAD_CUT_MARGIN_S = 1.0
 
 
 class SettingsError(RuntimeError):
@@ -55,13 +58,81 @@ class Settings(BaseSettings):
         description="after SIGTERM, seconds /readyz answers 503 before the server stops "
         "accepting connections (set it to the load balancer's probe period)",
     )
+    # Kubernetes gives a pod 30 s from SIGTERM to SIGKILL (terminationGracePeriodSeconds);
+    # 25 s leaves it room to see the exit.
+    shutdown_timeout_s: float = Field(
+        default=25.0,
+        gt=0,
+        le=3600,
+        description="after SIGTERM, the longest the process lives (SSD_DRAIN_S included): "
+        "uploads still arriving 1 s before it are cut, queued work finishes",
+    )
+    # Connection limits, enforced by the server that `python -m app` runs (app/server.py).
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="a request's line and headers must arrive within this of the connection "
+        "opening or of the previous response; then 408 and close",
+    )
+    max_header_bytes: int = Field(
+        default=16_384,  # h11's default max_incomplete_event_size, and nginx's 2 x 8 KiB
+        ge=1024,
+        le=1_048_576,
+        description="largest request line plus headers; more gets 431 and close",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, le=600, description="an idle keep-alive connection closes after this"
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="the whole request body must arrive within this of its headers; then 408",
+    )
+    min_body_rate: int = Field(
+        default=16_384,
+        ge=1,
+        description="bytes per second a body must average (after a 2 s grace); slower gets 408",
+    )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="open connections at once; one more is answered 503 and closed",
+    )
+    # Decoding budget (app/intake.py, app/decoding.py).
+    max_jpeg_scans: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="most scans a JPEG may hold (progressive files from libjpeg have about "
+        "10); more gets 413 before decoding",
+    )
+    decode_pixel_budget: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="pixels decoded and held at once across all requests (at least "
+        "SSD_MAX_IMAGE_PIXELS); requests wait for room",
+    )
 
     @model_validator(mode="after")
-    def _batch_fits_queue(self) -> Settings:
+    def _limits_fit(self) -> Settings:
         if self.max_images_per_request > self.max_queue:
             raise ValueError(
                 f"SSD_MAX_IMAGES_PER_REQUEST={self.max_images_per_request} is larger than "
                 f"SSD_MAX_QUEUE={self.max_queue}, so such a request could never be queued"
+            )
+        if self.decode_pixel_budget < self.max_image_pixels:
+            raise ValueError(
+                f"SSD_DECODE_PIXEL_BUDGET={self.decode_pixel_budget} is smaller than "
+                f"SSD_MAX_IMAGE_PIXELS={self.max_image_pixels}, so the largest image accepted "
+                "could never be decoded"
+            )
+        if self.shutdown_timeout_s < self.drain_s + UPLOAD_CUT_MARGIN_S:
+            raise ValueError(
+                f"SSD_SHUTDOWN_TIMEOUT_S={self.shutdown_timeout_s} leaves no time after "
+                f"SSD_DRAIN_S={self.drain_s}; it must be at least {UPLOAD_CUT_MARGIN_S} s more"
             )
         return self
 

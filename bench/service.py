@@ -1,6 +1,6 @@
 """The HTTP service under N concurrent clients against the bare model, in the same run.
 
-Starts ``uvicorn app.main:app`` on 127.0.0.1, has ``--clients`` clients post ``--requests``
+Starts ``python -m app`` on 127.0.0.1, has ``--clients`` clients post ``--requests``
 images in all (each client one request at a time), and reads the mean batch size from
 /metrics. Then, with the server stopped, runs ``Detector.predict`` on batches of the same
 sizes (the mean batch size and the maximum) from the same encoded images. Prints images/s,
@@ -82,14 +82,11 @@ def _start(weights: Path, port: int, args: argparse.Namespace) -> subprocess.Pop
     command = [
         sys.executable,
         "-m",
-        "uvicorn",
-        "app.main:app",
+        "app",
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        "--workers",
-        "1",
         "--log-level",
         "warning",
     ]

@@ -35,16 +35,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def uvicorn_command(port: int) -> list[str]:
-    """The command that serves ``app.main:app`` with one worker on 127.0.0.1:``port``."""
+def server_command(port: int) -> list[str]:
+    """The command that serves the app as ``make run`` does (``python -m app``), on
+    127.0.0.1:``port``."""
     return [
-        sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", "1", "--log-level", "warning",
+        sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning",
     ]  # fmt: skip
 
 
 class Server:
-    """``uvicorn app.main:app`` in a subprocess on 127.0.0.1, one torch thread, given SSD_* env.
+    """``python -m app`` in a subprocess on 127.0.0.1, one torch thread, given SSD_* env.
 
     Output goes to ``log_path`` (a pipe could fill up and block the server).
     """
@@ -61,7 +62,7 @@ class Server:
         }
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            uvicorn_command(self.port),
+            server_command(self.port),
             cwd=REPO,
             env=full_env,
             stdout=self._log,

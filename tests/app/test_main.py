@@ -20,16 +20,16 @@ from tests.app.support import (
     encode,
     free_port,
     in_process,
+    server_command,
     shapes_image,
-    uvicorn_command,
 )
 
 
-def test_invalid_setting_stops_uvicorn_naming_the_variable() -> None:
+def test_invalid_setting_stops_the_server_naming_the_variable() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
     env.update(SSD_MAX_BATCH_SIZE="many", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        uvicorn_command(free_port()),
+        server_command(free_port()),
         cwd=REPO,
         env=env,
         capture_output=True,
