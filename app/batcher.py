@@ -59,6 +59,7 @@ class _Entry:
     deadline: float  # time.monotonic()
     is_disconnected: DisconnectCheck | None
     future: asyncio.Future[Detections] = field(repr=False)
+    batch_size: int = 0  # images in the forward pass it ran in, once it has run
 
 
 class Batcher:
@@ -92,6 +93,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._pending: deque[_Entry] = deque()
+        self._reserved = 0  # places held by requests still decoding (see ``reserve``)
         self._arrived = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -105,12 +107,26 @@ class Batcher:
         return len(self._pending)
 
     def check_capacity(self, count: int) -> None:
-        """Raise ``OverloadedError`` if ``count`` more images would not fit in the queue now."""
-        if len(self._pending) + count > self.max_queue:
+        """Raise ``OverloadedError`` if ``count`` more images would not fit in the queue now
+        (places reserved by requests still decoding count as taken)."""
+        taken = len(self._pending) + self._reserved
+        if taken + count > self.max_queue:
             raise OverloadedError(
-                f"the queue is full ({len(self._pending)} of {self.max_queue} images waiting); "
-                "retry later"
+                f"the queue is full ({len(self._pending)} of {self.max_queue} images waiting, "
+                f"{self._reserved} more being decoded); retry later"
             )
+
+    def reserve(self, count: int) -> Reservation:
+        """Hold ``count`` places in the queue for images about to be decoded, so a request the
+        queue cannot take is refused before it pays for decoding. ``submit`` takes the places
+        over; leaving the ``with`` block without submitting gives them back.
+
+        Raises:
+            OverloadedError: the places are not free.
+        """
+        self.check_capacity(count)
+        self._reserved += count
+        return Reservation(self, count)
 
     async def start(self) -> None:
         """Start the batching loop (call from the event loop that will submit)."""
@@ -137,6 +153,8 @@ class Batcher:
         jobs: Sequence[Job],
         deadline: float,
         is_disconnected: DisconnectCheck | None = None,
+        reservation: Reservation | None = None,
+        batch_sizes: list[int] | None = None,
     ) -> list[Detections]:
         """Queue ``jobs`` together and wait for their detections, in order.
 
@@ -144,6 +162,9 @@ class Batcher:
             jobs: prepared images; all are queued at once or none is.
             deadline: ``time.monotonic()`` by which the answer must be there.
             is_disconnected: checked before a batch runs; True drops the jobs.
+            reservation: places held for ``jobs`` by ``reserve``; without one, the queue
+                must have room now.
+            batch_sizes: if given, filled with the size of the batch each job ran in.
 
         Raises:
             OverloadedError: the queue has no room for all of ``jobs``.
@@ -151,9 +172,11 @@ class Batcher:
             InferenceFailedError: a batch holding one of the jobs failed.
             ClientDisconnectedError: the client went away before the batch ran.
         """
-        self.check_capacity(len(jobs))
+        if reservation is not None:
+            reservation.release()  # its places become the jobs' own, with no await between
         if self._stopping:
             raise OverloadedError("the server is shutting down")
+        self.check_capacity(len(jobs))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [
@@ -163,7 +186,10 @@ class Batcher:
         self._arrived.set()
         try:
             async with asyncio.timeout(max(0.0, deadline - now)):
-                return list(await asyncio.gather(*(entry.future for entry in entries)))
+                results = list(await asyncio.gather(*(entry.future for entry in entries)))
+            if batch_sizes is not None:
+                batch_sizes.extend(entry.batch_size for entry in entries)
+            return results
         except TimeoutError:
             raise DeadlineExceededError(
                 f"no answer within the request deadline ({deadline - now:.3g} s)"
@@ -201,6 +227,7 @@ class Batcher:
                         )
                 continue
             for entry, result in zip(batch, results, strict=True):
+                entry.batch_size = len(batch)
                 if not entry.future.done():
                     entry.future.set_result(result)
 
@@ -267,6 +294,25 @@ class Batcher:
                 for label in result.labels:
                     m.detections.labels(label=label).inc()
         return results
+
+
+class Reservation:
+    """Places held in a ``Batcher``'s queue (see ``Batcher.reserve``)."""
+
+    def __init__(self, batcher: Batcher, count: int) -> None:
+        self._batcher = batcher
+        self._count = count
+
+    def release(self) -> None:
+        """Give the places back (once; later calls do nothing)."""
+        self._batcher._reserved -= self._count
+        self._count = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 async def _safe_check(is_disconnected: DisconnectCheck) -> bool:

@@ -31,6 +31,8 @@ class ServiceError(Exception):
     code: ClassVar[str] = "internal_error"
     reason: ClassVar[str | None] = None
     retry_after: ClassVar[int | None] = None
+    # Whether the connection closes after the answer (the rest of the request is not wanted).
+    close_connection: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -53,6 +55,12 @@ class UnsupportedTypeError(ServiceError):
     """The bytes are not JPEG, PNG, WebP or BMP (whatever the declared type)."""
 
     status, code, reason = 415, "unsupported_type", "unsupported_type"
+
+
+class SlowUploadError(ServiceError):
+    """The body did not arrive within SSD_BODY_TIMEOUT_S, or slower than SSD_MIN_BODY_RATE."""
+
+    status, code, reason, close_connection = 408, "slow_upload", "slow_upload", True
 
 
 class BadRequestError(ServiceError):
@@ -86,7 +94,8 @@ class DeadlineExceededError(ServiceError):
 
 
 class ClientDisconnectedError(ServiceError):
-    """The client went away before its batch ran; nobody reads this answer.
+    """The client went away before its answer: during its upload, or while its image waited;
+    nobody reads this answer.
 
     499 is nginx's "client closed request", used so the request counter tells these apart.
     """
@@ -101,12 +110,29 @@ class InferenceFailedError(ServiceError):
 
 
 def error_response(
-    status: int, code: str, message: str, retry_after: int | None = None
+    status: int,
+    code: str,
+    message: str,
+    *,
+    request_id: str | None = None,
+    retry_after: int | None = None,
+    close_connection: bool = False,
 ) -> JSONResponse:
-    """The JSON error body every failure uses."""
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    content = {"error": {"code": code, "message": message}}
-    return JSONResponse(content, status_code=status, headers=headers)
+    """The JSON error body every failure uses, with the request's id when it has one."""
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if close_connection:
+        headers["Connection"] = "close"
+    error = {"code": code, "message": message}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id ``app.access.AccessMiddleware`` gave the request (None outside it)."""
+    return getattr(request.state, "request_id", None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -120,7 +146,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         count_rejection(request, exc.reason)
-        return error_response(exc.status, exc.code, exc.message, exc.retry_after)
+        return error_response(
+            exc.status,
+            exc.code,
+            exc.message,
+            request_id=request_id_of(request),
+            retry_after=exc.retry_after,
+            close_connection=exc.close_connection,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,18 +162,21 @@ def install_error_handlers(app: FastAPI) -> None:
         for item in exc.errors():
             where = ".".join(str(part) for part in item.get("loc", ()))
             problems.append(f"{where}: {item.get('msg', 'invalid')}")
-        return error_response(422, BadRequestError.code, "; ".join(problems) or "invalid request")
+        message = "; ".join(problems) or "invalid request"
+        return error_response(422, BadRequestError.code, message, request_id=request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         phrase = HTTPStatus(exc.status_code).phrase
         code = phrase.lower().replace(" ", "_").replace("-", "_")
         message = exc.detail if isinstance(exc.detail, str) else phrase
-        response = error_response(exc.status_code, code, message)
+        response = error_response(exc.status_code, code, message, request_id=request_id_of(request))
         response.headers.update(exc.headers or {})
         return response
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+        return error_response(
+            500, "internal_error", "internal server error", request_id=request_id_of(request)
+        )

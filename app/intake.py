@@ -9,8 +9,9 @@ applied, so the returned image (and every box) is in the frame a viewer displays
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from app.errors import InvalidImageError, TooLargeError, UnsupportedTypeError
 
@@ -36,19 +37,61 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an uploaded image, EXIF orientation applied; mode as stored (L, RGB, P, I;16...).
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image whose header has been read and checked, not yet decoded.
+
+    ``image`` is Pillow's lazy image, set to decode at a reduced scale where that applies;
+    ``size`` is the (width, height) stored in the header; ``pixels`` is the width x height it
+    will decode to (what decoding it holds in memory).
+    """
+
+    image: Image.Image
+    image_format: str
+    size: tuple[int, int]
+    pixels: int
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Decoded pixels, EXIF orientation applied (mode as stored: L, RGB, P, I;16 ...), and
+    ``size``, the (width, height) of the full image as displayed, which the pixels may be a
+    reduced-scale copy of."""
+
+    image: Image.Image
+    size: tuple[int, int]
+
+
+def open_image(data: bytes, max_pixels: int, max_jpeg_scans: int, min_side: int) -> OpenedImage:
+    """Check an uploaded image before any pixel is decoded; cheap whatever the file holds.
+
+    A JPEG at least twice ``min_side`` on both sides is set to decode at 1/2, 1/4 or 1/8 scale
+    (the DCT's own scaling, Pillow's ``draft``), still ``min_side`` or more on both sides:
+    the network sees the image at ``min_side`` pixels anyway, and the decode costs and holds a
+    quarter to a sixty-fourth as much.
 
     Raises:
-        InvalidImageError: empty, undecodable or truncated data.
+        InvalidImageError: empty data, or a header that cannot be read.
         UnsupportedTypeError: the bytes are not JPEG, PNG, WebP or BMP.
-        TooLargeError: the header declares more than ``max_pixels`` pixels (width x height).
+        TooLargeError: the header declares more than ``max_pixels`` pixels (width x height), or
+            a JPEG holds more than ``max_jpeg_scans`` scans.
     """
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
     image_format = sniff_format(data)
     if image_format is None:
         raise UnsupportedTypeError(f"the data is {_describe(data)}; send {ALLOWED}")
+    if image_format == "JPEG":
+        # Every scan starts with an SOS marker, FF DA. Entropy-coded data never holds FF DA
+        # (an FF there is followed by 00 or a restart marker, T.81 sec. B.1.1.5), so the count
+        # is the scans plus any FF DA in metadata: an upper bound, and cheap (memchr speed).
+        # A progressive scan revisits every block, so the decode costs scans x pixels.
+        scans = data.count(b"\xff\xda")
+        if scans > max_jpeg_scans:
+            raise TooLargeError(
+                f"the JPEG holds {scans} scans; this server accepts at most {max_jpeg_scans} "
+                "(progressive files have about 10)"
+            )
     try:
         # Lazy: reads the header only.
         image = Image.open(io.BytesIO(data), formats=[image_format])
@@ -64,12 +107,28 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         )
     if width == 0 or height == 0:
         raise InvalidImageError(f"the image has no pixels ({width}x{height})")
+    if image_format == "JPEG" and min_side > 0:
+        image.draft(image.mode, (min_side, min_side))  # a no-op below 2 x min_side
+    return OpenedImage(image, image_format, (width, height), image.width * image.height)
+
+
+def decode(opened: OpenedImage) -> DecodedImage:
+    """Decode the pixels and apply the EXIF orientation (this is where the time goes).
+
+    Raises:
+        InvalidImageError: truncated or corrupt data, or bad EXIF.
+    """
+    image = opened.image
+    full_width, full_height = opened.size
     try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         image.load()
         oriented = ImageOps.exif_transpose(image)
     except Exception as exc:  # truncated data, corrupt chunks, bad EXIF: all the client's
-        raise InvalidImageError(f"cannot decode the {image_format} image: {exc}") from None
-    return oriented if oriented is not None else image
+        raise InvalidImageError(f"cannot decode the {opened.image_format} image: {exc}") from None
+    # EXIF orientations 5 to 8 turn the image a quarter (CIPA DC-008, tag 0x0112).
+    size = (full_height, full_width) if orientation in (5, 6, 7, 8) else (full_width, full_height)
+    return DecodedImage(oriented if oriented is not None else image, size)
 
 
 def _describe(data: bytes) -> str:

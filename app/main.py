@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.access import AccessMiddleware
 from app.batcher import Batcher
+from app.decoding import DecodePool
 from app.errors import install_error_handlers
-from app.metrics import Metrics, MetricsMiddleware
+from app.metrics import Metrics
 from app.routes import demo, detect, health, info
-from app.service import Service, decode_slots, model_ref
-from app.settings import Settings, SettingsError, get_settings
+from app.service import Service, model_ref
+from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_settings
 from app.shutdown import install_drain_handler
 from model import Detector
 from model.checkpoint import CheckpointError, read_metadata
@@ -76,15 +78,21 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             max_queue=config.max_queue,
         )
         ref = await run_in_threadpool(model_ref, config.weights)
-        service = Service(config, model, batcher, metrics, ref, decode_slots())
+        decoder = DecodePool(config.decode_pixel_budget)
+        service = Service(config, model, batcher, metrics, ref, decoder)
         metrics.model_info.labels(
             name=ref.name, version=ref.version, device=str(model.device), precision=model.precision
         ).set(1)
         app.state.service = service
         await batcher.start()
-        restore_sigterm = install_drain_handler(
-            lambda: setattr(service, "draining", True), config.drain_s, asyncio.get_running_loop()
-        )
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm() -> None:
+            service.draining = True
+            cut_after = config.shutdown_timeout_s - UPLOAD_CUT_MARGIN_S
+            loop.call_soon_threadsafe(loop.call_later, cut_after, service.cut_uploads.set)
+
+        restore_sigterm = install_drain_handler(on_sigterm, config.drain_s, loop)
         try:
             await batcher.warm_up()
             service.ready = True
@@ -94,6 +102,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             service.draining = True
             restore_sigterm()
             await batcher.stop()
+            await run_in_threadpool(decoder.shutdown)
 
     app = FastAPI(
         title="SSD detection service",
@@ -102,7 +111,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(AccessMiddleware)
     for module in (detect, health, info, demo):
         app.include_router(module.router)
     return app

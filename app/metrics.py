@@ -1,12 +1,10 @@
-"""Prometheus metrics: the fixed names dashboards rely on, and the middleware counting requests.
+"""Prometheus metrics: the fixed names dashboards rely on (``app.access`` counts the requests).
 
 Each app has its own registry (with the client library's process, platform and GC
 collectors), so several apps in one process, as in the tests, never clash.
 """
 
 from __future__ import annotations
-
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,7 +17,6 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STAGES = ("decode", "queue", "inference", "postprocess")
 REJECTION_REASONS = (
@@ -29,11 +26,9 @@ REJECTION_REASONS = (
     "bad_request",
     "overloaded",
     "timeout",
+    "slow_upload",
     "disconnected",
 )
-# Requests that match no route share one label value, so random paths cannot blow up the
-# number of time series.
-UNMATCHED_ROUTE = "unmatched"
 
 
 def batch_size_buckets(max_batch_size: int) -> list[float]:
@@ -92,48 +87,3 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def _route_label(scope: Scope) -> str:
-    """The matched route's path template; for the plain routes FastAPI adds (/docs,
-    /openapi.json), which have no parameters, the path itself."""
-    route = scope.get("route")
-    if route is not None:
-        return route.path
-    if "endpoint" in scope:  # matched a plain Starlette route; this app mounts nothing
-        return scope["path"]
-    return UNMATCHED_ROUTE
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request by route template and status code.
-
-    It reads the metrics from ``app.state.service`` at request time, since they are built in
-    the lifespan; requests before that are not counted.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500  # what the client sees if the app raises before answering
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            service = getattr(scope["app"].state, "service", None)
-            if service is not None:
-                route = _route_label(scope)
-                elapsed = time.perf_counter() - start
-                service.metrics.request_duration.labels(route=route).observe(elapsed)
-                service.metrics.requests.labels(route=route, status=str(status)).inc()

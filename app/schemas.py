@@ -56,6 +56,9 @@ class ErrorDetail(BaseModel):
 
     code: str = Field(description="machine-readable, e.g. invalid_image, too_large, timeout")
     message: str = Field(description="human-readable, naming the value that was wrong")
+    request_id: str | None = Field(
+        default=None, description="the request's X-Request-ID (given by the client or made)"
+    )
 
 
 class ErrorResponse(BaseModel):

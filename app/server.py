@@ -21,10 +21,12 @@ app's cut of slow uploads (``app/shutdown.py``).
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 import uvicorn
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
@@ -223,6 +225,30 @@ def server_config(settings: Settings, *, host: str, port: int, log_level: str) -
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=settings.shutdown_timeout_s - settings.drain_s,  # type: ignore[arg-type]
         log_level=log_level,
-        access_log=False,  # the app writes its own access log
+        log_config=logging_config(log_level),
+        access_log=False,  # the app writes its own, as JSON (app/access.py)
         workers=1,
     )
+
+
+def logging_config(log_level: str) -> dict[str, Any]:
+    """Uvicorn's logging set-up, plus the app's loggers: ``app`` like ``uvicorn.error`` at
+    ``log_level``, and ``app.access`` writing its JSON lines as they are to stdout (always)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["json_line"] = {"format": "%(message)s"}
+    config["handlers"]["json_lines"] = {
+        "formatter": "json_line",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    config["loggers"]["app"] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    config["loggers"]["app.access"] = {
+        "handlers": ["json_lines"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 
 from app.batcher import Batcher
+from app.decoding import DecodePool
 from app.errors import DrainingError, NotReadyError
 from app.metrics import Metrics
 from app.schemas import ModelRef
 from app.settings import Settings
+from app.uploads import BodyLimits
 from model import Detector
 
 # Hex digits of the checkpoint's sha256 used as the model version.
@@ -25,16 +26,26 @@ VERSION_DIGITS = 12
 @dataclass
 class Service:
     """Everything a request needs. ``ready`` turns True after the warm-up batch; ``draining``
-    turns True on SIGTERM."""
+    turns True on SIGTERM; ``cut_uploads`` is set when uploads still arriving must stop."""
 
     settings: Settings
     detector: Detector
     batcher: Batcher
     metrics: Metrics
     model: ModelRef
-    decode_slots: anyio.CapacityLimiter
+    decoder: DecodePool
     ready: bool = False
     draining: bool = False
+    cut_uploads: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def body_limits(self) -> BodyLimits:
+        """How request bodies must arrive (size, time, rate), from the settings."""
+        return BodyLimits(
+            max_bytes=self.settings.max_upload_bytes,
+            timeout_s=self.settings.body_timeout_s,
+            min_rate=self.settings.min_body_rate,
+        )
 
     def check_accepting(self) -> None:
         """Raise the 503 that applies if the service takes no new work now."""
@@ -42,12 +53,6 @@ class Service:
             raise DrainingError("the server is shutting down; retry on another instance")
         if not self.ready:
             raise NotReadyError("the model is still loading")
-
-
-def decode_slots() -> anyio.CapacityLimiter:
-    """Threads that decode and resize at once: one per core, since the work is CPU-bound and
-    more threads would only hold more decoded images in memory."""
-    return anyio.CapacityLimiter(os.cpu_count() or 1)
 
 
 def model_ref(weights: Path) -> ModelRef:

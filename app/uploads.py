@@ -1,32 +1,107 @@
-"""Reading a request's image bytes: a size-capped body, then multipart fields or the raw body."""
+"""Reading a request's image bytes: a size-, time- and rate-capped body, then multipart fields or
+the raw body."""
 
 from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
 
 from fastapi import Request
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.types import Message
+from starlette.types import Message, Receive
 
-from app.errors import BadRequestError, TooLargeError
+from app.errors import (
+    BadRequestError,
+    ClientDisconnectedError,
+    DrainingError,
+    SlowUploadError,
+    TooLargeError,
+)
+
+# The minimum rate is averaged from the start of the body with this much slack, so a client
+# whose first bytes are slow to arrive (TCP slow start, a phone waking its radio) is not cut
+# at once; Apache's mod_reqtimeout uses the same idea (an initial timeout extended by MinRate).
+BODY_RATE_GRACE_S = 2.0
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``max_bytes``.
+@dataclass(frozen=True)
+class BodyLimits:
+    """How a request body must arrive: at most ``max_bytes``, all of it within ``timeout_s``
+    of the headers, at an average of at least ``min_rate`` bytes/s after the grace period."""
+
+    max_bytes: int
+    timeout_s: float
+    min_rate: float
+
+
+async def read_body(request: Request, limits: BodyLimits, cut: asyncio.Event) -> bytes:
+    """The whole body, refused as soon as it is known to break ``limits``.
 
     The declared Content-Length is checked first; the streamed size is checked as well, since
     a chunked body declares none.
+
+    Raises:
+        TooLargeError: over ``limits.max_bytes`` (413).
+        SlowUploadError: past the body timeout or below the minimum rate (408).
+        ClientDisconnectedError: the client went away before the body ended (499).
+        DrainingError: ``cut`` was set (the server is shutting down) before the body ended.
     """
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise TooLargeError(f"the body is {declared} bytes; the most accepted is {max_bytes}")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise TooLargeError(
+            f"the body is {declared} bytes; the most accepted is {limits.max_bytes}"
+        )
+    start = asyncio.get_running_loop().time()
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        # The latest time the next chunk may arrive: the body timeout, or the time by which
+        # the bytes so far would have arrived at the minimum rate, whichever is sooner.
+        due = start + min(limits.timeout_s, BODY_RATE_GRACE_S + size / limits.min_rate)
+        message = await _receive_by(request.receive, due, cut)
+        if message is None:
+            elapsed = asyncio.get_running_loop().time() - start
+            raise SlowUploadError(
+                f"the body did not arrive in time: {size} bytes in {elapsed:.3g} s (it must "
+                f"arrive within {limits.timeout_s:g} s at {limits.min_rate:g} bytes/s or more)"
+            )
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnectedError(f"the client went away after {size} bytes of its body")
+        chunk = message.get("body", b"")
         size += len(chunk)
-        if size > max_bytes:
-            raise TooLargeError(f"the body is over {max_bytes} bytes, the most this server accepts")
+        if size > limits.max_bytes:
+            raise TooLargeError(
+                f"the body is over {limits.max_bytes} bytes, the most this server accepts"
+            )
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _receive_by(receive: Receive, due: float, cut: asyncio.Event) -> Message | None:
+    """The next ASGI message, or None if it has not come by ``due`` (event-loop time).
+
+    Raises:
+        DrainingError: ``cut`` was set first.
+    """
+    if cut.is_set():
+        raise DrainingError("the server is shutting down; the upload was cut before it ended")
+    receiving = asyncio.ensure_future(receive())
+    cutting = asyncio.ensure_future(cut.wait())
+    timeout = max(0.0, due - asyncio.get_running_loop().time())
+    try:
+        done, _ = await asyncio.wait(
+            {receiving, cutting}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for task in (receiving, cutting):
+            task.cancel()
+    if receiving in done:
+        return receiving.result()
+    if cutting in done:
+        raise DrainingError("the server is shutting down; the upload was cut before it ended")
+    return None
 
 
 def is_multipart(request: Request) -> bool:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Query, Request
 
 from app.batcher import Job
-from app.errors import InvalidImageError, ServiceError, UnsupportedTypeError
-from app.intake import decode_image
+from app.errors import (
+    ClientDisconnectedError,
+    InvalidImageError,
+    ServiceError,
+    UnsupportedTypeError,
+)
+from app.intake import OpenedImage, decode, open_image
 from app.routes.docs import error_responses, image_body
 from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize, ModelRef
 from app.service import Service, ServiceDep
@@ -36,7 +41,7 @@ MaxDetections = Annotated[
         description="At most this many detections per image (default: SSD_MAX_DETECTIONS, 100).",
     ),
 ]
-ERRORS = error_responses(400, 413, 415, 422, 500, 503, 504)
+ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504)
 
 
 @router.post("/detect", responses=ERRORS, openapi_extra=image_body("image", many=False))
@@ -50,7 +55,7 @@ async def detect(
     arrived = time.monotonic()
     service.check_accepting()
     service.batcher.check_capacity(1)
-    body = await read_body(request, service.settings.max_upload_bytes)
+    body = await read_body(request, service.body_limits, service.cut_uploads)
     images = await form_images(request, body, "image", 1) if is_multipart(request) else [body]
     [result] = await _detect(service, request, images, arrived, score_threshold, max_detections)
     return result
@@ -67,7 +72,7 @@ async def detect_batch(
     arrived = time.monotonic()
     service.check_accepting()
     service.batcher.check_capacity(1)
-    body = await read_body(request, service.settings.max_upload_bytes)
+    body = await read_body(request, service.body_limits, service.cut_uploads)
     if not is_multipart(request):
         raise UnsupportedTypeError("send multipart/form-data with one or more files in `images`")
     cap = service.settings.max_images_per_request
@@ -88,40 +93,57 @@ async def _detect(
     *,
     numbered: bool = False,
 ) -> list[DetectResponse]:
-    """Decode the images in the thread pool, run them as queued jobs, build the responses."""
+    """Reserve queue places, decode the images on the decode pool, run them as queued jobs,
+    build the responses; all by the request's deadline."""
     settings = service.settings
     threshold = settings.score_threshold if score_threshold is None else score_threshold
     cap = settings.max_detections if max_detections is None else max_detections
+    deadline = arrived + settings.request_timeout_s
 
     async def prepare(index: int, data: bytes) -> Job:
         try:
-            return await anyio.to_thread.run_sync(
-                _prepare, service, data, threshold, cap, limiter=service.decode_slots
+            opened = open_image(
+                data,
+                settings.max_image_pixels,
+                settings.max_jpeg_scans,
+                service.detector.input_size,
             )
+            work = functools.partial(_prepare, service, opened, threshold, cap)
+            return await service.decoder.run(opened.pixels, deadline, work)
         except ServiceError as exc:
             if not numbered:
                 raise
             raise type(exc)(f"images[{index}]: {exc.message}") from None
 
-    jobs = await asyncio.gather(*(prepare(i, data) for i, data in enumerate(images)))
-    deadline = arrived + settings.request_timeout_s
-    detections = await service.batcher.submit(jobs, deadline, request.is_disconnected)
+    with service.batcher.reserve(len(images)) as reservation:
+        jobs = await asyncio.gather(*(prepare(i, data) for i, data in enumerate(images)))
+        request.state.image_sizes = [job.size for job in jobs]  # for the access log
+        request.state.batch_sizes = batch_sizes = []
+        detections = await service.batcher.submit(
+            jobs, deadline, request.is_disconnected, reservation, batch_sizes
+        )
+    if await request.is_disconnected():
+        raise ClientDisconnectedError("the client went away before its answer was sent")
     return [
         _response(result, job.size, service.model)
         for result, job in zip(detections, jobs, strict=True)
     ]
 
 
-def _prepare(service: Service, data: bytes, score_threshold: float, max_detections: int) -> Job:
-    """Bytes to a queued job (runs in the thread pool): decode, colour, resize."""
+def _prepare(
+    service: Service, opened: OpenedImage, score_threshold: float, max_detections: int
+) -> Job:
+    """A checked image to a queued job (runs on a decoding thread): decode, colour, resize."""
     start = time.perf_counter()
-    image = decode_image(data, service.settings.max_image_pixels)
+    decoded = decode(opened)
     try:
-        inputs, size = service.detector.prepare(image)
+        # The pixels may be a reduced-scale decode; the job keeps the full size, since the
+        # network sees the whole image resized anyway and boxes come back relative to it.
+        inputs, _ = service.detector.prepare(decoded.image)
     except (ValueError, TypeError) as exc:  # the model's word for an image it cannot use
         raise InvalidImageError(f"cannot use the image: {exc}") from None
     service.metrics.stage_duration.labels(stage="decode").observe(time.perf_counter() - start)
-    return Job(inputs, size, score_threshold, max_detections)
+    return Job(inputs, decoded.size, score_threshold, max_detections)
 
 
 def _response(result: Detections, size: tuple[int, int], model: ModelRef) -> DetectResponse:

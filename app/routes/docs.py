@@ -11,8 +11,11 @@ _FILE = {"type": "string", "format": "binary"}
 
 _ERROR_TEXT = {
     400: "The image is empty, undecodable or truncated (`invalid_image`).",
+    408: "The body did not arrive within SSD_BODY_TIMEOUT_S, or slower than "
+    "SSD_MIN_BODY_RATE bytes/s (`slow_upload`); the connection closes.",
     413: "The body is over SSD_MAX_UPLOAD_BYTES, or the image header declares more than "
-    "SSD_MAX_IMAGE_PIXELS pixels (`too_large`).",
+    "SSD_MAX_IMAGE_PIXELS pixels, or a JPEG holds more than SSD_MAX_JPEG_SCANS scans "
+    "(`too_large`).",
     415: "The bytes are not JPEG, PNG, WebP or BMP, whatever the declared type "
     "(`unsupported_type`).",
     422: "Bad parameters, a missing field or a malformed multipart body (`bad_request`).",

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from app.errors import InvalidImageError, TooLargeError, UnsupportedTypeError
-from app.intake import decode_image, sniff_format
+from app.intake import DecodedImage, decode, open_image, sniff_format
 from tests.app.support import Server, encode, png_claiming, shapes_image, sixteen_bit_png
 
 JPEG = encode(shapes_image(), "JPEG", quality=90)
@@ -195,7 +195,12 @@ def test_server_is_healthy_after_the_catalogue(server: Server) -> None:
     _check(_post(server, JPEG), 200, None)
 
 
-# ---- decode_image on its own ---------------------------------------------------------------
+# ---- open_image and decode on their own ----------------------------------------------------
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Check and decode at full scale (no draft), as the service does for small images."""
+    return decode(open_image(data, max_pixels, max_jpeg_scans=100, min_side=0))
 
 
 def test_sniff_format_judges_by_bytes() -> None:
@@ -232,3 +237,4 @@ def test_decode_image_applies_exif_orientation() -> None:
     data = encode(stored, "JPEG", exif=exif.tobytes(), quality=95)
     decoded = decode_image(data, max_pixels=10**6)
     assert decoded.size == displayed.size
+    assert decoded.image.size == displayed.size

@@ -133,7 +133,7 @@ def test_openapi_describes_the_api(server: Server) -> None:
     limits = params["max_detections"]["schema"]["anyOf"][0]
     assert (limits["minimum"], limits["maximum"]) == (1, 1000)
     responses = detect["responses"]
-    assert set(responses) == {"200", "400", "413", "415", "422", "500", "503", "504"}
+    assert set(responses) == {"200", "400", "408", "413", "415", "422", "500", "503", "504"}
     ok = responses["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ok.endswith("/DetectResponse")
     assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
