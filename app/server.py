@@ -54,6 +54,10 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
+class _HeadTooLargeError(Exception):
+    """Raised from a parser callback to stop parsing a head over the cap."""
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """Uvicorn's httptools protocol with the limits above; ``limits`` is set by
     ``protocol_class``."""
@@ -63,9 +67,11 @@ class GuardedProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
-        self._in_head = False  # a request has begun and its headers are not complete
+        # Waiting for a request's line and headers: from the connection opening, or from the
+        # end of the previous request (its body read to the end and its answer sent).
+        self._awaiting_head = True
         self._head_bytes = 0
-        self._message_done = True  # the last request's body has been read to its end
+        self._message_done = True  # the current request's body has been read to its end
         self._over_capacity = False
 
     # Connection events
@@ -81,42 +87,63 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
-            # The whole chunk counts once a request has begun: an over-count by at most the
-            # tail of the previous body, never an under-count.
+        if self._awaiting_head:
+            # The whole chunk counts, though it may hold the start of the body after the
+            # headers: checked only if the headers are still incomplete after it.
             self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
-                self._answer_and_close(
-                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "headers_too_large",
-                    f"the request line and headers are over {self.limits.max_header_bytes} "
-                    "bytes (SSD_MAX_HEADER_BYTES)",
-                )
+        super().data_received(data)
+        if self._awaiting_head and not self.transport.is_closing() and self._head_too_large():
+            self._refuse_head_size()
 
     # Parser callbacks
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._head_bytes, self._message_done = True, 0, False
+        self._message_done = False
         if self._timer is None:  # the first byte of a request on a kept-alive connection
             self._arm(self.limits.header_timeout_s, self._on_header_timeout)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._awaiting_head = False
         self._disarm()
+        # The exact size (the byte count above may include body bytes): a head that arrived
+        # whole in one read is checked here. Raising makes the parser fail the request, and
+        # send_400_response then answers 431.
+        self._head_bytes = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if self._head_too_large():
+            raise _HeadTooLargeError
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._message_done = True
+        if self.cycle is not None and self.cycle.response_complete:
+            self._wait_for_next_head()  # the tail of a body nobody read has now passed
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self._message_done and not self.transport.is_closing():
-            # Answered before the body was read (413, say): what is left of it is discarded
-            # by the parser, but must not take longer than a body may.
+        if self.transport.is_closing():
+            return
+        if self._message_done:
+            self._wait_for_next_head()
+        else:
+            # Answered before the body was read (413, say): the parser discards the rest,
+            # which must still not take longer than a body may.
             self._arm(self.limits.body_timeout_s, self._on_body_timeout)
+
+    def _wait_for_next_head(self) -> None:
+        self._awaiting_head, self._head_bytes = True, 0
+
+    def _head_too_large(self) -> bool:
+        return self._head_bytes > self.limits.max_header_bytes
+
+    def _refuse_head_size(self) -> None:
+        self._answer_and_close(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            f"the request line and headers are over {self.limits.max_header_bytes} bytes "
+            "(SSD_MAX_HEADER_BYTES)",
+        )
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         if self._over_capacity:
@@ -125,7 +152,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """The parser's refusal of a malformed request (bad framing, a negative or conflicting
-        Content-Length, bad characters), as JSON."""
+        Content-Length, bad characters), as JSON; 431 if the head was over the cap anyway."""
+        if self._head_too_large() and (self._awaiting_head or not self._message_done):
+            self._refuse_head_size()
+            return
         self._answer_and_close(HTTPStatus.BAD_REQUEST, "malformed_request", msg)
 
     # Timers
@@ -143,7 +173,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing():
             return
-        if not self._in_head:  # nothing sent at all: an idle connection, closed quietly
+        if self._head_bytes == 0:  # nothing sent at all: an idle connection, closed quietly
             self.transport.close()
             return
         self._answer_and_close(
