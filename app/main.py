@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from app.access import AccessMiddleware
@@ -104,7 +105,9 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             await batcher.stop()
             await run_in_threadpool(decoder.shutdown)
 
-    app = FastAPI(
+    # FastAPIOffline serves /docs and /redoc with their scripts from the package itself, so
+    # the pages work on a host with no way out to a CDN.
+    app = FastAPIOffline(
         title="SSD detection service",
         version="0.1.0",
         description=DESCRIPTION,

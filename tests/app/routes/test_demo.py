@@ -104,3 +104,30 @@ def test_error_is_shown(server: Server, tmp_path: Path) -> None:
             assert "unsupported_type" in page.locator("#status").inner_text()
         finally:
             browser.close()
+
+
+def test_docs_page_renders_offline(server: Server) -> None:
+    """/docs loads its scripts from the service itself: with every other host blocked, Swagger
+    UI still renders the API."""
+    sync_playwright = _playwright()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            elsewhere: list[str] = []
+
+            def only_the_service(route) -> None:  # type: ignore[no-untyped-def]
+                if route.request.url.startswith(server.url):
+                    route.continue_()
+                else:
+                    elsewhere.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_the_service)
+            page.goto(server.url + "/docs")
+            title = page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+            assert title is not None and "SSD detection service" in title.inner_text()
+            page.wait_for_selector("#operations-detection-detect_detect_post", timeout=30_000)
+            assert elsewhere == []
+        finally:
+            browser.close()
