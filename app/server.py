@@ -117,7 +117,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._message_done = True
         if self.cycle is not None and self.cycle.response_complete:
-            self._wait_for_next_head()  # the tail of a body nobody read has now passed
+            # The tail of a body nobody read has now passed: wait for the next request, for
+            # no longer than a head may take (uvicorn's keep-alive timer ended with the tail).
+            self._wait_for_next_head()
+            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
         super().on_message_complete()
 
     def on_response_complete(self) -> None:

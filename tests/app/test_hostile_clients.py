@@ -65,9 +65,9 @@ def head(path: str = "/detect", content_length: int | None = None, extra: str = 
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
 
 
-def read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict, float]:
-    """(status, JSON body, seconds until the server closed) of the one response on ``sock``;
-    status 0 if the server closed without answering."""
+def read_all(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends on ``sock`` until it closes (or ``timeout``), and the
+    seconds that took."""
     sock.settimeout(timeout)
     start, data = time.monotonic(), b""
     while True:
@@ -78,7 +78,13 @@ def read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict, float]:
         if not chunk:
             break
         data += chunk
-    elapsed = time.monotonic() - start
+    return data, time.monotonic() - start
+
+
+def read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict, float]:
+    """(status, JSON body, seconds until the server closed) of the one response on ``sock``;
+    status 0 if the server closed without answering."""
+    data, elapsed = read_all(sock, timeout)
     if not data:
         return 0, {}, elapsed
     header, _, body = data.partition(b"\r\n\r\n")
@@ -220,6 +226,33 @@ def test_partial_headers_and_idle_connections_are_closed(guarded: Server) -> Non
         status, _, elapsed = read_answer(idle, timeout=HEADER_TIMEOUT_S + 5)
         assert status == 0  # nothing was asked: closed without an answer
         assert elapsed < HEADER_TIMEOUT_S + 1
+
+
+def test_body_left_unread_after_an_early_answer_must_still_arrive_in_time(
+    guarded: Server,
+) -> None:
+    # /healthz answers 405 to a POST without reading its body; a client that then trickles
+    # the rest, a byte at a time (each byte would restart uvicorn's keep-alive timer), is
+    # closed after the body timeout, not held.
+    with connect(guarded) as sock:
+        sock.sendall(head("/healthz", content_length=1000) + b"abc")
+        start = time.monotonic()
+        with pytest.raises(OSError):  # the server closes while we still send
+            while time.monotonic() - start < BODY_TIMEOUT_S + 5:
+                sock.sendall(b"x")
+                time.sleep(0.25)
+        closed_after = time.monotonic() - start
+        data, _ = read_all(sock, timeout=1)
+    assert data.startswith(b"HTTP/1.1 405") and data.count(b"HTTP/1.1") == 1
+    assert closed_after < BODY_TIMEOUT_S + 1.5
+
+
+def test_idle_keep_alive_connection_closes(guarded: Server) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        data, elapsed = read_all(sock, timeout=5)
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
+    assert elapsed < 1 + 1  # SSD_KEEP_ALIVE_S is 1 here
 
 
 def test_headers_over_the_cap_get_431_before_they_end(guarded: Server) -> None:
