@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The one install command, also run by the Dockerfile's build stage (tests/deploy checks that
+# the two agree); only the target differs: here the editable project with its dev tools.
+PIP_INSTALL := pip install --quiet -c requirements.lock
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test lint run clean
+.PHONY: install test test-deploy lint run clean
 
 install: $(STAMP)
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is required")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(PY) -m $(PIP_INSTALL) -e ".[dev]"
 	touch $(STAMP)
 
 lint: install
@@ -28,6 +31,11 @@ lint: install
 
 test: lint
 	$(PY) -m pytest
+
+# Builds and runs the container image with a private Docker engine, compose with Prometheus, and
+# checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root, about N minutes).
+test-deploy: install
+	$(PY) -m pytest -m deploy tests/deploy
 
 # One uvicorn worker: one copy of the model. See README.md, "Service", for more processes.
 run: install
