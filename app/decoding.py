@@ -14,8 +14,6 @@ Decoding is the one step whose cost the client chooses, so it is bounded three w
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -91,7 +89,6 @@ class DecodePool:
         self._executor = ThreadPoolExecutor(
             max_workers=threads or os.cpu_count() or 1, thread_name_prefix="ssd-decode"
         )
-        self._trim = _malloc_trim()
 
     async def run(self, pixels: int, deadline: float, work: Callable[[], T]) -> T:
         """Run ``work`` (which decodes ``pixels`` pixels) on a decoding thread, by ``deadline``
@@ -116,7 +113,7 @@ class DecodePool:
         # The pixels go back when the thread is done (or the work is cancelled before it
         # started), not when the request stops waiting: a running thread cannot be stopped,
         # and cancelling the wrapper below leaves it running.
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._give_back, pixels))
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.budget.release, pixels))
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await asyncio.wrap_future(future)
@@ -129,21 +126,3 @@ class DecodePool:
     def shutdown(self) -> None:
         """Wait for the decodes running, then stop the threads."""
         self._executor.shutdown(wait=True)
-
-    def _give_back(self, pixels: int) -> None:
-        self.budget.release(pixels)
-        if self.budget.in_use == 0 and self._trim is not None:
-            # glibc keeps freed memory in its arenas; with no decode running, hand the freed
-            # pages of large decoded images back to the system.
-            self._trim(0)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None

@@ -19,6 +19,7 @@ from app.access import AccessMiddleware
 from app.batcher import Batcher
 from app.decoding import DecodePool
 from app.errors import install_error_handlers
+from app.memory import trim_periodically
 from app.metrics import Metrics
 from app.routes import demo, detect, health, info
 from app.service import Service, model_ref
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         ).set(1)
         app.state.service = service
         await batcher.start()
+        janitor = asyncio.create_task(trim_periodically(), name="ssd-malloc-trim")
         loop = asyncio.get_running_loop()
 
         def on_sigterm() -> None:
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             restore_sigterm()
             await batcher.stop()
             await run_in_threadpool(decoder.shutdown)
+            janitor.cancel()
 
     # FastAPIOffline serves /docs and /redoc with their scripts from the package itself, so
     # the pages work on a host with no way out to a CDN.

@@ -1,0 +1,83 @@
+"""Fixtures of the deployment tests: a private Docker engine, the base-image stand-in and the
+service image built from the repository's Dockerfile.
+
+Every test here carries the ``deploy`` marker, which plain ``pytest`` (``make test``) leaves
+out; ``make test-deploy`` runs them. The engine is started once per run and removed, with all
+its images, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.engine import Engine, missing_tools
+from tests.deploy.support import FIGURES, REPO, compose, unavailable
+
+HERE = Path(__file__).parent
+BASE_IMAGE = "debian:bookworm-slim"  # the Dockerfile's FROM, stood in by engine.py
+BUILD_TIMEOUT_S = 1800  # about 4.5 min here (several GB of wheels); a slow mirror gets more
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m selection looks at the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of this folder ``deploy``."""
+    for item in items:
+        if HERE in Path(item.path).parents:
+            item.add_marker(pytest.mark.deploy)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the figures the tests measured (build time, image size, cold start ...)."""
+    if FIGURES:
+        terminalreporter.section("deployment figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """A running private dockerd; skips (fails under CI) where none can start here."""
+    missing = missing_tools()
+    if missing:
+        unavailable(f"no Docker engine: {', '.join(missing)} not installed "
+                    "(apt-get install docker.io docker-compose debootstrap)")  # fmt: skip
+    if os.geteuid() != 0:
+        unavailable("starting a private dockerd needs root")
+    running = Engine()
+    try:
+        running.wait_ready()
+    except RuntimeError as exc:
+        running.stop()
+        unavailable(f"the Docker engine did not start: {exc}")
+    yield running
+    start = time.monotonic()
+    running.stop()
+    FIGURES["engine clean-up (images, containers, data root)"] = (
+        f"{time.monotonic() - start:.0f} s"
+    )
+
+
+@pytest.fixture(scope="session")
+def base_image(engine: Engine) -> str:
+    """The local stand-in for the Dockerfile's base image."""
+    seconds = engine.import_base_image(BASE_IMAGE)
+    FIGURES["base image stand-in (debootstrap + import)"] = f"{seconds:.0f} s"
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def detector_image(engine: Engine, base_image: str) -> str:
+    """The service image, built from the repository with the compose file's image name (so
+    ``docker-compose up`` uses it instead of building again)."""
+    tag = compose()["services"]["detector"]["image"]
+    start = time.monotonic()
+    engine.docker("build", "--network", "host", "-t", tag, str(REPO), timeout=BUILD_TIMEOUT_S)
+    FIGURES["image build"] = f"{time.monotonic() - start:.0f} s"
+    size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
+    FIGURES["image size"] = f"{size / 1e9:.2f} GB ({size} bytes)"
+    return tag
