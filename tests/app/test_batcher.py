@@ -102,9 +102,14 @@ def test_full_queue_gives_503_and_nothing_else_breaks(queue_server: Server) -> N
             )
             return await first, second
 
-    before = metric(queue_server.metrics(), "ssd_rejected_total", reason="overloaded")
+    text = queue_server.metrics()
+    before = metric(text, "ssd_rejected_total", reason="overloaded")
+    decodes = metric(text, "ssd_stage_duration_seconds_count", stage="decode")
     first, second = asyncio.run(scenario())
     assert second.status_code == 503
+    # Refused before it cost a decode: only the queued request's image was decoded.
+    decoded = metric(queue_server.metrics(), "ssd_stage_duration_seconds_count", stage="decode")
+    assert decoded == decodes + 1
     assert second.json()["error"]["code"] == "overloaded"
     assert int(second.headers["Retry-After"]) >= 1
     assert first.status_code == 200, first.text  # the queued request is answered normally
@@ -116,6 +121,17 @@ def test_full_queue_gives_503_and_nothing_else_breaks(queue_server: Server) -> N
         queue_server.url + "/detect", content=PNG, headers={"Content-Type": "image/png"}, timeout=30
     )
     assert again.status_code == 200
+
+
+def test_refused_requests_are_refused_before_they_cost_a_decode(queue_server: Server) -> None:
+    # Six arrive at once to an empty queue of one: all pass the first look at the queue, but
+    # the first to reserve its place takes it, and the others are refused before decoding.
+    decodes = metric(queue_server.metrics(), "ssd_stage_duration_seconds_count", stage="decode")
+    responses = asyncio.run(_post_many(queue_server.url, 6))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 503, 503, 503, 503, 503], statuses
+    decoded = metric(queue_server.metrics(), "ssd_stage_duration_seconds_count", stage="decode")
+    assert decoded == decodes + 1
 
 
 def test_disconnected_client_is_dropped(queue_server: Server) -> None:

@@ -238,3 +238,25 @@ def test_decode_image_applies_exif_orientation() -> None:
     decoded = decode_image(data, max_pixels=10**6)
     assert decoded.size == displayed.size
     assert decoded.image.size == displayed.size
+
+
+def test_large_jpeg_is_set_to_decode_at_the_dct_scale_that_still_covers_the_input() -> None:
+    big = encode(shapes_image().resize((4800, 3600)), "JPEG")
+    opened = open_image(big, max_pixels=10**8, max_jpeg_scans=100, min_side=300)
+    assert opened.size == (4800, 3600)
+    assert opened.pixels == 600 * 450  # 1/8: both sides still >= 300
+    decoded = decode(opened)
+    assert decoded.image.size == (600, 450) and decoded.size == (4800, 3600)
+    small = open_image(encode(shapes_image(), "JPEG"), 10**8, 100, min_side=300)
+    assert small.pixels == 480 * 360  # under 2 x 300 on a side: full scale
+    png = open_image(encode(shapes_image().resize((4800, 3600)), "PNG"), 10**8, 100, 300)
+    assert png.pixels == 4800 * 3600  # only JPEG has a DCT to scale by
+
+
+def test_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    progressive = encode(shapes_image(), "JPEG", progressive=True)
+    scans = progressive.count(b"\xff\xda")
+    assert 2 < scans < 20  # what libjpeg writes
+    open_image(progressive, 10**8, max_jpeg_scans=scans, min_side=0)
+    with pytest.raises(TooLargeError, match=f"{scans} scans"):
+        open_image(progressive, 10**8, max_jpeg_scans=scans - 1, min_side=0)

@@ -181,3 +181,24 @@ def test_exif_rotated_boxes_are_in_the_rotated_frame(
     detections = response.json()["detections"]
     assert _best(detections, "circle", CIRCLE_BOX) >= 0.5, detections
     assert _best(detections, "square", SQUARE_BOX) >= 0.5, detections
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_decoded_at_reduced_scale_keeps_full_size_boxes(
+    trained_server: Server, orientation: int
+) -> None:
+    """A 4800x3600 photo decodes at 1/8 scale (600x450, still twice the network's input), but
+    the answer is in the full image's pixels: the same boxes as the 480x360 scene, times ten."""
+    big = shapes_image().resize((4800, 3600), Image.Resampling.BICUBIC)
+    data = (
+        encode(big, "JPEG", quality=90)
+        if orientation == 1
+        else _exif_rotated_jpeg(big, orientation)
+    )
+    response = httpx.post(trained_server.url + "/detect", content=data, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["image"] == {"width": 4800, "height": 3600}
+    scaled = [{**d, "box": {k: v / 10 for k, v in d["box"].items()}} for d in answer["detections"]]
+    assert _best(scaled, "circle", CIRCLE_BOX) >= 0.8, scaled
+    assert _best(scaled, "square", SQUARE_BOX) >= 0.8, scaled
