@@ -57,9 +57,7 @@ def engine() -> Iterator[Engine]:
     yield running
     start = time.monotonic()
     running.stop()
-    FIGURES["engine clean-up (images, containers, data root)"] = (
-        f"{time.monotonic() - start:.0f} s"
-    )
+    FIGURES["engine clean-up (images, containers, data root)"] = f"{time.monotonic() - start:.0f} s"
 
 
 @pytest.fixture(scope="session")

@@ -132,12 +132,15 @@ class Engine:
         assert result.returncode == 0, f"docker {' '.join(args)} failed:\n{out}\n{err}"
         return subprocess.CompletedProcess(result.args, result.returncode, out, err)
 
-    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """``docker-compose args...`` against this engine, from the repository root."""
+    def compose(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """``docker-compose args...`` against this engine, from the repository root, with
+        ``env`` added to the environment."""
         result = subprocess.run(
             ["docker-compose", *args],
             cwd=REPO,
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

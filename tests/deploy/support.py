@@ -160,7 +160,8 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r"\{[^}]*\}", "{}", text)  # label matchers
     text = re.sub(r"\[[^\]]*\]", "[]", text)  # ranges and subqueries
     text = re.sub(r"\$\w+", "", text)  # Grafana variables
-    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r"\1", text)
+    # Grouping modifiers and their label lists, so `sum by (le) (...)` reads as a call.
+    text = re.sub(r"\s*\b(by|without|on|ignoring|group_left|group_right)\s*(\([^)]*\))?", "", text)
     names = set()
     for match in re.finditer(r"(?<![\w.])([a-zA-Z_:][\w:]*)\s*(\()?", text):
         name, call = match.groups()

@@ -10,12 +10,12 @@ import shutil
 import pytest
 
 from tests.deploy.support import (
+    K8S_DIR,
     compose,
     dockerfile_stages,
     healthcheck_of,
     load_yaml,
     makefile_pip_commands,
-    K8S_DIR,
 )
 
 # The project's install target in the Makefile and its counterpart in the image: the editable

@@ -1,0 +1,259 @@
+"""The image built and run by a real engine: what a client of ``docker run`` gets.
+
+The container runs as the Kubernetes Deployment runs it (read-only root, /tmp writable, no
+capabilities, the image's own user), on a user-defined network with its port published on
+127.0.0.1. The tests run in file order; the last one stops the container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.app.support import Server, box_tuple, encode, free_port, iou, metric
+from tests.deploy.engine import Engine
+from tests.deploy.support import (
+    FIGURES,
+    REPO,
+    alert_rules,
+    dashboard_exprs,
+    dockerfile_stages,
+    healthcheck_of,
+    metric_names,
+)
+
+CONTAINER = "ssd-deploy-test"
+NETWORK = "ssd-deploy-test"
+READY_TIMEOUT_S = 120.0  # 4 s measured here; the first start after a build reads 6 GB cold
+# The README's curl example: a 480x360 scene, a red circle in (40, 60)-(220, 240) and a green
+# triangle in (300, 150)-(440, 280), which the shipped model finds with scores above 0.99.
+SCENE_SIZE = (480, 360)
+CIRCLE = (40.0, 60.0, 220.0, 240.0)
+TRIANGLE = (300.0, 150.0, 440.0, 280.0)
+MIN_IOU = 0.7  # the example's boxes overlap the drawn ones by 0.93 and 0.89
+# A raccoon photo (650x417): not a shape, but the model's answer for it must be exactly what
+# the same code gives outside the container.
+PHOTO = "raccoon-1.jpg"
+# For the drain test: SIGTERM makes /readyz 503 for this long before the server stops
+# listening, which the test uses to see that the signal has arrived.
+DRAIN_S = 3
+# The body of the request in flight arrives in two halves around SIGTERM, slower than the
+# default minimum body rate allows; 1 B/s turns that check off for this container.
+MIN_BODY_RATE = 1
+
+
+def shapes_scene() -> Image.Image:
+    """The README example's scene (PIL's end pixels are inclusive: right/bottom minus one)."""
+    image = Image.new("RGB", SCENE_SIZE, (236, 236, 228))
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = CIRCLE
+    draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=(214, 32, 32))
+    x0, y0, x1, y1 = TRIANGLE
+    draw.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=(40, 170, 60))
+    return image
+
+
+@pytest.fixture(scope="module")
+def photo(raccoon: Path) -> Path:
+    return raccoon / "JPEGImages" / PHOTO
+
+
+@pytest.fixture(scope="module")
+def container(engine: Engine, detector_image: str) -> Iterator[str]:
+    """The running container's base URL; its cold start (``docker start`` to /readyz 200) is
+    reported."""
+    engine.docker("network", "create", NETWORK)
+    port = free_port()
+    engine.docker(
+        "create", "--name", CONTAINER, "--network", NETWORK,
+        "-p", f"127.0.0.1:{port}:8000",
+        "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+        "-e", f"SSD_DRAIN_S={DRAIN_S}", "-e", f"SSD_MIN_BODY_RATE={MIN_BODY_RATE}",
+        detector_image,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    engine.docker("start", CONTAINER)
+    while httpx_status(url + "/readyz") != 200:
+        state = json.loads(engine.docker("inspect", "-f", "{{json .State}}", CONTAINER).stdout)
+        logs = engine.docker("logs", CONTAINER).stderr
+        assert state["Running"], f"the container exited ({state['ExitCode']}):\n{logs}"
+        assert time.monotonic() - start < READY_TIMEOUT_S, f"not ready:\n{logs}"
+        time.sleep(0.1)
+    FIGURES["cold start (docker start to /readyz 200)"] = f"{time.monotonic() - start:.1f} s"
+    yield url
+    engine.docker("rm", "-f", CONTAINER)
+    engine.docker("network", "rm", NETWORK)
+
+
+def httpx_status(url: str) -> int | None:
+    """The status of GET ``url``, or None if nothing answers."""
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_detects_the_shapes_of_the_readme_example(container: str) -> None:
+    body = encode(shapes_scene(), "JPEG", quality=95)
+    response = httpx.post(
+        container + "/detect",
+        content=body,
+        headers={"content-type": "image/jpeg"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["image"] == {"width": SCENE_SIZE[0], "height": SCENE_SIZE[1]}
+    assert answer["model"]["name"] == "ssd300_shapes"
+    best = {}
+    for detection in answer["detections"]:
+        best.setdefault(detection["label"], detection)  # sorted by score
+    for label, drawn in (("circle", CIRCLE), ("triangle", TRIANGLE)):
+        assert label in best, answer
+        assert best[label]["score"] > 0.9
+        assert iou(box_tuple(best[label]), drawn) > MIN_IOU, best[label]
+
+
+def test_answers_a_photo_as_the_service_does_outside_the_container(
+    container: str, photo: Path, tmp_path: Path
+) -> None:
+    """The same photo through ``python -m app`` on this machine (same code, same weights, same
+    torch build, same thread count) gives the same detections."""
+    data = photo.read_bytes()
+    files = {"image": (photo.name, data, "image/jpeg")}
+    inside = httpx.post(container + "/detect", files=files, timeout=30)
+    assert inside.status_code == 200, inside.text
+    cores = len(os.sched_getaffinity(0))  # what torch uses in the container too
+    local = Server({"SSD_DEVICE": "cpu", "OMP_NUM_THREADS": str(cores)}, tmp_path / "app.log")
+    try:
+        local.wait_ready()
+        outside = httpx.post(local.url + "/detect", files=files, timeout=30)
+    finally:
+        local.stop()
+    assert outside.status_code == 200, outside.text
+    with Image.open(photo) as image:
+        assert inside.json()["image"] == {"width": image.width, "height": image.height}
+    assert inside.json()["model"] == outside.json()["model"]
+    assert inside.json()["detections"], "the shipped model finds something in this photo"
+    assert inside.json()["detections"] == outside.json()["detections"]
+
+
+def test_runs_the_image_command_as_pid_1_without_root(engine: Engine, container: str) -> None:
+    status = engine.docker("exec", CONTAINER, "cat", "/proc/1/status").stdout
+    uids = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)
+    assert uids and all(int(uid) != 0 for uid in uids.group(1).split()), status
+    runtime = dockerfile_stages()[-1]
+    [user] = [i.args for i in runtime if i.keyword == "USER"]
+    assert uids.group(1).split()[0] == user.partition(":")[0]
+    cmdline = engine.docker("exec", CONTAINER, "cat", "/proc/1/cmdline").stdout
+    [cmd] = [i for i in runtime if i.keyword == "CMD"]
+    assert cmdline.split("\0")[:-1] == cmd.exec_form()  # no shell in between
+
+
+def test_healthcheck_turns_healthy(engine: Engine, container: str) -> None:
+    options, _ = healthcheck_of(dockerfile_stages()[-1])
+    # The first check runs one interval after the start; allow two more for a busy machine.
+    deadline = time.monotonic() + 3 * float(options["interval"].rstrip("s"))
+    while True:
+        health = json.loads(engine.docker("inspect", "-f", "{{json .State.Health}}",
+                                          CONTAINER).stdout)  # fmt: skip
+        if health["Status"] == "healthy" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert health["Status"] == "healthy", health
+    assert health["Log"][-1]["ExitCode"] == 0
+
+
+def test_metrics_name_everything_the_dashboard_and_alerts_use(container: str) -> None:
+    text = httpx.get(container + "/metrics", timeout=10).text
+    exported = {
+        match.group(1) for match in re.finditer(r"^([a-zA-Z_:][\w:]*)[{ ]", text, re.MULTILINE)
+    }
+    used = set()
+    for expr in [*dashboard_exprs(), *(rule["expr"] for rule in alert_rules())]:
+        used |= metric_names(expr)
+    # `up` is made by Prometheus for each scrape, not exported (test_compose_up.py sees it).
+    assert used - {"up"} <= exported, f"not in /metrics: {sorted(used - {'up'} - exported)}"
+    assert metric(text, "ssd_images_total") >= 2  # the detections above were counted
+
+
+def test_docker_stop_drains_a_request_in_flight(engine: Engine, container: str) -> None:
+    """A request whose body is still arriving at SIGTERM gets its 200; the process then exits
+    by itself, status 0, well before Docker would kill it."""
+    body = encode(shapes_scene(), "JPEG", quality=95)
+    host, port = container.removeprefix("http://").split(":")
+    head = (
+        f"POST /detect HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    half = len(body) // 2
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + body[:half])
+        time.sleep(1.0)  # the handler has started and waits for the rest of the body
+        stopped: dict[str, float] = {}
+
+        def stop() -> None:
+            begin = time.monotonic()
+            # Docker's timeout before SIGKILL: the compose file's stop_grace_period.
+            engine.docker("stop", "-t", "30", CONTAINER, timeout=60)
+            stopped["seconds"] = time.monotonic() - begin
+
+        stopper = threading.Thread(target=stop)
+        stopper.start()
+        # SIGTERM has arrived once /readyz says 503, which it does for DRAIN_S seconds; the
+        # signal itself may take a few seconds to travel through a busy engine.
+        deadline = time.monotonic() + DRAIN_S + 10
+        while httpx_status(container + "/readyz") != 503:
+            assert time.monotonic() < deadline, "/readyz never turned 503 after docker stop"
+            time.sleep(0.05)
+        sock.sendall(body[half:])
+        response = _read_response(sock)
+        stopper.join()
+    status_line, _, payload = response.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200"), response[:500]
+    answer = json.loads(payload.split(b"\r\n\r\n", 1)[1])
+    assert {d["label"] for d in answer["detections"]} >= {"circle", "triangle"}
+    state = json.loads(engine.docker("inspect", "-f", "{{json .State}}", CONTAINER).stdout)
+    assert state["ExitCode"] == 0 and not state["OOMKilled"], state
+    FIGURES["docker stop with a request in flight"] = f"{stopped['seconds']:.1f} s"
+    assert stopped["seconds"] < 25  # SSD_SHUTDOWN_TIMEOUT_S: it exited by itself
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_repository_files_stay_out_of_the_build_context(engine: Engine, base_image: str) -> None:
+    """What .dockerignore lets through, as the engine sees it: a build that copies the whole
+    context and lists it."""
+    probe = b"FROM " + base_image.encode() + b"\nCOPY . /context\n"
+    engine.docker("build", "-t", "ssd-context-probe", "-f", "-", str(REPO), input=probe)
+    listing = engine.docker("run", "--rm", "ssd-context-probe", "find", "/context", "-type", "f")
+    engine.docker("rmi", "ssd-context-probe")
+    sent = {line.removeprefix("/context/") for line in listing.stdout.split()}
+    expected = {"pyproject.toml", "requirements.lock"}
+    for folder in ("app", "model"):
+        expected |= {
+            str(path.relative_to(REPO))
+            for path in (REPO / folder).rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts
+        }
+    expected |= {str(p.relative_to(REPO)) for p in (REPO / "weights").glob("*.safetensors")}
+    assert sent == expected
+    assert not any(name.endswith(".state.pt") for name in sent)
+    assert not any(name.startswith((".venv/", ".git/", "runs/", "bench/")) for name in sent)
