@@ -88,14 +88,13 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         app.state.service = service
         await batcher.start()
         janitor = asyncio.create_task(trim_periodically(), name="ssd-malloc-trim")
-        loop = asyncio.get_running_loop()
-
-        def on_sigterm() -> None:
-            service.draining = True
-            cut_after = config.shutdown_timeout_s - UPLOAD_CUT_MARGIN_S
-            loop.call_soon_threadsafe(loop.call_later, cut_after, service.cut_uploads.set)
-
-        restore_sigterm = install_drain_handler(on_sigterm, config.drain_s, loop)
+        restore_sigterm = install_drain_handler(
+            lambda: setattr(service, "draining", True),
+            config.drain_s,
+            asyncio.get_running_loop(),
+            on_cut=service.cut_uploads.set,
+            cut_after_s=config.shutdown_timeout_s - UPLOAD_CUT_MARGIN_S,
+        )
         try:
             await batcher.warm_up()
             service.ready = True

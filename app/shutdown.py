@@ -1,9 +1,11 @@
-"""Graceful shutdown on SIGTERM: stop being ready first, then let the server drain.
+"""Graceful, bounded shutdown on SIGTERM: stop being ready first, then drain, then a cap.
 
-Uvicorn already stops accepting connections on SIGTERM, finishes the requests in flight and
-then runs the lifespan shutdown (which empties the batch queue). This adds the step before:
-``/readyz`` answers 503 for ``drain_s`` seconds, so a load balancer stops sending new work
-before the listening socket closes.
+Uvicorn stops accepting connections on SIGTERM, finishes the requests in flight and then runs
+the lifespan shutdown (which empties the batch queue). This adds the step before: ``/readyz``
+answers 503 for ``drain_s`` seconds, so a load balancer stops sending new work before the
+listening socket closes. And the step after: at ``cut_after_s`` from SIGTERM, uploads still
+arriving are cut, so a slow client cannot hold the process; uvicorn's own graceful-shutdown
+timeout (``app.server.server_config``) cancels whatever is left at the cap.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def install_drain_handler(
-    on_drain: Callable[[], None], drain_s: float, loop: asyncio.AbstractEventLoop
+    on_drain: Callable[[], None],
+    drain_s: float,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    on_cut: Callable[[], None],
+    cut_after_s: float,
 ) -> Callable[[], None]:
     """Wrap the server's SIGTERM handler: call ``on_drain`` at once, the server's handler
-    ``drain_s`` seconds later (at once on a second SIGTERM). Returns an undo function.
+    ``drain_s`` seconds later (at once on a second SIGTERM), and ``on_cut`` ``cut_after_s``
+    seconds after the first SIGTERM. Returns an undo function.
 
     Does nothing (returns a no-op) when no Python handler is installed for SIGTERM, as under
     an in-process test client, or when not on the main thread.
@@ -42,6 +50,7 @@ def install_drain_handler(
         on_drain()
         log.info("SIGTERM: draining, stopping in %.3g s", drain_s)
         loop.call_soon_threadsafe(loop.call_later, drain_s, server_handler, signum, frame)
+        loop.call_soon_threadsafe(loop.call_later, cut_after_s, on_cut)
 
     try:
         signal.signal(signal.SIGTERM, on_sigterm)
