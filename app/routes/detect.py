@@ -121,7 +121,8 @@ async def _detect(
     with service.batcher.reserve(len(images)) as reservation:
         jobs = await asyncio.gather(*(prepare(i, data) for i, data in enumerate(images)))
         request.state.image_sizes = [job.size for job in jobs]  # for the access log
-        request.state.batch_sizes = batch_sizes = []
+        batch_sizes: list[int] = []
+        request.state.batch_sizes = batch_sizes
         detections = await service.batcher.submit(
             jobs, deadline, request.is_disconnected, reservation, batch_sizes
         )
