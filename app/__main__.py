@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
     config = server_config(settings, host=args.host, port=args.port, log_level=args.log_level)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it stopped on, as uvicorn.run does
+        pass
     return 0
 
 

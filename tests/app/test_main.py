@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -152,3 +153,13 @@ def test_every_route_has_a_description(server: Server) -> None:
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert operation.get("description"), f"{method.upper()} {path}"
+
+
+def test_ctrl_c_stops_the_server_quietly(tiny_weights: Path, tmp_path: Path) -> None:
+    server = Server(
+        {"SSD_WEIGHTS": str(tiny_weights), "SSD_DEVICE": "cpu"}, tmp_path / "server.log"
+    ).wait_ready()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=30) == 0
+    server.stop()
+    assert "Traceback" not in server.output()
