@@ -161,5 +161,5 @@ def test_ctrl_c_stops_the_server_quietly(tiny_weights: Path, tmp_path: Path) -> 
     ).wait_ready()
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(timeout=30) == 0
-    server.stop()
     assert "Traceback" not in server.output()
+    server.stop()
