@@ -9,6 +9,7 @@ bare ``uvicorn app.main:app`` serves the same API without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import uvicorn
@@ -35,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
     config = server_config(settings, host=args.host, port=args.port, log_level=args.log_level)
-    try:
+    # uvicorn re-raises the SIGINT it stopped on; its own CLI swallows it the same way.
+    with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it stopped on, as uvicorn.run does
-        pass
     return 0
 
 
