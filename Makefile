@@ -33,7 +33,7 @@ test: lint
 	$(PY) -m pytest
 
 # Builds and runs the container image with a private Docker engine, compose with Prometheus, and
-# checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root, about N minutes).
+# checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root; about 6 minutes here).
 test-deploy: install
 	$(PY) -m pytest -m deploy tests/deploy
 

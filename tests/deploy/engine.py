@@ -179,23 +179,26 @@ class Engine:
     def stop(self) -> None:
         """Remove every container, network, volume and image, stop the engine, remove its
         folder (the data root with it)."""
-        removals = (
-            (["ps", "-aq"], ["rm", "-f", "-v"]),
-            (["network", "ls", "-q", "--filter", "type=custom"], ["network", "rm"]),
-            (["volume", "ls", "-q"], ["volume", "rm", "-f"]),
-            (["images", "-aq"], ["rmi", "-f"]),
-        )
         try:
             if self.process.poll() is None:
-                for listing, remove in removals:
-                    ids = sorted(set(self.docker(*listing).stdout.split()))
-                    if ids:
-                        self.docker(*remove, *ids, timeout=300)
+                containers = self.docker("ps", "-aq").stdout.split()
+                if containers:
+                    self.docker("rm", "-f", "-v", *containers)
+                # Then every image (intermediate layers too), network, volume and build cache.
+                self.docker("system", "prune", "-af", "--volumes", timeout=300)
+                left = {
+                    "images": self.docker("images", "-aq").stdout.split(),
+                    "volumes": self.docker("volume", "ls", "-q").stdout.split(),
+                    "networks": self.docker(
+                        "network", "ls", "-q", "--filter", "type=custom"
+                    ).stdout.split(),
+                }
+                assert not any(left.values()), f"left in the engine after clean-up: {left}"
         finally:
             self._stop_process()
             self._log.close()
             _unmount_below(self.root)
-            shutil.rmtree(self.root, ignore_errors=True)
+            shutil.rmtree(self.root)
 
     def _stop_process(self) -> None:
         if self.process.poll() is None:

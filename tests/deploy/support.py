@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from PIL import Image, ImageDraw
 
 from app.settings import ENV_PREFIX, Settings
 
@@ -28,6 +29,17 @@ DOCKERFILE = REPO / "Dockerfile"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
 K8S_DIR = REPO / "deploy" / "k8s"
+# Container start to /readyz 200 took 4-6 s here; the first start after a build reads its
+# several GB from a cold disk cache.
+READY_TIMEOUT_S = 120.0
+
+# The README's curl example: a 480x360 scene, a red circle in (40, 60)-(220, 240) and a green
+# triangle in (300, 150)-(440, 280), which the shipped model finds with scores above 0.99.
+SCENE_SIZE = (480, 360)
+CIRCLE = (40.0, 60.0, 220.0, 240.0)
+TRIANGLE = (300.0, 150.0, 440.0, 280.0)
+MIN_IOU = 0.7  # the README example's boxes overlap the drawn ones by 0.93 and 0.88
+
 # The figures the tests measure (build time, image size, cold start ...), printed at the end of
 # the run by conftest.py's terminal summary.
 FIGURES: dict[str, str] = {}
@@ -71,6 +83,17 @@ def duration_s(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"not a Compose duration: {text!r}")
     return sum(float(n) * units[u] for n, u in parts)
+
+
+def shapes_scene() -> Image.Image:
+    """The README example's scene (PIL's end pixels are inclusive: right/bottom minus one)."""
+    image = Image.new("RGB", SCENE_SIZE, (236, 236, 228))
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = CIRCLE
+    draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=(214, 32, 32))
+    x0, y0, x1, y1 = TRIANGLE
+    draw.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=(40, 170, 60))
+    return image
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------

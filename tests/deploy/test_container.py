@@ -18,29 +18,28 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tests.app.support import Server, box_tuple, encode, free_port, iou, metric
 from tests.deploy.engine import Engine
 from tests.deploy.support import (
+    CIRCLE,
     FIGURES,
+    MIN_IOU,
+    READY_TIMEOUT_S,
     REPO,
+    SCENE_SIZE,
+    TRIANGLE,
     alert_rules,
     dashboard_exprs,
     dockerfile_stages,
     healthcheck_of,
     metric_names,
+    shapes_scene,
 )
 
 CONTAINER = "ssd-deploy-test"
 NETWORK = "ssd-deploy-test"
-READY_TIMEOUT_S = 120.0  # 4 s measured here; the first start after a build reads 6 GB cold
-# The README's curl example: a 480x360 scene, a red circle in (40, 60)-(220, 240) and a green
-# triangle in (300, 150)-(440, 280), which the shipped model finds with scores above 0.99.
-SCENE_SIZE = (480, 360)
-CIRCLE = (40.0, 60.0, 220.0, 240.0)
-TRIANGLE = (300.0, 150.0, 440.0, 280.0)
-MIN_IOU = 0.7  # the example's boxes overlap the drawn ones by 0.93 and 0.89
 # A raccoon photo (650x417): not a shape, but the model's answer for it must be exactly what
 # the same code gives outside the container.
 PHOTO = "raccoon-1.jpg"
@@ -50,17 +49,6 @@ DRAIN_S = 3
 # The body of the request in flight arrives in two halves around SIGTERM, slower than the
 # default minimum body rate allows; 1 B/s turns that check off for this container.
 MIN_BODY_RATE = 1
-
-
-def shapes_scene() -> Image.Image:
-    """The README example's scene (PIL's end pixels are inclusive: right/bottom minus one)."""
-    image = Image.new("RGB", SCENE_SIZE, (236, 236, 228))
-    draw = ImageDraw.Draw(image)
-    x0, y0, x1, y1 = CIRCLE
-    draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=(214, 32, 32))
-    x0, y0, x1, y1 = TRIANGLE
-    draw.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=(40, 170, 60))
-    return image
 
 
 @pytest.fixture(scope="module")

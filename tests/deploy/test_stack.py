@@ -20,8 +20,15 @@ import pytest
 
 from tests.app.support import encode, free_port
 from tests.deploy.engine import Engine
-from tests.deploy.support import FIGURES, alert_rules, compose, dashboard_exprs, metric_names
-from tests.deploy.test_container import READY_TIMEOUT_S, shapes_scene
+from tests.deploy.support import (
+    FIGURES,
+    READY_TIMEOUT_S,
+    alert_rules,
+    compose,
+    dashboard_exprs,
+    metric_names,
+    shapes_scene,
+)
 
 PROJECT = "ssd-deploy-test"
 # The stand-in: Debian's Prometheus started the way the official image starts (its entry point
