@@ -11,9 +11,9 @@ checks its files).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -43,8 +43,10 @@ ENTRYPOINT ["/usr/bin/prometheus"]
 """
 NEVER = "0001-01-01T00:00:00Z"  # Go's zero time: a rule's lastEvaluation before its first
 REQUESTS = 3  # detection requests sent, each one image
-# Two scrape intervals (15 s, deploy/prometheus/prometheus.yml) plus the start of Prometheus.
+# Four scrape intervals (15 s, deploy/prometheus/prometheus.yml): the first scrape after the
+# requests comes within one; the rest is room for a busy machine.
 SCRAPE_TIMEOUT_S = 60.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Stack:
         return answer["data"]
 
 
-def _wait_for(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
+def _wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
     """Poll ``check()`` until it returns something truthy; fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -77,6 +79,7 @@ def _wait_for(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def stack(engine: Engine, detector_image: str) -> Iterator[Stack]:
+    """The detector (the image built from the Dockerfile) and Prometheus, up by compose."""
     image = compose()["services"]["prometheus"]["image"]
     engine.docker("build", "--network", "host", "-t", image, "-", input=PROMETHEUS_STAND_IN)
     # The host ports, moved off 8000 and 9090 (compose interpolates these variables).
