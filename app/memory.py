@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 
@@ -24,12 +23,13 @@ TRIM_INTERVAL_S = 5.0
 
 
 def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS).
+
+    Looked up among the symbols the process already has (``CDLL(None)``), so it needs no
+    ``ldconfig`` or compiler to find libc, as ``ctypes.util.find_library`` would.
+    """
     try:
-        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
     except (OSError, AttributeError):
         return None
 
