@@ -50,7 +50,7 @@ USER 10001:10001
 EXPOSE 8000
 
 # Liveness with the image's own Python (no curl). Uvicorn listens once the model is loaded and
-# warmed up: 4 to 6 s after the start on 2 cores (measured), so 60 s of start period leaves
+# warmed up: under 6 s after the start on 2 cores (measured), so 60 s of start period leaves
 # room for a slow host before failures count. A check
 # costs one Python start, so one every 10 s; urllib gives up (4 s) before Docker's timeout (5 s)
 # kills it, and 3 failures in a row (30 s) mark the container unhealthy.
