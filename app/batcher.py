@@ -100,6 +100,7 @@ class Batcher:
         # One thread: one batch at a time on the one model copy.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
         metrics.queue_depth.set_function(lambda: self.queue_depth)
+        metrics.queue_capacity.set(max_queue)
 
     @property
     def queue_depth(self) -> int:

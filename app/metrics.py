@@ -67,6 +67,11 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("ssd_queue_depth", "Images waiting for a batch", registry=r)
+        self.queue_capacity = Gauge(
+            "ssd_queue_capacity",
+            "Most images that may wait or be reserved for a batch (SSD_MAX_QUEUE); more get 503",
+            registry=r,
+        )
         self.images = Counter("ssd_images", "Images run through the model", registry=r)
         self.detections = Counter("ssd_detections", "Detections returned", ["label"], registry=r)
         self.requests = Counter(

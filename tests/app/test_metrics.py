@@ -39,6 +39,7 @@ def test_exposition_has_the_fixed_names(server: Server) -> None:
         "ssd_stage_duration_seconds": "histogram",
         "ssd_batch_size": "histogram",
         "ssd_queue_depth": "gauge",
+        "ssd_queue_capacity": "gauge",
         "ssd_images_total": "counter",
         "ssd_detections_total": "counter",
         "ssd_requests_total": "counter",
@@ -61,11 +62,13 @@ def test_exposition_has_the_fixed_names(server: Server) -> None:
         "bad_request",
         "overloaded",
         "timeout",
+        "slow_upload",
         "disconnected",
     ):
         assert f'ssd_rejected_total{{reason="{reason}"}}' in text
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"  # SSD_PRECISION=auto
     assert metric(text, "ssd_model_info", name="tiny", device="cpu", precision=precision) == 1
+    assert metric(text, "ssd_queue_capacity") == 64  # SSD_MAX_QUEUE of the test server
     assert "process_cpu_seconds_total" in text  # the client library's process metrics
     assert "python_gc_objects_collected_total" in text
 
