@@ -90,7 +90,9 @@ def _start(weights: Path, port: int, args: argparse.Namespace) -> subprocess.Pop
         "--log-level",
         "warning",
     ]
-    process = subprocess.Popen(command, env=env)
+    # The server's stdout is its JSON access log, a line per request: not wanted here. Its
+    # warnings and errors go to stderr, which stays.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     end = time.monotonic() + 120
     while time.monotonic() < end:
         if process.poll() is not None:
