@@ -100,6 +100,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._message_done = False
+        if not self._awaiting_head:
+            # A pipelined request, begun while the previous one is still being answered: its
+            # head counts from the next read on (at most one read of slack).
+            self._wait_for_next_head()
         if self._timer is None:  # the first byte of a request on a kept-alive connection
             self._arm(self.limits.header_timeout_s, self._on_header_timeout)
 

@@ -289,6 +289,13 @@ def test_headers_over_the_cap_get_431_before_they_end(guarded: Server) -> None:
     assert status in (0, 431)  # the answer may be lost to the reset of our unread data
     if status:
         assert body["error"]["code"] == "headers_too_large"
+    with connect(guarded) as sock:  # behind a complete request on the same connection
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\nX-A: ")
+        with pytest.raises(OSError):
+            for _ in range(10_000):
+                sock.sendall(b"a" * 1024)
+        data, _ = read_all(sock, timeout=5)
+    assert data.startswith(b"HTTP/1.1 200")
     with connect(guarded) as sock:  # a long URL, all of it sent
         sock.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: test\r\n\r\n")
         status, body, _ = read_answer(sock, timeout=5)
