@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("app.access")
@@ -29,14 +30,19 @@ UNMATCHED_ROUTE = "unmatched"
 
 
 def route_label(scope: Scope) -> str:
-    """The matched route's path template; for the plain routes FastAPI adds (/docs,
-    /openapi.json), which have no parameters, the path itself."""
+    """The matched route's path template; for a mounted app (the docs' static files), the
+    mount's path, so paths under it share one label; for the plain routes FastAPI adds
+    (/docs, /openapi.json), which have no parameters, the path itself."""
     route = scope.get("route")
     if route is not None:
         return route.path
-    if "endpoint" in scope:  # matched a plain Starlette route; this app mounts nothing
-        return scope["path"]
-    return UNMATCHED_ROUTE
+    endpoint = scope.get("endpoint")
+    if endpoint is None:
+        return UNMATCHED_ROUTE
+    for candidate in scope["app"].routes:
+        if isinstance(candidate, Mount) and candidate.app is endpoint:
+            return candidate.path
+    return scope["path"]
 
 
 def request_id(scope: Scope) -> str:

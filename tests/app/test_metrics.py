@@ -82,6 +82,16 @@ def test_unknown_paths_share_one_route_label(server: Server) -> None:
     text = server.metrics()
     assert metric(text, "ssd_requests_total", route="unmatched", status="404") == before + 3
     assert "/random/123" not in text
+    # Paths under the docs' static mount share the mount's label, found or not.
+    mount = "/static-offline-docs"
+    before = metric(text, "ssd_requests_total", route=mount, status="404")
+    for name in ("nope1", "nope2"):
+        assert httpx.get(f"{server.url}{mount}/{name}", timeout=10).status_code == 404
+    assert httpx.get(f"{server.url}{mount}/swagger-ui.css", timeout=10).status_code == 200
+    text = server.metrics()
+    assert metric(text, "ssd_requests_total", route=mount, status="404") == before + 2
+    assert metric(text, "ssd_requests_total", route=mount, status="200") >= 1
+    assert "nope1" not in text
 
 
 def _prometheus_binary() -> str:
