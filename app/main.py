@@ -27,7 +27,7 @@ from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_setti
 from app.shutdown import install_drain_handler
 from model import Detector
 from model.checkpoint import CheckpointError, read_metadata
-from model.detector import resolve_device
+from model.runtime import resolve_device
 
 log = logging.getLogger("app")
 

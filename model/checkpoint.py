@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,18 @@ def save_checkpoint(
         "normalization": json.dumps({"mean": list(PIXEL_MEAN), "size": architecture.size}),
         "recipe": json.dumps(recipe or {}),
     }
-    path = Path(path)
+    _write_atomically(Path(path), tensors, metadata)
+
+
+def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file and a rename, so a crash or a full
+    disk never leaves half a file under ``path`` (the one place files are written)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -190,3 +199,112 @@ def load_matching_weights(network: SSD, path: str | os.PathLike[str]) -> tuple[i
 
 def _module_of(name: str) -> str:
     return name.rpartition(".")[0]
+
+
+# -- training state, for ``python -m model.train --resume`` -----------------------------------
+
+STATE_FORMAT = "ssd-train-state/2"
+_LEGACY_STATE_FORMAT = "ssd-train-state/1"  # a torch zip file, read with weights_only=True
+
+
+@dataclass
+class TrainingState:
+    """Everything a resumed run needs to continue exactly as an uninterrupted one would.
+
+    ``network``, ``optimizer``, ``scheduler`` and ``scaler`` are the parts' ``state_dict()``s;
+    ``step`` counts optimiser steps taken; ``best_map`` is the best validation mAP@0.5 so far
+    (-1 before the first evaluation); ``rng`` is ``torch.get_rng_state()``; ``architecture``
+    is ``Architecture.to_dict()``.
+    """
+
+    network: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    step: int
+    best_map: float
+    rng: Tensor
+    class_names: list[str]
+    architecture: dict[str, Any] | None
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+def save_training_state(path: str | os.PathLike[str], state: TrainingState) -> None:
+    """Write ``state`` as one safetensors file: the tensors as tensors, everything else as
+    JSON in the metadata. Nothing is pickled, so loading it can run no code."""
+    tensors: dict[str, Tensor] = {}
+    fields = {name: getattr(state, name) for name in state.__dataclass_fields__}
+    tree = _pack(fields, "", tensors)
+    metadata = {"format": STATE_FORMAT, "state": json.dumps(tree)}
+    _write_atomically(Path(path), tensors, metadata)
+
+
+def load_training_state(path: str | os.PathLike[str]) -> TrainingState:
+    """Read a state written by ``save_training_state`` (or a ``.state.pt`` of the earlier
+    format, read with ``torch.load(weights_only=True)``); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such training state file")
+    if zipfile.is_zipfile(path):
+        fields = _load_legacy_state(path)
+    else:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable training state ({exc})") from exc
+        if metadata.get("format") != STATE_FORMAT:
+            raise CheckpointError(
+                f"{path}: not a training state written by model.train (format "
+                f"{metadata.get('format')!r}, expected {STATE_FORMAT!r})"
+            )
+        try:
+            fields = _unpack(json.loads(metadata["state"]), tensors)
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: damaged training state ({exc!r})") from exc
+    try:
+        return TrainingState(**fields)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: incomplete training state ({exc})") from exc
+
+
+def _load_legacy_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(f"{path}: cannot read a training state ({exc})") from exc
+    if not isinstance(state, dict) or state.pop("format", None) != _LEGACY_STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a training state written by model.train")
+    return state
+
+
+def _pack(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
+    """``value`` as JSON, with each tensor moved into ``tensors`` under its path ``key`` and
+    replaced by ``{"tensor": key}``. Dicts whose keys are not all strings (the optimiser's
+    per-parameter state is keyed by int) become ``{"items": [[key, value], ...]}``."""
+    if isinstance(value, Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"dict": {k: _pack(v, f"{key}/{k}", tensors) for k, v in value.items()}}
+        return {"items": [[k, _pack(v, f"{key}/{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return [_pack(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {key!r} in a training state")
+
+
+def _unpack(value: Any, tensors: dict[str, Tensor]) -> Any:
+    """The inverse of ``_pack``."""
+    if isinstance(value, list):
+        return [_unpack(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "tensor" in value:
+            return tensors[value["tensor"]]
+        if "items" in value:
+            return {k: _unpack(v, tensors) for k, v in value["items"]}
+        return {k: _unpack(v, tensors) for k, v in value["dict"].items()}
+    return value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 
@@ -12,40 +11,8 @@ from torch import Tensor, nn
 from model.checkpoint import load_checkpoint
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
 from model.preprocessing import PIXEL_MEAN, ImageLike, preprocess, to_rgb_tensor
+from model.runtime import Runtime
 from model.ssd import SSD
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), read from Linux's
-    /proc/cpuinfo; elsewhere False. Without it, bf16 autocast on the CPU is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a GPU that has it, else fp16; on the CPU bf16 where the CPU does bf16
-    natively, else fp32. Other values are returned as they are."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is the first CUDA GPU when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
-    return resolved
 
 
 class Detector:
@@ -57,7 +24,7 @@ class Detector:
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
         precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast (bf16 is fast on
             CPUs with AVX-512 BF16; fp16 is meant for GPUs), or ``"auto"`` (see
-            ``resolve_precision``).
+            ``model.runtime.resolve_precision``).
         pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
         nms_iou, top_k: post-processing settings (paper defaults 0.45 and 400).
     """
@@ -78,22 +45,15 @@ class Detector:
                 f"the network has {network.num_classes - 1} foreground classes but "
                 f"{len(class_names)} class names were given"
             )
-        self.device = resolve_device(device)
-        precision = resolve_precision(precision, self.device)
-        if precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be auto or one of {sorted(PRECISIONS)}, got {precision!r}"
-            )
-        self.precision = precision
+        self.runtime = Runtime.resolve(device, precision)
+        self.device = self.runtime.device
+        self.precision = self.runtime.precision
         self.class_names = list(class_names)
         self.input_size = network.input_size
         self.pixel_mean = tuple(float(m) for m in pixel_mean)
         self.nms_iou = nms_iou
         self.top_k = top_k
-        self.network: nn.Module = network.to(self.device).eval()
-        if self.device.type == "cpu":
-            # oneDNN's convolutions are markedly faster on NHWC tensors on the CPU.
-            self.network = self.network.to(memory_format=torch.channels_last)
+        self.network: nn.Module = self.runtime.place(network).eval()
         self._default_boxes: Tensor = network.get_buffer("default_boxes").to(self.device)
 
     @classmethod
@@ -153,11 +113,8 @@ class Detector:
     @torch.inference_mode()
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Run the network on prepared inputs Tensor[N, 3, S, S]; returns float32 (loc, conf)."""
-        batch = inputs.to(self.device)
-        if self.device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            loc, conf = self.network(batch)
+        with self.runtime.autocast():
+            loc, conf = self.network(self.runtime.inputs(inputs))
         return loc.float(), conf.float()
 
     @torch.inference_mode()
@@ -204,11 +161,6 @@ class Detector:
             labels = [self.class_names[i - 1] for i in class_ids.tolist()]
             results.append(Detections(boxes, scores, class_ids, labels))
         return results
-
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
 
 def _per_image(value: float | Sequence[float], count: int, name: str) -> list:

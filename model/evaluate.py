@@ -26,6 +26,7 @@ from tqdm import tqdm
 from model.datasets import load_dataset
 from model.detector import Detector
 from model.metrics import Detection, coco_metrics, voc_ap_per_class
+from model.runtime import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
     return parser.parse_args(argv)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from app.main import create_app
 from app.settings import Settings, SettingsError
-from model.detector import cpu_has_fast_bf16
+from model.runtime import cpu_has_fast_bf16
 from tests.app.support import (
     REPO,
     Server,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.metrics import batch_size_buckets
-from model.detector import cpu_has_fast_bf16
+from model.runtime import cpu_has_fast_bf16
 from tests.app.support import Server, encode, free_port, metric, shapes_image
 
 PROMETHEUS = "/usr/bin/prometheus"

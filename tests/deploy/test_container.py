@@ -230,7 +230,13 @@ def test_repository_files_stay_out_of_the_build_context(engine: Engine, base_ima
     """What .dockerignore lets through, as the engine sees it: a build that copies the whole
     context and lists it."""
     probe = b"FROM " + base_image.encode() + b"\nCOPY . /context\n"
-    engine.docker("build", "-t", "ssd-context-probe", "-f", "-", str(REPO), input=probe)
+    # A training state left in weights/ (as `--out weights/x.safetensors` writes) stays out.
+    state = REPO / "weights" / "context-probe.state.safetensors"
+    state.write_bytes(b"training state")
+    try:
+        engine.docker("build", "-t", "ssd-context-probe", "-f", "-", str(REPO), input=probe)
+    finally:
+        state.unlink()
     listing = engine.docker("run", "--rm", "ssd-context-probe", "find", "/context", "-type", "f")
     engine.docker("rmi", "ssd-context-probe")
     sent = {line.removeprefix("/context/") for line in listing.stdout.split()}
@@ -241,7 +247,11 @@ def test_repository_files_stay_out_of_the_build_context(engine: Engine, base_ima
             for path in (REPO / folder).rglob("*")
             if path.is_file() and "__pycache__" not in path.parts
         }
-    expected |= {str(p.relative_to(REPO)) for p in (REPO / "weights").glob("*.safetensors")}
+    expected |= {
+        str(p.relative_to(REPO))
+        for p in (REPO / "weights").glob("*.safetensors")
+        if not p.name.endswith(".state.safetensors")
+    }
     assert sent == expected
-    assert not any(name.endswith(".state.pt") for name in sent)
+    assert not any(".state." in name for name in sent)
     assert not any(name.startswith((".venv/", ".git/", "runs/", "bench/")) for name in sent)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -6,11 +7,15 @@ from safetensors.torch import load_file, save_file
 
 from model import ssd300_vgg16
 from model.checkpoint import (
+    STATE_FORMAT,
     CheckpointError,
+    TrainingState,
     load_checkpoint,
     load_matching_weights,
+    load_training_state,
     read_metadata,
     save_checkpoint,
+    save_training_state,
     strip_wrapper_prefixes,
 )
 
@@ -138,3 +143,111 @@ def test_matching_weights_refuse_a_checkpoint_with_nothing_in_common(tmp_path, n
     wider = ssd300_vgg16(3, batch_norm=True, width=0.25, preset="coco")
     with pytest.raises(CheckpointError, match=r"narrow\.safetensors: no weight fits"):
         load_matching_weights(wider, path)
+
+
+def _training_state(network) -> TrainingState:
+    """A state after two real optimiser steps: momentum buffers, a stepped schedule, a scaler
+    that has seen gradients."""
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5**s)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    network.train()
+    for _ in range(2):
+        loc, conf = network(torch.randn(2, 3, 300, 300))
+        scaler.scale(loc.square().mean() + conf.square().mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+    return TrainingState(
+        network=network.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=scaler.state_dict(),
+        step=2,
+        best_map=float("-inf"),
+        rng=torch.get_rng_state(),
+        class_names=NAMES,
+        architecture=network.architecture.to_dict(),
+        recipe={"lr": 0.1, "out": "x.safetensors", "classes": None},
+    )
+
+
+def _assert_same(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where  # int keys stay ints, in order
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_training_state_round_trips_without_pickle(tmp_path, network):
+    state = _training_state(network)
+    assert state.optimizer["state"] and all(isinstance(k, int) for k in state.optimizer["state"])
+    path = tmp_path / "run.state.safetensors"
+    save_training_state(path, state)
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header])["__metadata__"]["format"] == (
+        STATE_FORMAT
+    )
+    assert b"\x80\x02" not in raw[:16]  # not a pickle
+    loaded = load_training_state(path)
+    for name in state.__dataclass_fields__:
+        _assert_same(getattr(state, name), getattr(loaded, name), name)
+    # The loaded optimiser state drives a fresh optimiser exactly as the original.
+    fresh = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    fresh.load_state_dict(loaded.optimizer)
+    buffers = [fresh.state[p]["momentum_buffer"] for p in network.parameters()]
+    assert all(b is not None and b.abs().sum() > 0 for b in buffers)
+
+
+def test_a_legacy_torch_state_loads_with_weights_only(tmp_path, network):
+    state = _training_state(network)
+    legacy = {"format": "ssd-train-state/1", **vars(state)}
+    path = tmp_path / "old.state.pt"
+    torch.save(legacy, path)
+    loaded = load_training_state(path)
+    assert loaded.step == 2 and loaded.class_names == NAMES
+    _assert_same(state.optimizer, loaded.optimizer, "optimizer")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.state.pt"
+    torch.save({"format": "ssd-train-state/1", "x": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match=re.escape("evil.state.pt")):
+        load_training_state(path)
+    assert not marker.exists()
+
+
+def test_unusable_training_states_name_the_file(tmp_path, network):
+    junk = tmp_path / "junk.state.safetensors"
+    junk.write_bytes(b"nope")
+    with pytest.raises(CheckpointError, match=re.escape("junk.state.safetensors: not a readable")):
+        load_training_state(junk)
+    with pytest.raises(CheckpointError, match=re.escape("missing.state.safetensors: no such")):
+        load_training_state(tmp_path / "missing.state.safetensors")
+    model_file = tmp_path / "model.safetensors"
+    save_checkpoint(model_file, network, NAMES)
+    with pytest.raises(CheckpointError, match=re.escape("model.safetensors: not a training state")):
+        load_training_state(model_file)
+    damaged = tmp_path / "damaged.state.safetensors"
+    save_file({"x": torch.zeros(1)}, str(damaged), metadata={"format": STATE_FORMAT})
+    with pytest.raises(CheckpointError, match=re.escape("damaged.state.safetensors: damaged")):
+        load_training_state(damaged)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
-from model.detector import cpu_has_fast_bf16, resolve_precision
+from model.runtime import cpu_has_fast_bf16, resolve_precision
 
 NAMES = ["circle", "square"]
 SHRINK = 0.1

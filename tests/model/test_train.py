@@ -112,7 +112,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert main([*common, "--out", str(straight)]) == 0
     split = tmp_path / "split.safetensors"
     assert main([*common, "--out", str(split), "--stop-at", "3"]) == 0
-    state = tmp_path / "split.state.pt"
+    state = tmp_path / "split.state.safetensors"
     assert state.exists()
     assert main([*common, "--out", str(split), "--resume", str(state)]) == 0
     expected = {r["step"]: r["loss"] for r in _log(straight)}

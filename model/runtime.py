@@ -1,0 +1,112 @@
+"""Where and how a network runs: the device, the numeric precision, autocast, memory format.
+
+One ``Runtime`` is resolved from the user's words (``device="auto"``, ``precision="auto"``) and
+then used by everything that runs the network, the ``Detector`` and the ``Trainer`` alike, so
+the two cannot drift apart: they place the network and its inputs the same way and compute
+under the same autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Precisions by name. bf16 and fp16 run under autocast: weights stay fp32, and the operations
+# autocast lists (convolutions, matrix products) compute in the reduced type.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), read from Linux's
+    /proc/cpuinfo; elsewhere False. Without it, bf16 autocast on the CPU is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is the first CUDA GPU when there is one, else the CPU.
+
+    Raises:
+        ValueError: a CUDA device was named but CUDA is not available.
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that has it, else fp16; on the CPU bf16 where the CPU does bf16
+    natively, else fp32. Other names are checked and returned as they are.
+
+    Raises:
+        ValueError: ``precision`` is neither ``auto`` nor a key of ``PRECISIONS``.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be auto or one of {sorted(PRECISIONS)}, got {precision!r}"
+        )
+    return precision
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved device and precision (a key of ``PRECISIONS``, never ``auto``).
+
+    Build one with ``Runtime.resolve``; ``place`` puts a network on it, ``inputs`` a batch,
+    and ``autocast`` is the context to compute in.
+    """
+
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def resolve(cls, device: str | torch.device = "auto", precision: str = "fp32") -> Runtime:
+        """The runtime named by ``device`` (``auto``, ``cpu``, ``cuda[:N]``) and ``precision``
+        (``auto`` or a key of ``PRECISIONS``); see ``resolve_device``, ``resolve_precision``."""
+        resolved = resolve_device(device)
+        return cls(resolved, resolve_precision(precision, resolved))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype autocast computes in (float32 for fp32, where no autocast runs)."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """channels_last on the CPU, where oneDNN's convolutions are markedly faster on NHWC
+        tensors; the default layout elsewhere."""
+        return torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+
+    def place(self, network: nn.Module) -> nn.Module:
+        """Move ``network`` (in place, as ``nn.Module.to`` does) to the device and layout."""
+        return network.to(self.device).to(memory_format=self.memory_format)
+
+    def inputs(self, batch: Tensor) -> Tensor:
+        """A batch Tensor[N, C, H, W] on the device, in the network's memory layout."""
+        return batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The context the forward pass runs in: autocast to the reduced type, or nothing."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler for training: enabled for fp16 on a GPU, where small gradients would
+        underflow fp16's range; bf16 has fp32's range and needs none."""
+        enabled = self.precision == "fp16" and self.device.type == "cuda"
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)

@@ -1,0 +1,75 @@
+"""The training loop built from typed parts, without the command line."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ssd300_vgg16
+from model.augmentation import EvalTransform
+from model.checkpoint import load_checkpoint, load_training_state
+from model.datasets import load_dataset
+from model.distributed import Processes
+from model.loss import MultiBoxLoss
+from model.trainer import Optimisation, RunFiles, StepPlan, Trainer, TrainingData
+from model.training_data import AugmentedDataset
+
+
+def _trainer(out: Path, *, total: int, stop_at: int | None = None) -> Trainer:
+    torch.manual_seed(0)
+    processes = Processes.start("cpu", "fp32")
+    train_set = load_dataset("synthetic:8", split="train")
+    network = ssd300_vgg16(len(train_set.class_names) + 1, batch_norm=True, width=0.125)
+    processes.runtime.place(network)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
+    halving = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5**s)
+    return Trainer(
+        network,
+        loss=MultiBoxLoss(network.default_boxes),
+        optimisation=Optimisation(optimizer, halving, processes.runtime.grad_scaler()),
+        data=TrainingData(
+            AugmentedDataset(train_set, EvalTransform(300), seed=0), batch_size=2, seed=0, workers=0
+        ),
+        plan=StepPlan(total=total, per_epoch=4, log_every=1, eval_every=0, stop_at=stop_at),
+        files=RunFiles(out),
+        class_names=list(train_set.class_names),
+        processes=processes,
+    )
+
+
+def test_runs_the_plan_and_writes_its_files(tmp_path):
+    out = tmp_path / "run.safetensors"
+    trainer = _trainer(out, total=6, stop_at=5)
+    assert trainer.run() == 5
+    log = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in log] == [1, 1, 1, 1, 2]
+    # The schedule steps once per optimiser step: the logged rate halves every step.
+    assert [r["lr"] for r in log] == pytest.approx([0.01 * 0.5**s for s in range(1, 6)])
+    assert load_checkpoint(out).recipe["step"] == 4  # written at the end of epoch 1
+    state = load_training_state(trainer.files.state)
+    assert state.step == 5  # --stop-at mid-epoch saves the state where it stopped
+
+    resumed = _trainer(out, total=6)
+    resumed.restore(state, trainer.files.state)
+    assert resumed.run() == 6
+    assert resumed.optimisation.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**6)
+
+
+def test_restore_refuses_another_run(tmp_path):
+    trainer = _trainer(tmp_path / "a.safetensors", total=1)
+    state = trainer.state()
+    state.class_names = ["cat"]
+    with pytest.raises(ValueError, match=re.escape("a.state.safetensors: trained on classes")):
+        trainer.restore(state, trainer.files.state)
+    state = trainer.state()
+    state.architecture = {**state.architecture, "width": 1.0}
+    with pytest.raises(ValueError, match="architecture"):
+        trainer.restore(state, trainer.files.state)
+
+
+def test_evaluate_needs_validation_data(tmp_path):
+    with pytest.raises(RuntimeError, match="no validation data"):
+        _trainer(tmp_path / "b.safetensors", total=1).evaluate()
