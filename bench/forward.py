@@ -16,6 +16,7 @@ from model import ssd300_vgg16
 
 
 def main() -> None:
+    """Time the network in fp32 and under bf16 autocast; print images/s and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=float, default=1.0)

@@ -26,6 +26,7 @@ from model.postprocess import postprocess
 
 
 def main() -> None:
+    """Time our post-processing against torchvision's on random outputs; print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--classes", type=int, default=21)

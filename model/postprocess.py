@@ -66,27 +66,15 @@ def postprocess(
         Per image: boxes Tensor[K, 4] (xyxy pixels, clipped to the image), scores Tensor[K],
         class_ids Tensor[K] (int64, 1..C-1), sorted by descending score, K <= max_detections.
     """
-    num_images, num_priors, num_classes = conf.shape
+    num_images, _, num_classes = conf.shape  # (N, P, C)
     if len(image_sizes) != num_images:
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {num_images}")
     device = conf.device
     scores = conf.float().softmax(dim=-1)[..., 1:]  # (N, P, C-1), background dropped
 
-    above = scores > score_threshold
     if num_images == 0:
         return []
-    if int(above.sum(dim=1).amax()) <= top_k:
-        # Usual case: no (image, class) has more than top_k candidates, so no top-k is needed.
-        image_idx, cand_prior, class_idx = above.nonzero(as_tuple=True)
-        cand_scores = scores[above]
-    else:
-        # Per (image, class), the top-k candidates by score: (N, C-1, P) -> (N, C-1, k)
-        k = min(top_k, num_priors)
-        top_scores, top_prior = scores.transpose(1, 2).topk(k, dim=2)
-        keep = top_scores > score_threshold
-        image_idx, class_idx, _ = keep.nonzero(as_tuple=True)
-        cand_scores = top_scores[keep]
-        cand_prior = top_prior[keep]
+    image_idx, cand_prior, class_idx, cand_scores = _candidates(scores, score_threshold, top_k)
 
     # Decode only the candidates' boxes, clip in the relative frame, then scale per image.
     boxes = decode(loc[image_idx, cand_prior].float(), default_boxes[cand_prior].float())
@@ -98,16 +86,41 @@ def postprocess(
     group = image_idx * num_classes + class_idx
     kept = batched_nms(boxes, cand_scores, group, nms_iou)  # sorted by score, descending
 
-    # Keep the best max_detections per image: a stable sort by image keeps score order inside.
-    kept = kept[torch.sort(image_idx[kept], stable=True).indices]
-    kept_image = image_idx[kept]
-    counts = torch.bincount(kept_image, minlength=num_images)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(kept.numel(), device=device) - starts[kept_image]
-    kept = kept[rank < max_detections]
-    per_image = counts.clamp(max=max_detections).tolist()
-
+    kept, per_image = _best_per_image(kept, image_idx, num_images, max_detections)
     results = []
     for idx in kept.split(per_image):
         results.append((boxes[idx], cand_scores[idx], class_idx[idx] + 1))
     return results
+
+
+def _candidates(
+    scores: Tensor, score_threshold: float, top_k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The (image, prior, class) triples scoring above the threshold, at most ``top_k`` per
+    image and class, from ``scores`` Tensor[N, P, C-1]; returns their image, prior and class
+    indices (0-based, background excluded) and their scores, each Tensor[M]."""
+    above = scores > score_threshold
+    if int(above.sum(dim=1).amax()) <= top_k:
+        # Usual case: no (image, class) has more than top_k candidates, so no top-k is needed.
+        image_idx, prior_idx, class_idx = above.nonzero(as_tuple=True)
+        return image_idx, prior_idx, class_idx, scores[above]
+    # Per (image, class), the top-k candidates by score: (N, C-1, P) -> (N, C-1, k)
+    k = min(top_k, scores.shape[1])
+    top_scores, top_prior = scores.transpose(1, 2).topk(k, dim=2)
+    keep = top_scores > score_threshold
+    image_idx, class_idx, _ = keep.nonzero(as_tuple=True)
+    return image_idx, top_prior[keep], class_idx, top_scores[keep]
+
+
+def _best_per_image(
+    kept: Tensor, image_idx: Tensor, num_images: int, max_detections: int
+) -> tuple[Tensor, list[int]]:
+    """Cut ``kept`` (candidate indices in descending score order) to the best
+    ``max_detections`` of each image; returns them grouped by image, and the count per image."""
+    # A stable sort by image keeps the score order inside each image.
+    kept = kept[torch.sort(image_idx[kept], stable=True).indices]
+    kept_image = image_idx[kept]
+    counts = torch.bincount(kept_image, minlength=num_images)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(kept.numel(), device=kept.device) - starts[kept_image]  # within image
+    return kept[rank < max_detections], counts.clamp(max=max_detections).tolist()

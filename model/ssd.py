@@ -23,6 +23,7 @@ class Architecture:
     width: float
 
     def to_dict(self) -> dict[str, object]:
+        """The fields as a JSON-ready dict (what checkpoints store as ``architecture``)."""
         return asdict(self)
 
 
@@ -82,6 +83,16 @@ class SSD(nn.Module):
         self.architecture: Architecture | None = None  # set by the builders
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Offsets and class logits of every default box for a batch.
+
+        Args:
+            x: Tensor[N, 3, S, S], RGB 0-255 minus the pixel mean.
+
+        Returns:
+            loc Tensor[N, P, 4] (offsets to ``default_boxes``, see ``model.box_coding``) and
+            conf Tensor[N, P, C] (logits, class 0 being background), P default boxes in the
+            order of ``default_boxes``.
+        """
         locs, confs = [], []
         for k, stage in enumerate(self.stages):
             x = stage(x)

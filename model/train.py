@@ -58,16 +58,42 @@ SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m model.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_data_arguments(parser)
+    _add_network_arguments(parser)
+    _add_optimisation_arguments(parser)
+    _add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.epochs is None and args.steps is None:
+        args.epochs = 1
+    return args
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("data")
     p.add_argument(
         "--data", required=True, help="voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
     )
     p.add_argument("--val-data", help="validation data (default: the held-out part of --data)")
-    p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
+    p.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--ignore-difficult", action="store_true", help="drop VOC difficult objects")
+    p.add_argument("--max-zoom-out", type=float, default=4.0, help="zoom-out ratio (paper: 4)")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the paper's augmentation (--no-augment: resize only, for debugging)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("network")
     p.add_argument("--size", type=int, default=300, choices=[300, 512])
     p.add_argument(
         "--preset", default="voc", choices=PRESETS, help="default-box tiling (model.default_boxes)"
@@ -81,9 +107,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="start from this checkpoint's weights where names and shapes fit (fine-tuning)",
     )
-    p.add_argument("--classes", help="comma-separated class names (default: from the data)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--ignore-difficult", action="store_true", help="drop VOC difficult objects")
+
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("optimisation")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="passes over the training data")
     length.add_argument("--steps", type=int, help="optimiser steps in all")
@@ -96,18 +123,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help="clip the gradient's global L2 norm to this (default: no clipping)",
     )
-    p.add_argument("--max-zoom-out", type=float, default=4.0, help="zoom-out ratio (paper: 4)")
-    p.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the paper's augmentation (--no-augment: resize only, for debugging)",
-    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("run")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--resume", type=Path, help="a .state.safetensors written by an earlier run")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--eval-every", type=int, default=1, help="epochs between evaluations (0: never)"
     )
@@ -119,10 +143,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=SAVE_DTYPES,
         help="dtype of the weights in the written checkpoints",
     )
-    args = p.parse_args(argv)
-    if args.epochs is None and args.steps is None:
-        args.epochs = 1
-    return args
 
 
 def build_trainer(args: argparse.Namespace) -> Trainer:

@@ -62,6 +62,8 @@ class L2Norm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` Tensor[N, C, H, W] divided by its L2 norm over channels, times the learned
+        per-channel scale; the same shape and dtype."""
         # Computed in fp32: a sum of 512 squares overflows or underflows easily in 16 bits.
         x32 = x.float()
         norm = x32.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps
