@@ -1,9 +1,11 @@
 """Dynamic batching: requests queue up, and one forward pass answers a whole batch.
 
 A batch is formed when ``max_batch_size`` images wait, or when the oldest has waited
-``max_wait_s``, whichever comes first. The forward pass and box decoding run on one dedicated
-thread, so the event loop keeps accepting requests while a batch runs, and the next batch
-fills up in the meantime. The queue is bounded; a full queue is refused at once (503).
+``max_wait_s``, whichever comes first. The model batches and unbatches
+(``Detector.run_batch``): the batcher holds jobs, futures and timings, never tensors. A batch
+runs on one dedicated thread, so the event loop keeps accepting requests while it runs, and
+the next batch fills up in the meantime. The queue is bounded; a full queue is refused at once
+(503).
 
 Before a batch runs, images whose client has gone away or whose deadline has passed are
 dropped. A failure inside a batch answers every image in it with ``InferenceFailedError``.
@@ -20,10 +22,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-from PIL import Image
-from torch import Tensor
-
 from app.errors import (
     ClientDisconnectedError,
     DeadlineExceededError,
@@ -32,6 +30,7 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from model import Detections, Detector
+from model.detector import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,12 @@ DisconnectCheck = Callable[[], Awaitable[bool]]
 class Job:
     """One prepared image and how its detections are to be cut.
 
-    ``inputs`` is the network input Tensor[3, S, S] from ``Detector.prepare``, ``size`` the
-    image's (width, height) in pixels, ``score_threshold`` in [0, 1].
+    ``inputs`` is opaque here: what ``Detector.prepare`` made of the image, handed back to
+    ``Detector.run_batch`` as it is. ``size`` is the image's (width, height) in pixels, the
+    frame its boxes come back in; ``score_threshold`` is in [0, 1], ``max_detections`` >= 1.
     """
 
-    inputs: Tensor
+    inputs: ModelInput
     size: tuple[int, int]
     score_threshold: float
     max_detections: int
@@ -66,7 +66,7 @@ class Batcher:
     """Queues jobs and runs them through ``detector`` in batches, one batch at a time.
 
     Args:
-        detector: the model (its ``forward`` and ``decode`` are called on a worker thread).
+        detector: the model (its ``run_batch`` and ``warm_up`` are called on a worker thread).
         metrics: where batch sizes, stage times, queue depth and counts are recorded.
         max_batch_size: most images per forward pass.
         max_wait_s: longest time the oldest waiting image waits for others, in seconds.
@@ -142,12 +142,10 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def warm_up(self) -> None:
-        """Run one blank image through the model, so the first request is not the slow one."""
-        size = self.detector.input_size
-        inputs, image_size = self.detector.prepare(Image.new("RGB", (size, size)))
+        """Run the model's warm-up on the inference thread, so the first request is not the
+        slow one (nothing is recorded in the metrics)."""
         loop = asyncio.get_running_loop()
-        blank = Job(inputs, image_size, score_threshold=0.0, max_detections=1)
-        await loop.run_in_executor(self._executor, self._infer, [blank], False)
+        await loop.run_in_executor(self._executor, self.detector.warm_up)
 
     async def submit(
         self,
@@ -218,7 +216,7 @@ class Batcher:
                 self.metrics.stage_duration.labels(stage="queue").observe(started - entry.enqueued)
             jobs = [entry.job for entry in batch]
             try:
-                results = await loop.run_in_executor(self._executor, self._infer, jobs, True)
+                results = await loop.run_in_executor(self._executor, self._infer, jobs)
             except Exception as exc:
                 log.exception("a batch of %d images failed", len(batch))
                 for entry in batch:
@@ -269,31 +267,26 @@ class Batcher:
             kept.append(entry)
         return kept
 
-    def _infer(self, jobs: list[Job], record: bool) -> list[Detections]:
-        """One forward pass and one decode for ``jobs`` (runs on the worker thread)."""
-        start = time.perf_counter()
-        loc, conf = self.detector.forward(torch.stack([job.inputs for job in jobs]))
-        forwarded = time.perf_counter()
-        results = self.detector.decode(
-            loc,
-            conf,
+    def _infer(self, jobs: list[Job]) -> list[Detections]:
+        """One batch through the model, its metrics recorded (runs on the worker thread)."""
+        batch = self.detector.run_batch(
+            [job.inputs for job in jobs],
             [job.size for job in jobs],
             [job.score_threshold for job in jobs],
             [job.max_detections for job in jobs],
         )
-        done = time.perf_counter()
+        results = batch.detections
         if len(results) != len(jobs):
             raise RuntimeError(f"the model returned {len(results)} results for {len(jobs)} images")
-        if record:
-            m = self.metrics
-            m.batch_size.observe(len(jobs))
-            m.images.inc(len(jobs))
-            for _ in jobs:
-                m.stage_duration.labels(stage="inference").observe(forwarded - start)
-                m.stage_duration.labels(stage="postprocess").observe(done - forwarded)
-            for result in results:
-                for label in result.labels:
-                    m.detections.labels(label=label).inc()
+        m = self.metrics
+        m.batch_size.observe(len(jobs))
+        m.images.inc(len(jobs))
+        for _ in jobs:  # per image: each waited for its whole batch's forward pass and decoding
+            m.stage_duration.labels(stage="inference").observe(batch.forward_s)
+            m.stage_duration.labels(stage="postprocess").observe(batch.postprocess_s)
+        for result in results:
+            for label in result.labels:
+                m.detections.labels(label=label).inc()
         return results
 
 

@@ -17,13 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +27,14 @@ import httpx
 import torch
 from PIL import Image, ImageDraw
 
+from app.server_process import ServerProcess
+from app.settings import DEFAULT_WEIGHTS
 from bench.timing import median_seconds
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
+from model.synthetic import CLASS_NAMES
 
-SHIPPED = Path("weights/ssd300_shapes.safetensors")
-CLASS_NAMES = ["circle", "square", "triangle", "star", "cross", "bar"]
+READY_TIMEOUT_S = 120.0
 IMAGE_COUNT = 16  # distinct images cycled through by the clients
 
 
@@ -56,55 +53,32 @@ def _images() -> list[bytes]:
     return images
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _metric(text: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
-def _start(weights: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
-    env.update(
-        SSD_WEIGHTS=str(weights),
-        SSD_DEVICE="cpu",
-        SSD_PRECISION=args.precision,
-        SSD_MAX_BATCH_SIZE=str(args.max_batch_size),
-        SSD_MAX_WAIT_MS=str(args.max_wait_ms),
-        SSD_MAX_QUEUE=str(max(64, 2 * args.clients)),
-        SSD_REQUEST_TIMEOUT_S="300",
-        OMP_NUM_THREADS=str(args.threads),
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    # The server's stdout is its JSON access log, a line per request: not wanted here. Its
-    # warnings and errors go to stderr, which stays.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not become ready")
+def _start(weights: Path, args: argparse.Namespace) -> ServerProcess:
+    """``python -m app`` serving ``weights`` with the benchmark's settings, ready.
+
+    The server's stdout is its JSON access log, a line per request: not wanted here, so it is
+    discarded. Its warnings and errors go to stderr, which stays.
+    """
+    env = {
+        "SSD_WEIGHTS": str(weights.resolve()),  # the server runs from the repository root
+        "SSD_DEVICE": "cpu",
+        "SSD_PRECISION": args.precision,
+        "SSD_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "SSD_MAX_WAIT_MS": str(args.max_wait_ms),
+        "SSD_MAX_QUEUE": str(max(64, 2 * args.clients)),
+        "SSD_REQUEST_TIMEOUT_S": "300",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
+    server = ServerProcess(env)
+    try:
+        return server.wait_ready(READY_TIMEOUT_S)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 async def _load(url: str, images: list[bytes], clients: int, total: int) -> tuple[float, list]:
@@ -144,24 +118,22 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights or (SHIPPED if SHIPPED.is_file() else None)
+        weights = args.weights or (DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None)
         if weights is None:
             weights = Path(tmp) / "random.safetensors"
             network = ssd300_vgg16(7, width=0.25, batch_norm=True, preset="coco").eval()
             save_checkpoint(weights, network, CLASS_NAMES)
-            print(f"{SHIPPED} not found: using a random SSD300 of width 0.25")
+            print(f"{DEFAULT_WEIGHTS} not found: using a random SSD300 of width 0.25")
         images = _images()
 
-        port = _free_port()
-        server = _start(weights, port, args)
-        url = f"http://127.0.0.1:{port}"
+        server = _start(weights, args)
+        url = server.url
         try:
             before = httpx.get(url + "/metrics").text
             elapsed, latencies = asyncio.run(_load(url, images, args.clients, args.requests))
             after = httpx.get(url + "/metrics").text
         finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=60)
+            server.stop()
         batches = _metric(after, "ssd_batch_size_count") - _metric(before, "ssd_batch_size_count")
         batched = _metric(after, "ssd_batch_size_sum") - _metric(before, "ssd_batch_size_sum")
         mean_batch = batched / batches if batches else float("nan")

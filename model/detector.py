@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -91,15 +93,73 @@ class Detector:
         Returns:
             One ``Detections`` per image, boxes xyxy in that image's pixels.
 
-        The three stages are also public, for callers that batch or time them separately
-        (the service): ``prepare`` each image, ``forward`` the stacked inputs, ``decode``.
+        The stages are also public, for callers that batch or time them separately (the
+        service): ``prepare`` each image (on any thread), then ``run_batch`` the prepared
+        inputs with per-image settings.
         """
         if len(images) == 0:
             return []
         prepared = [self.prepare(image) for image in images]
-        loc, conf = self.forward(torch.stack([inputs for inputs, _ in prepared]))
-        sizes = [size for _, size in prepared]
-        return self.decode(loc, conf, sizes, score_threshold, max_detections)
+        count = len(prepared)
+        return self.run_batch(
+            [inputs for inputs, _ in prepared],
+            [size for _, size in prepared],
+            [score_threshold] * count,
+            [max_detections] * count,
+        ).detections
+
+    @torch.inference_mode()
+    def run_batch(
+        self,
+        inputs: Sequence[ModelInput],
+        sizes: Sequence[tuple[int, int]],
+        score_thresholds: Sequence[float],
+        max_detections: Sequence[int],
+    ) -> BatchResult:
+        """Prepared images in, one ``Detections`` per image out: stack, one forward pass, decode.
+
+        Args:
+            inputs: network inputs from ``prepare``, each float32 Tensor[3, S, S].
+            sizes: each image's (width, height) in pixels, the frame its boxes come back in
+                (``prepare`` gives the decoded image's; a caller that decoded at reduced scale
+                passes the full size).
+            score_thresholds: per image, keep detections scoring strictly above this (0..1).
+            max_detections: per image, at most this many detections (>= 1).
+
+        Returns:
+            The detections, one per input in order, and the seconds the forward pass and the
+            decoding (box decoding, NMS, the cut to each image's settings) took.
+
+        Raises:
+            ValueError: the four sequences differ in length (the message gives the lengths),
+                or a threshold or cap is out of range.
+            RuntimeError: the model gave a number of results other than the inputs'.
+        """
+        count = len(inputs)
+        lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
+        if len(set(lengths)) != 1:
+            raise ValueError(
+                "run_batch needs one size, threshold and cap per input; got "
+                f"{count} inputs, {lengths[1]} sizes, {lengths[2]} score_thresholds and "
+                f"{lengths[3]} max_detections"
+            )
+        if count == 0:
+            return BatchResult([], 0.0, 0.0)
+        start = time.perf_counter()
+        loc, conf = self.forward(torch.stack(list(inputs)))  # N x Tensor[3, S, S] -> [N, 3, S, S]
+        forwarded = time.perf_counter()
+        detections = self.decode(loc, conf, sizes, score_thresholds, max_detections)
+        done = time.perf_counter()
+        if len(detections) != count:
+            raise RuntimeError(f"the model returned {len(detections)} results for {count} inputs")
+        return BatchResult(detections, forward_s=forwarded - start, postprocess_s=done - forwarded)
+
+    def warm_up(self) -> None:
+        """Run one blank (black) image through ``run_batch``, so the first real batch does not
+        pay for the backend's first-call set-up. Call it on the thread that will run batches."""
+        side = self.input_size
+        inputs, size = self.prepare(torch.zeros((3, side, side), dtype=torch.uint8))
+        self.run_batch([inputs], [size], [0.0], [1])
 
     def prepare(self, image: ImageLike) -> tuple[Tensor, tuple[int, int]]:
         """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
@@ -171,3 +231,18 @@ def _per_image(value: float | Sequence[float], count: int, name: str) -> list:
     if len(values) != count:
         raise ValueError(f"{name}: got {len(values)} values for {count} images")
     return values
+
+
+# What ``Detector.prepare`` makes of one image (float32 Tensor[3, S, S]) and ``run_batch``
+# takes back: callers that only queue it (the service's batcher) name it by this.
+ModelInput = Tensor
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What ``Detector.run_batch`` gives: one ``Detections`` per input, in order, and the
+    wall-clock seconds of the batch's forward pass and of its decoding (post-processing)."""
+
+    detections: list[Detections]
+    forward_s: float
+    postprocess_s: float

@@ -20,17 +20,22 @@ from app.intake import OpenedImage, decode, open_image
 from app.routes.docs import error_responses, image_body
 from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize, ModelRef
 from app.service import Service, ServiceDep
+from app.settings import Settings
 from app.uploads import form_images, is_multipart, read_body
 from model import Detections
 
 router = APIRouter(tags=["detection"])
+# The defaults the API text names, read from where they are defined.
+_DEFAULT_THRESHOLD = Settings.model_fields["score_threshold"].default
+_DEFAULT_MAX_DETECTIONS = Settings.model_fields["max_detections"].default
 
 ScoreThreshold = Annotated[
     float | None,
     Query(
         ge=0,
         le=1,
-        description="Keep detections scoring above this (default: SSD_SCORE_THRESHOLD, 0.3).",
+        description="Keep detections scoring above this "
+        f"(default: SSD_SCORE_THRESHOLD, {_DEFAULT_THRESHOLD}).",
     ),
 ]
 MaxDetections = Annotated[
@@ -38,7 +43,8 @@ MaxDetections = Annotated[
     Query(
         ge=1,
         le=1000,
-        description="At most this many detections per image (default: SSD_MAX_DETECTIONS, 100).",
+        description="At most this many detections per image "
+        f"(default: SSD_MAX_DETECTIONS, {_DEFAULT_MAX_DETECTIONS}).",
     ),
 ]
 ERRORS = error_responses(400, 408, 413, 415, 422, 500, 503, 504)

@@ -1,28 +1,33 @@
-"""Fixtures for the service tests: a tiny random checkpoint and running servers."""
+"""Fixtures for the service tests: a tiny random checkpoint, the app in process (most tests),
+and real servers (the tests where a real socket, signal or process is the point)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
-from model import ssd300_vgg16
+from app.main import create_app
+from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
-from tests.app.support import CLASS_NAMES, SHIPPED_WEIGHTS, Server
+from tests.app.support import (
+    CLASS_NAMES,
+    DEFAULT_ENV,
+    GUARDED_ENV,
+    SHIPPED_WEIGHTS,
+    Server,
+    in_process,
+    settings_from,
+)
 
-# Small batching settings shared by the default test server: batches of up to 8, formed within
-# 30 ms, so 32 concurrent clients give several multi-image batches.
-DEFAULT_ENV = {
-    "SSD_MAX_BATCH_SIZE": "8",
-    "SSD_MAX_WAIT_MS": "30",
-    "SSD_MAX_QUEUE": "64",
-    "SSD_MAX_UPLOAD_BYTES": "3000000",
-    "SSD_MAX_IMAGE_PIXELS": "20000000",
-    "SSD_REQUEST_TIMEOUT_S": "60",
-    "SSD_DEVICE": "cpu",
-}
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """In-process tests (``pytest.mark.anyio``) run on asyncio, as uvicorn does."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -48,25 +53,59 @@ def server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="session")
+def guarded(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real server with short connection timeouts and caps (``GUARDED_ENV``), for the tests
+    of slow and hostile clients; the connection cap counts every connection, so tests using
+    it run one at a time."""
+    log = tmp_path_factory.mktemp("guarded") / "server.log"
+    running = Server({**GUARDED_ENV, "SSD_WEIGHTS": str(tiny_weights)}, log).wait_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_detector(tiny_weights: Path) -> Detector:
+    """The tiny model loaded once, as the lifespan loads it with the test settings (auto
+    precision), shared by the in-process apps (it keeps no state between batches)."""
+    settings = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(tiny_weights)})
+    return Detector.load(tiny_weights, device=settings.device, precision=settings.precision)
+
+
+@pytest.fixture
+async def client(
+    tiny_weights: Path, tiny_detector: Detector, one_thread: None, anyio_backend: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client calling a fresh app in process (no socket): the tiny model, the default test
+    settings, the lifespan run around the test, fresh metrics."""
+    settings = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(tiny_weights)})
+    async with in_process(create_app(settings, tiny_detector)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def shipped_weights() -> Path:
-    """The shipped trained model; tests needing real detections skip without it."""
+    """The shipped trained model (``weights/ssd300_shapes.safetensors``, in the repository);
+    tests needing real detections skip if it has been removed."""
     if not SHIPPED_WEIGHTS.is_file():
-        pytest.skip(
-            "needs the trained shipped model weights/ssd300_shapes.safetensors, which is not "
-            "in the repository yet"
-        )
+        pytest.skip(f"needs the trained shipped model {SHIPPED_WEIGHTS}, which is missing")
     return SHIPPED_WEIGHTS
 
 
 @pytest.fixture(scope="session")
-def trained_server(
-    shipped_weights: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    """A server with the shipped model."""
-    log = tmp_path_factory.mktemp("trained") / "uvicorn.log"
-    running = Server({**DEFAULT_ENV, "SSD_WEIGHTS": str(shipped_weights)}, log).wait_ready()
-    yield running
-    running.stop()
+def trained_detector(shipped_weights: Path) -> Detector:
+    """The shipped model loaded once, as the lifespan loads it with the test settings."""
+    settings = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(shipped_weights)})
+    return Detector.load(shipped_weights, device=settings.device, precision=settings.precision)
+
+
+@pytest.fixture
+async def trained_client(
+    shipped_weights: Path, trained_detector: Detector, one_thread: None, anyio_backend: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client calling an app in process that serves the shipped model."""
+    settings = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(shipped_weights)})
+    async with in_process(create_app(settings, trained_detector)) as running:
+        yield running
 
 
 @pytest.fixture

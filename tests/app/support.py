@@ -1,15 +1,13 @@
-"""Helpers for the service tests: a uvicorn subprocess, test images, metric parsing."""
+"""Helpers for the service tests: the in-process client, the real server (``python -m app``
+in a subprocess), test images, metric parsing."""
 
 from __future__ import annotations
 
 import io
-import os
+import json
 import re
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -21,85 +19,41 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[2]
+from app.server_process import REPO, ServerProcess
+from app.server_process import free_port as free_port  # re-exported: tests/deploy use it
+from app.settings import DEFAULT_WEIGHTS, ENV_PREFIX, Settings
+from model.synthetic import CLASS_NAMES as CLASS_NAMES  # of every checkpoint here
+
 # The shipped model; tests that need trained weights skip without it.
-SHIPPED_WEIGHTS = REPO / "weights" / "ssd300_shapes.safetensors"
-CLASS_NAMES = ["circle", "square", "triangle", "star", "cross", "bar"]
-READY_TIMEOUT_S = 90.0  # start-up imports torch and builds the model on a busy 2-core machine
+SHIPPED_WEIGHTS = REPO / DEFAULT_WEIGHTS
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (free when asked; the server binds it right after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Small batching settings shared by the default test server: batches of up to 8, formed within
+# 30 ms, so 32 concurrent clients give several multi-image batches.
+DEFAULT_ENV = {
+    "SSD_MAX_BATCH_SIZE": "8",
+    "SSD_MAX_WAIT_MS": "30",
+    "SSD_MAX_QUEUE": "64",
+    "SSD_MAX_UPLOAD_BYTES": "3000000",
+    "SSD_MAX_IMAGE_PIXELS": "20000000",
+    "SSD_REQUEST_TIMEOUT_S": "60",
+    "SSD_DEVICE": "cpu",
+}
 
 
-def server_command(port: int) -> list[str]:
-    """The command that serves the app as ``make run`` does (``python -m app``), on
-    127.0.0.1:``port``."""
-    return [
-        sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning",
-    ]  # fmt: skip
+def settings_from(env: dict[str, str], **overrides: object) -> Settings:
+    """The ``Settings`` a server started with the SSD_* variables ``env`` reads, plus
+    ``overrides`` (field names); so in-process apps and real servers share one configuration."""
+    fields = {key.removeprefix(ENV_PREFIX).lower(): value for key, value in env.items()}
+    return Settings(**{**fields, **overrides})
 
 
-class Server:
-    """``python -m app`` in a subprocess on 127.0.0.1, one torch thread, given SSD_* env.
-
-    Output goes to ``log_path`` (a pipe could fill up and block the server).
-    """
+class Server(ServerProcess):
+    """``python -m app`` in a subprocess on 127.0.0.1 with one torch thread (unless ``env``
+    says otherwise) and the given SSD_* settings; its output goes to ``log_path``."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SSD_")},
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            **env,
-        }
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            server_command(self.port),
-            cwd=REPO,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        """What the server printed so far."""
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> Server:
-        """Block until /readyz answers 200; fail with the server's output if it dies."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                raise RuntimeError(f"server exited with {code}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
-
-    def stop(self) -> None:
-        """SIGINT (no drain delay), then kill if it lingers."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        super().__init__({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}, log_path)
 
     def metrics(self) -> str:
         """The /metrics text."""
@@ -118,6 +72,20 @@ def metric(text: str, sample: str, /, **labels: str) -> float:
     return 0.0
 
 
+def check_answer(response: httpx.Response, status: int, code: str | None) -> None:
+    """``response`` has ``status``, and is a detection body (``code`` None) or an error body
+    with that ``code``, a message and no traceback."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    if code is None:
+        assert set(body) == {"detections", "image", "model"}
+    else:
+        assert set(body) == {"error"}
+        assert body["error"]["code"] == code
+        assert body["error"]["message"]
+        assert "Traceback" not in response.text
+
+
 @asynccontextmanager
 async def in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """Run ``app``'s lifespan and give a client that calls it in-process (no socket)."""
@@ -125,6 +93,66 @@ async def in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             yield client
+
+
+# The guarded server's connection limits: short, so the tests of them stay fast.
+HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 24
+MAX_HEADER_BYTES = 4096
+GUARDED_ENV = {
+    "SSD_DEVICE": "cpu",
+    "SSD_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+    "SSD_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+    "SSD_MIN_BODY_RATE": "1000",
+    "SSD_KEEP_ALIVE_S": "1",
+    "SSD_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    "SSD_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
+    "SSD_REQUEST_TIMEOUT_S": "10",
+}
+
+
+# ---- raw HTTP to a real server ----------------------------------------------------------
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    """A TCP connection to ``server``."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def head(path: str = "/detect", content_length: int | None = None, extra: str = "") -> bytes:
+    """A POST request's head (PNG body declared), with ``extra`` header lines."""
+    lines = [f"POST {path} HTTP/1.1", "Host: test", "Content-Type: image/png"]
+    if content_length is not None:
+        lines.append(f"Content-Length: {content_length}")
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+def read_all(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends on ``sock`` until it closes (or ``timeout``), and the
+    seconds that took."""
+    sock.settimeout(timeout)
+    start, data = time.monotonic(), b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - start
+
+
+def read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict, float]:
+    """(status, JSON body, seconds until the server closed) of the one response on ``sock``;
+    status 0 if the server closed without answering."""
+    data, elapsed = read_all(sock, timeout)
+    if not data:
+        return 0, {}, elapsed
+    header, _, body = data.partition(b"\r\n\r\n")
+    status = int(header.split(b" ", 2)[1])
+    return status, json.loads(body) if body else {}, elapsed
 
 
 # ---- images -------------------------------------------------------------------------------

@@ -1,24 +1,26 @@
-"""Dynamic batching: batches under concurrency, a full queue, deadlines, disconnected clients,
-failures inside a batch, and per-request thresholds within one forward pass."""
+"""Dynamic batching (``app/batcher.py``): batches under concurrency, a full queue, deadlines,
+disconnected clients, failures inside a batch, and per-request thresholds within one forward
+pass. All in process (the app factory over httpx's ASGI transport)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
 from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
 from model import Detector
-from tests.app.support import Server, encode, in_process, metric, shapes_image
+from tests.app.support import encode, in_process, metric, shapes_image
 
 PNG = encode(shapes_image((320, 240)), "PNG")
 # Noise: random weights on a flat background give many exactly tied scores, and NMS among
@@ -30,22 +32,21 @@ NOISE = encode(
 CLIENTS = 32
 
 
-async def _post_many(url: str, count: int) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=count)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        return await asyncio.gather(
-            *(
-                client.post(url + "/detect", content=PNG, headers={"Content-Type": "image/png"})
-                for _ in range(count)
-            )
+def _post_many(client: httpx.AsyncClient, count: int) -> Awaitable[list[httpx.Response]]:
+    return asyncio.gather(
+        *(
+            client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+            for _ in range(count)
         )
+    )
 
 
-def test_concurrent_clients_are_batched(server: Server) -> None:
-    before = server.metrics()
-    responses = asyncio.run(_post_many(server.url, CLIENTS))
+@pytest.mark.anyio
+async def test_concurrent_clients_are_batched(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/metrics")).text
+    responses = await _post_many(client, CLIENTS)
     assert [r.status_code for r in responses] == [200] * CLIENTS
-    after = server.metrics()
+    after = (await client.get("/metrics")).text
 
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
@@ -60,112 +61,161 @@ def test_concurrent_clients_are_batched(server: Server) -> None:
     print(f"{CLIENTS} clients: {batches:.0f} batches, mean size {CLIENTS / batches:.2f}")
 
 
-# ---- a small queue: full queue and disconnected clients (real sockets) ---------------------
+# ---- a small queue: full queue and disconnected clients -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def queue_server(tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Queue of one image, batches formed after 1.5 s unless 8 images wait: a request sits in
-    the queue long enough for the next to find it full, or for its client to leave."""
-    env = {
-        "SSD_WEIGHTS": str(tiny_weights),
-        "SSD_DEVICE": "cpu",
-        "SSD_MAX_QUEUE": "1",
-        "SSD_MAX_BATCH_SIZE": "8",
-        "SSD_MAX_WAIT_MS": "1500",
-        "SSD_MAX_IMAGES_PER_REQUEST": "1",
-        "SSD_REQUEST_TIMEOUT_S": "30",
-    }
-    log = tmp_path_factory.mktemp("queue") / "uvicorn.log"
-    running = Server(env, log).wait_ready()
-    yield running
-    running.stop()
+@pytest.fixture
+async def queued(
+    tiny_weights: Path, tiny_detector: Detector, one_thread: None, anyio_backend: str
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app with a queue of one image, batches formed after 1.5 s unless 8 images wait: a
+    request sits in the queue long enough for the next to find it full, or for its client to
+    leave. Gives the app and a client calling it in process."""
+    settings = _settings(
+        tiny_weights,
+        max_queue=1,
+        max_batch_size=8,
+        max_wait_ms=1500,
+        max_images_per_request=1,
+        request_timeout_s=30,
+    )
+    app = create_app(settings, tiny_detector)
+    async with in_process(app) as client:
+        yield app, client
 
 
-async def _wait_for(predicate, timeout: float = 10.0) -> None:
+async def _wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
-    while not predicate():
+    while not await predicate():
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
 
 
-def test_full_queue_gives_503_and_nothing_else_breaks(queue_server: Server) -> None:
-    async def scenario() -> tuple[httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(base_url=queue_server.url, timeout=30) as client:
-            first = asyncio.create_task(
-                client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
-            )
-            await _wait_for(lambda: metric(queue_server.metrics(), "ssd_queue_depth") == 1)
-            second = await client.post(
-                "/detect", content=PNG, headers={"Content-Type": "image/png"}
-            )
-            return await first, second
+def _depth_is(client: httpx.AsyncClient, depth: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return metric((await client.get("/metrics")).text, "ssd_queue_depth") == depth
 
-    text = queue_server.metrics()
+    return check
+
+
+@pytest.mark.anyio
+async def test_full_queue_gives_503_and_nothing_else_breaks(
+    queued: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    _, client = queued
+    text = (await client.get("/metrics")).text
     before = metric(text, "ssd_rejected_total", reason="overloaded")
     decodes = metric(text, "ssd_stage_duration_seconds_count", stage="decode")
-    first, second = asyncio.run(scenario())
+    first_task = asyncio.create_task(
+        client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+    )
+    await _wait_for(_depth_is(client, 1))
+    second = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+    first = await first_task
     assert second.status_code == 503
     # Refused before it cost a decode: only the queued request's image was decoded.
-    decoded = metric(queue_server.metrics(), "ssd_stage_duration_seconds_count", stage="decode")
-    assert decoded == decodes + 1
+    text = (await client.get("/metrics")).text
+    assert metric(text, "ssd_stage_duration_seconds_count", stage="decode") == decodes + 1
     assert second.json()["error"]["code"] == "overloaded"
     assert int(second.headers["Retry-After"]) >= 1
     assert first.status_code == 200, first.text  # the queued request is answered normally
-    text = queue_server.metrics()
+    text = (await client.get("/metrics")).text
     assert metric(text, "ssd_rejected_total", reason="overloaded") == before + 1
-    assert httpx.get(queue_server.url + "/healthz").status_code == 200
-    assert httpx.get(queue_server.url + "/readyz").status_code == 200
-    again = httpx.post(
-        queue_server.url + "/detect", content=PNG, headers={"Content-Type": "image/png"}, timeout=30
-    )
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    again = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
     assert again.status_code == 200
 
 
-def test_refused_requests_are_refused_before_they_cost_a_decode(queue_server: Server) -> None:
+@pytest.mark.anyio
+async def test_refused_requests_are_refused_before_they_cost_a_decode(
+    queued: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
     # Six arrive at once to an empty queue of one: all pass the first look at the queue, but
     # the first to reserve its place takes it, and the others are refused before decoding.
-    decodes = metric(queue_server.metrics(), "ssd_stage_duration_seconds_count", stage="decode")
-    responses = asyncio.run(_post_many(queue_server.url, 6))
+    _, client = queued
+
+    async def decodes() -> float:
+        text = (await client.get("/metrics")).text
+        return metric(text, "ssd_stage_duration_seconds_count", stage="decode")
+
+    before = await decodes()
+    responses = await _post_many(client, 6)
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200, 503, 503, 503, 503, 503], statuses
-    decoded = metric(queue_server.metrics(), "ssd_stage_duration_seconds_count", stage="decode")
-    assert decoded == decodes + 1
+    assert await decodes() == before + 1
 
 
-def test_disconnected_client_is_dropped(queue_server: Server) -> None:
-    request = (
-        f"POST /detect HTTP/1.1\r\nHost: 127.0.0.1:{queue_server.port}\r\n"
-        f"Content-Type: image/png\r\nContent-Length: {len(PNG)}\r\n\r\n"
-    ).encode() + PNG
+async def _post_then_hang_up(app: FastAPI, body: bytes, hang_up: asyncio.Event) -> list[dict]:
+    """POST ``body`` to /detect straight through the ASGI interface, as a server would pass it
+    on, and report the client gone (``http.disconnect``) once ``hang_up`` is set; returns the
+    messages the app sent."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/detect",
+        "raw_path": b"/detect",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"app"),
+            (b"content-type", b"image/png"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[dict] = []
+    body_sent = False
 
-    async def scenario() -> None:
-        _, writer = await asyncio.open_connection("127.0.0.1", queue_server.port)
-        writer.write(request)
-        await writer.drain()
-        # Queued, waiting for its batch (1.5 s): hang up now.
-        await _wait_for(lambda: metric(queue_server.metrics(), "ssd_queue_depth") == 1)
-        writer.close()
-        await writer.wait_closed()
+    async def receive() -> dict:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if not hang_up.is_set():  # a server's receive blocks until the client goes away
+            await hang_up.wait()
+        return {"type": "http.disconnect"}
 
-    text = queue_server.metrics()
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.anyio
+async def test_disconnected_client_is_dropped(queued: tuple[FastAPI, httpx.AsyncClient]) -> None:
+    app, client = queued
+    text = (await client.get("/metrics")).text
     dropped, images = (
         metric(text, "ssd_rejected_total", reason="disconnected"),
         metric(text, "ssd_images_total"),
     )
-    asyncio.run(scenario())
+    hang_up = asyncio.Event()
+    request = asyncio.create_task(_post_then_hang_up(app, PNG, hang_up))
+    # Queued, waiting for its batch (1.5 s): hang up now.
+    await _wait_for(_depth_is(client, 1))
+    hang_up.set()
     end = time.monotonic() + 10
-    while metric(queue_server.metrics(), "ssd_rejected_total", reason="disconnected") == dropped:
+    while True:
+        text = (await client.get("/metrics")).text
+        if metric(text, "ssd_rejected_total", reason="disconnected") != dropped:
+            break
         assert time.monotonic() < end, "the disconnected request was not dropped"
-        time.sleep(0.1)
-    text = queue_server.metrics()
+        await asyncio.sleep(0.1)
+    await request
+    text = (await client.get("/metrics")).text
     assert metric(text, "ssd_rejected_total", reason="disconnected") == dropped + 1
     assert metric(text, "ssd_images_total") == images  # it never reached the model
     assert metric(text, "ssd_queue_depth") == 0
 
 
-# ---- in-process: deadlines, failures, per-request parameters -------------------------------
+# ---- deadlines, failures, per-request parameters -------------------------------------------
 
 
 def _settings(weights: Path, **overrides: object) -> Settings:

@@ -1,6 +1,11 @@
-"""Image intake: the bad-input catalogue through HTTP, and decode_image on its own."""
+"""Image intake (``app/intake.py``): the bad-input catalogue and scan bombs through HTTP, in
+process, and open_image and decode on their own."""
 
 from __future__ import annotations
+
+import asyncio
+import struct
+import time
 
 import httpx
 import pytest
@@ -8,7 +13,13 @@ from PIL import Image
 
 from app.errors import InvalidImageError, TooLargeError, UnsupportedTypeError
 from app.intake import DecodedImage, decode, open_image, sniff_format
-from tests.app.support import Server, encode, png_claiming, shapes_image, sixteen_bit_png
+from tests.app.support import (
+    check_answer,
+    encode,
+    png_claiming,
+    shapes_image,
+    sixteen_bit_png,
+)
 
 JPEG = encode(shapes_image(), "JPEG", quality=90)
 
@@ -27,10 +38,10 @@ def _palette_png() -> bytes:
     return encode(shapes_image().convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG")
 
 
-def _post(server: Server, content: bytes, content_type: str = "image/jpeg") -> httpx.Response:
-    return httpx.post(
-        server.url + "/detect", content=content, headers={"Content-Type": content_type}, timeout=30
-    )
+async def _post(
+    client: httpx.AsyncClient, content: bytes, content_type: str = "image/jpeg"
+) -> httpx.Response:
+    return await client.post("/detect", content=content, headers={"Content-Type": content_type})
 
 
 # (case, content, declared type, expected status, expected error code or None for 200)
@@ -74,125 +85,98 @@ RAW_CASES = [
 ]
 
 
-def _check(response: httpx.Response, status: int, code: str | None) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    if code is None:
-        assert set(body) == {"detections", "image", "model"}
-    else:
-        assert set(body) == {"error"}
-        assert body["error"]["code"] == code
-        assert body["error"]["message"]
-        assert "Traceback" not in response.text
-
-
 @pytest.mark.parametrize(
     ("content", "content_type", "status", "code"),
     [case[1:] for case in RAW_CASES],
     ids=[case[0] for case in RAW_CASES],
 )
-def test_bad_input_catalogue_raw_body(
-    server: Server, content: bytes, content_type: str, status: int, code: str | None
+@pytest.mark.anyio
+async def test_bad_input_catalogue_raw_body(
+    client: httpx.AsyncClient, content: bytes, content_type: str, status: int, code: str | None
 ) -> None:
-    _check(_post(server, content, content_type), status, code)
-    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    check_answer(await _post(client, content, content_type), status, code)
+    assert (await client.get("/healthz")).status_code == 200
 
 
-def test_sixteen_bit_png_is_answered_with_its_size(server: Server) -> None:
-    response = _post(server, sixteen_bit_png(), "image/png")
+@pytest.mark.anyio
+async def test_sixteen_bit_png_is_answered_with_its_size(client: httpx.AsyncClient) -> None:
+    response = await _post(client, sixteen_bit_png(), "image/png")
     assert response.json()["image"] == {"width": 320, "height": 240}
 
 
-def test_oversized_body_is_413(server: Server) -> None:
-    body = JPEG + b"\0" * (3_000_001 - len(JPEG))  # SSD_MAX_UPLOAD_BYTES is 3000000
-    _check(_post(server, body), 413, "too_large")
-
-
-def test_oversized_chunked_body_without_length_is_413(server: Server) -> None:
-    def chunks():
-        for _ in range(40):
-            yield b"\0" * 100_000
-
-    response = httpx.post(
-        server.url + "/detect",
-        content=chunks(),
-        headers={"Content-Type": "image/jpeg"},
-        timeout=30,
-    )
-    _check(response, 413, "too_large")
-
-
-def test_missing_multipart_field_is_422(server: Server) -> None:
-    response = httpx.post(
-        server.url + "/detect", files={"picture": ("a.jpg", JPEG, "image/jpeg")}, timeout=30
-    )
-    _check(response, 422, "bad_request")
-    assert "'image'" in response.json()["error"]["message"]
-
-
-def test_text_in_the_image_field_is_422(server: Server) -> None:
-    response = httpx.post(
-        server.url + "/detect",
-        data={"image": "not a file"},
-        files={"note": ("note.txt", b"forces multipart", "text/plain")},
-        timeout=30,
-    )
-    _check(response, 422, "bad_request")
-
-
-def test_form_urlencoded_body_is_judged_by_its_bytes(server: Server) -> None:
-    response = httpx.post(server.url + "/detect", data={"image": "not a file"}, timeout=30)
-    _check(response, 415, "unsupported_type")
-
-
-def test_malformed_multipart_is_422(server: Server) -> None:
-    response = httpx.post(
-        server.url + "/detect",
-        content=b"--x\r\nnot a header\r\n",
-        headers={"Content-Type": "multipart/form-data; boundary=x"},
-        timeout=30,
-    )
-    _check(response, 422, "bad_request")
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        "score_threshold=1.5",
-        "score_threshold=-0.1",
-        "score_threshold=nan",
-        "max_detections=0",
-        "max_detections=1001",
-        "max_detections=ten",
-    ],
-)
-def test_bad_parameters_are_422(server: Server, query: str) -> None:
-    response = httpx.post(
-        f"{server.url}/detect?{query}",
-        content=JPEG,
-        headers={"Content-Type": "image/jpeg"},
-        timeout=30,
-    )
-    _check(response, 422, "bad_request")
-
-
-def test_multipart_upload_of_bad_images(server: Server) -> None:
+@pytest.mark.anyio
+async def test_multipart_upload_of_bad_images(client: httpx.AsyncClient) -> None:
     cases = [
         (b"", 400, "invalid_image"),
         (b"GIF89a....", 415, "unsupported_type"),
         (png_claiming(30000, 30000), 413, "too_large"),
     ]
     for content, status, code in cases:
-        response = httpx.post(
-            server.url + "/detect", files={"image": ("x.jpg", content, "image/jpeg")}, timeout=30
-        )
-        _check(response, status, code)
+        response = await client.post("/detect", files={"image": ("x.jpg", content, "image/jpeg")})
+        check_answer(response, status, code)
 
 
-def test_server_is_healthy_after_the_catalogue(server: Server) -> None:
-    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
-    assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
-    _check(_post(server, JPEG), 200, None)
+@pytest.mark.anyio
+async def test_server_is_healthy_after_the_catalogue(client: httpx.AsyncClient) -> None:
+    for content, content_type, _, _ in [case[1:] for case in RAW_CASES]:
+        await _post(client, content, content_type)
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    check_answer(await _post(client, JPEG), 200, None)
+
+
+# ---- scan bombs -----------------------------------------------------------------------------
+
+PNG = encode(shapes_image((320, 240)), "PNG")
+
+
+def scan_bomb(side: int = 6000, repeats: int = 10_000) -> bytes:
+    """A flat greyscale progressive JPEG whose smallest scan is repeated ``repeats`` times
+    before the end marker: small on the wire, each scan a pass over every block to decode."""
+    data = encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=50)
+    scans, pos = [], 2  # after SOI
+    while pos < len(data):
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            break
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        end = pos + 2 + length
+        if marker == 0xDA:  # SOS: the entropy-coded data runs to the next non-RST marker
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+            scans.append(data[pos:end])
+        pos = end
+    smallest = min(scans[1:], key=len)  # not the first (DC) scan
+    return data[:-2] + smallest * repeats + b"\xff\xd9"
+
+
+@pytest.mark.anyio
+async def test_scan_bomb_is_refused_at_once_and_others_keep_their_latency(
+    client: httpx.AsyncClient,
+) -> None:
+    bomb = scan_bomb()
+    assert len(bomb) < 2_000_000 and bomb.count(b"\xff\xda") > 10_000
+
+    async def normal() -> float:
+        start = time.monotonic()
+        response = await client.post("/detect", content=PNG)
+        assert response.status_code == 200, response.text
+        return time.monotonic() - start
+
+    alone = min([await normal() for _ in range(3)])
+    start = time.monotonic()
+    bombs = [asyncio.create_task(client.post("/detect", content=bomb)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    beside_alone = await normal()
+    answers = list(await asyncio.gather(*bombs))
+    beside = max(beside_alone, time.monotonic() - start)
+    for answer in answers:
+        assert answer.status_code == 413, answer.text
+        assert "scans" in answer.json()["error"]["message"]
+    assert beside < 2.0  # the bombs and the normal request, all answered within 2 s
+    print(
+        f"normal request alone {alone * 1000:.0f} ms, beside two scan bombs {beside * 1000:.0f} ms"
+    )
 
 
 # ---- open_image and decode on their own ----------------------------------------------------

@@ -1,4 +1,8 @@
-"""SIGTERM: /readyz turns 503 at once, new work is refused, the request in flight finishes."""
+"""SIGTERM (``app/shutdown.py``): /readyz turns 503 at once, new work is refused, the request in
+flight finishes, and a stalled upload cannot hold the process past the cap.
+
+Real server: the point is a signal sent to the ``python -m app`` process and its exit.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.app.support import Server, encode, metric, shapes_image
+from tests.app.support import Server, connect, encode, head, metric, read_answer, shapes_image
 
 PNG = encode(shapes_image((320, 240)), "PNG")
 
@@ -62,6 +66,52 @@ def test_sigterm_drains(tiny_weights: Path, tmp_path: Path) -> None:
         assert in_flight.json()["image"] == {"width": 320, "height": 240}
         # uvicorn re-raises the captured SIGTERM after a clean shutdown.
         assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
+
+
+def test_sigterm_with_a_stalled_uploader_exits_within_drain_plus_cap(
+    tiny_weights: Path, tmp_path: Path
+) -> None:
+    drain_s, cap_s = 1.0, 4.0
+    env = {
+        "SSD_WEIGHTS": str(tiny_weights),
+        "SSD_DEVICE": "cpu",
+        "SSD_DRAIN_S": str(drain_s),
+        "SSD_SHUTDOWN_TIMEOUT_S": str(cap_s),
+        "SSD_MAX_WAIT_MS": "2500",  # the queued request is still waiting at SIGTERM
+        "SSD_BODY_TIMEOUT_S": "600",  # only the shutdown cap can end the stalled upload
+        "SSD_MIN_BODY_RATE": "1",
+    }
+    server = Server(env, tmp_path / "server.log").wait_ready()
+    try:
+        stalled = connect(server)
+        stalled.sendall(head(content_length=100_000) + b"abc")
+
+        async def queued_request() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                return await client.post("/detect", content=PNG)
+
+        async def scenario() -> tuple[httpx.Response, float]:
+            task = asyncio.create_task(queued_request())
+            end = time.monotonic() + 10
+            while metric(server.metrics(), "ssd_queue_depth") != 1:
+                assert time.monotonic() < end
+                await asyncio.sleep(0.05)
+            start = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            answer = await task
+            await asyncio.to_thread(server.process.wait, 30)
+            return answer, time.monotonic() - start
+
+        answer, exited_after = asyncio.run(scenario())
+        assert answer.status_code == 200, answer.text
+        status, body, _ = read_answer(stalled, timeout=5)
+        stalled.close()
+        assert status == 503 and body["error"]["code"] == "draining", body
+        assert exited_after < drain_s + cap_s, exited_after
+        print(f"exited {exited_after:.2f} s after SIGTERM (drain {drain_s} s, cap {cap_s} s)")
         assert "Traceback" not in server.output()
     finally:
         server.stop()

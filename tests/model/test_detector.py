@@ -149,3 +149,60 @@ def test_auto_precision():
     assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
     detector = Detector(_known_network(), NAMES, precision="auto")
     assert detector.precision in ("bf16", "fp32")
+
+
+def test_run_batch_with_per_image_settings_equals_separate_predicts():
+    # Random weights on noise images: distinct scores, so no tie makes the order arbitrary.
+    torch.manual_seed(0)
+    detector = Detector(ssd300_vgg16(3, width=0.125).eval(), NAMES)
+    g = torch.Generator().manual_seed(0)
+    images = [
+        torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g),
+        torch.randint(0, 256, (1, 457, 123), dtype=torch.uint8, generator=g),
+    ]
+    settings = [(0.4, 4), (0.0, 10)]
+    prepared = [detector.prepare(image) for image in images]
+    batch = detector.run_batch(
+        [inputs for inputs, _ in prepared],
+        [size for _, size in prepared],
+        [threshold for threshold, _ in settings],
+        [cap for _, cap in settings],
+    )
+    assert len(batch.detections) == len(images)
+    assert batch.forward_s > 0 and batch.postprocess_s > 0
+    for image, (threshold, cap), got in zip(images, settings, batch.detections, strict=True):
+        [alone] = detector.predict([image], score_threshold=threshold, max_detections=cap)
+        assert torch.equal(got.boxes, alone.boxes) and torch.equal(got.scores, alone.scores)
+        assert got.labels == alone.labels
+    assert [len(d) for d in batch.detections] == [4, 10]
+
+
+def test_run_batch_refuses_mismatched_lengths_naming_them():
+    detector = Detector(_known_network(), NAMES)
+    inputs, size = detector.prepare(Image.new("RGB", (20, 30)))
+    with pytest.raises(ValueError, match="2 inputs, 1 sizes, 2 score_thresholds and 3 max_"):
+        detector.run_batch([inputs, inputs], [size], [0.1, 0.2], [1, 2, 3])
+    assert detector.run_batch([], [], [], []).detections == []
+
+
+def test_run_batch_checks_one_result_per_input():
+    class Short(Detector):
+        def decode(self, *args, **kwargs):
+            return super().decode(*args, **kwargs)[:-1]
+
+    detector = Short(_known_network(), NAMES)
+    inputs, size = detector.prepare(Image.new("RGB", (20, 30)))
+    with pytest.raises(RuntimeError, match="returned 1 results for 2 inputs"):
+        detector.run_batch([inputs, inputs], [size, size], [0.1, 0.1], [5, 5])
+
+
+def test_warm_up_runs_a_blank_image_without_one_from_the_caller():
+    calls = []
+
+    class Counting(Detector):
+        def run_batch(self, inputs, sizes, score_thresholds, max_detections):
+            calls.append((len(inputs), tuple(inputs[0].shape), list(sizes)))
+            return super().run_batch(inputs, sizes, score_thresholds, max_detections)
+
+    Counting(_known_network(), NAMES).warm_up()
+    assert calls == [(1, (3, 300, 300), [(300, 300)])]

@@ -1,4 +1,6 @@
-"""GET /: the demo page, driven in headless Chromium (Debian's) through Playwright."""
+"""GET / (``app/routes/demo.py``): the demo page's HTML, in process; and the page (and /docs)
+driven in headless Chromium (Debian's) through Playwright against a real server, since a
+browser needs a real URL to load the page, its script and its fetches from."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.support import Server, encode, shapes_image
+from tests.app.support import CLASS_NAMES, Server, encode, shapes_image
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox (CI runs as root), and nothing that reaches out to the network on its own.
@@ -24,8 +26,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-def test_page_is_self_contained_html(server: Server) -> None:
-    response = httpx.get(server.url + "/", timeout=10)
+@pytest.mark.anyio
+async def test_page_is_self_contained_html(client: httpx.AsyncClient) -> None:
+    response = await client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     page = response.text
@@ -64,7 +67,7 @@ def test_upload_draws_boxes(server: Server, tmp_path: Path) -> None:
             assert drawn > 0
             assert items.count() == drawn
             labels = {items.nth(i).get_attribute("data-label") for i in range(drawn)}
-            assert labels <= {"circle", "square", "triangle", "star", "cross", "bar"}
+            assert labels <= set(CLASS_NAMES)
             # Boxes are really on the canvas: some pixels differ from the uploaded image.
             painted = page.evaluate(
                 """() => {

@@ -1,4 +1,5 @@
-"""POST /detect and /detect/batch: response schema, real detections, EXIF frames, batches."""
+"""POST /detect and /detect/batch: response schema, query parameters, real detections, EXIF
+frames, batches. In process (the app factory over httpx's ASGI transport)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from tests.app.support import (
     CLASS_NAMES,
     SHAPES_SIZE,
     SQUARE_BOX,
-    Server,
     box_tuple,
     encode,
     iou,
@@ -22,6 +22,8 @@ from tests.app.support import (
 )
 
 PHOTOS_PER_DATASET = 3
+
+pytestmark = pytest.mark.anyio
 
 
 def _photos(raccoon: Path, coco128: Path) -> list[Path]:
@@ -48,43 +50,43 @@ def _check_schema(body: dict, width: int, height: int, max_detections: int) -> N
         assert 0.0 <= y_min <= y_max <= height
 
 
-def test_response_schema_on_real_photos(server: Server, raccoon: Path, coco128: Path) -> None:
+async def test_response_schema_on_real_photos(
+    client: httpx.AsyncClient, raccoon: Path, coco128: Path
+) -> None:
     for path in _photos(raccoon, coco128):
         with Image.open(path) as image:
             width, height = ImageOps.exif_transpose(image).size
         data = path.read_bytes()
-        response = httpx.post(
-            server.url + "/detect?score_threshold=0.05&max_detections=20",
+        response = await client.post(
+            "/detect?score_threshold=0.05&max_detections=20",
             files={"image": (path.name, data, "image/jpeg")},
-            timeout=60,
         )
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/json"
         _check_schema(response.json(), width, height, max_detections=20)
 
 
-def test_raw_body_and_multipart_give_the_same_answer(server: Server) -> None:
+async def test_raw_body_and_multipart_give_the_same_answer(client: httpx.AsyncClient) -> None:
     data = encode(shapes_image(), "PNG")
     query = "?score_threshold=0.01&max_detections=7"
-    raw = httpx.post(
-        server.url + "/detect" + query,
+    raw = await client.post(
+        "/detect" + query,
         content=data,
         headers={"Content-Type": "image/png"},
-        timeout=30,
     )
-    form = httpx.post(server.url + "/detect" + query, files={"image": ("s.png", data)}, timeout=30)
+    form = await client.post("/detect" + query, files={"image": ("s.png", data)})
     assert raw.status_code == form.status_code == 200
     assert raw.json() == form.json()
     assert len(raw.json()["detections"]) == 7  # random weights: many low-scoring boxes
 
 
-def test_batch_answers_in_upload_order(server: Server) -> None:
+async def test_batch_answers_in_upload_order(client: httpx.AsyncClient) -> None:
     sizes = [(320, 240), (200, 410), (500, 300)]
     files = [
         ("images", (f"{i}.png", encode(shapes_image(size), "PNG"), "image/png"))
         for i, size in enumerate(sizes)
     ]
-    response = httpx.post(server.url + "/detect/batch?max_detections=3", files=files, timeout=60)
+    response = await client.post("/detect/batch?max_detections=3", files=files)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [(r["image"]["width"], r["image"]["height"]) for r in results] == sizes
@@ -92,31 +94,30 @@ def test_batch_answers_in_upload_order(server: Server) -> None:
         _check_schema(result, width, height, max_detections=3)
 
 
-def test_batch_states_its_cap(server: Server) -> None:
+async def test_batch_states_its_cap(client: httpx.AsyncClient) -> None:
     png = encode(shapes_image((64, 64)), "PNG")
     files = [("images", (f"{i}.png", png, "image/png")) for i in range(17)]  # cap: 16
-    response = httpx.post(server.url + "/detect/batch", files=files, timeout=60)
+    response = await client.post("/detect/batch", files=files)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "bad_request"
     assert "16" in response.json()["error"]["message"]
 
 
-def test_batch_names_the_bad_image(server: Server) -> None:
+async def test_batch_names_the_bad_image(client: httpx.AsyncClient) -> None:
     files = [
         ("images", ("ok.png", encode(shapes_image(), "PNG"), "image/png")),
         ("images", ("bad.gif", encode(shapes_image(), "GIF"), "image/gif")),
     ]
-    response = httpx.post(server.url + "/detect/batch", files=files, timeout=60)
+    response = await client.post("/detect/batch", files=files)
     assert response.status_code == 415
     assert response.json()["error"]["message"].startswith("images[1]: ")
 
 
-def test_batch_needs_multipart(server: Server) -> None:
-    response = httpx.post(
-        server.url + "/detect/batch",
+async def test_batch_needs_multipart(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/detect/batch",
         content=encode(shapes_image(), "PNG"),
         headers={"Content-Type": "image/png"},
-        timeout=30,
     )
     assert response.status_code == 415
 
@@ -132,17 +133,16 @@ def _exif_rotated_jpeg(displayed: Image.Image, orientation: int) -> bytes:
 
 
 @pytest.mark.parametrize("orientation", [6, 8])
-def test_exif_rotated_jpeg_is_answered_in_the_displayed_frame(
-    server: Server, orientation: int
+async def test_exif_rotated_jpeg_is_answered_in_the_displayed_frame(
+    client: httpx.AsyncClient, orientation: int
 ) -> None:
     data = _exif_rotated_jpeg(shapes_image(), orientation)
     with Image.open(io.BytesIO(data)) as stored:
         assert stored.size == SHAPES_SIZE[::-1]  # stored portrait, displayed landscape
-    response = httpx.post(
-        server.url + "/detect?score_threshold=0.01",
+    response = await client.post(
+        "/detect?score_threshold=0.01",
         content=data,
         headers={"Content-Type": "image/jpeg"},
-        timeout=30,
     )
     assert response.status_code == 200, response.text
     width, height = SHAPES_SIZE
@@ -153,12 +153,13 @@ def _best(detections: list[dict], label: str, box: tuple[float, ...]) -> float:
     return max((iou(box_tuple(d), box) for d in detections if d["label"] == label), default=0.0)
 
 
-def test_shapes_are_found_with_the_right_labels_and_boxes(trained_server: Server) -> None:
-    response = httpx.post(
-        trained_server.url + "/detect",
+async def test_shapes_are_found_with_the_right_labels_and_boxes(
+    trained_client: httpx.AsyncClient,
+) -> None:
+    response = await trained_client.post(
+        "/detect",
         content=encode(shapes_image(), "PNG"),
         headers={"Content-Type": "image/png"},
-        timeout=30,
     )
     assert response.status_code == 200, response.text
     detections = response.json()["detections"]
@@ -167,15 +168,14 @@ def test_shapes_are_found_with_the_right_labels_and_boxes(trained_server: Server
 
 
 @pytest.mark.parametrize("orientation", [6, 8])
-def test_exif_rotated_boxes_are_in_the_rotated_frame(
-    trained_server: Server, orientation: int
+async def test_exif_rotated_boxes_are_in_the_rotated_frame(
+    trained_client: httpx.AsyncClient, orientation: int
 ) -> None:
     data = _exif_rotated_jpeg(shapes_image(), orientation)
-    response = httpx.post(
-        trained_server.url + "/detect",
+    response = await trained_client.post(
+        "/detect",
         content=data,
         headers={"Content-Type": "image/jpeg"},
-        timeout=30,
     )
     assert response.status_code == 200, response.text
     detections = response.json()["detections"]
@@ -184,8 +184,8 @@ def test_exif_rotated_boxes_are_in_the_rotated_frame(
 
 
 @pytest.mark.parametrize("orientation", [1, 6])
-def test_large_jpeg_decoded_at_reduced_scale_keeps_full_size_boxes(
-    trained_server: Server, orientation: int
+async def test_large_jpeg_decoded_at_reduced_scale_keeps_full_size_boxes(
+    trained_client: httpx.AsyncClient, orientation: int
 ) -> None:
     """A 4800x3600 photo decodes at 1/8 scale (600x450, still twice the network's input), but
     the answer is in the full image's pixels: the same boxes as the 480x360 scene, times ten."""
@@ -195,10 +195,35 @@ def test_large_jpeg_decoded_at_reduced_scale_keeps_full_size_boxes(
         if orientation == 1
         else _exif_rotated_jpeg(big, orientation)
     )
-    response = httpx.post(trained_server.url + "/detect", content=data, timeout=60)
+    response = await trained_client.post("/detect", content=data)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["image"] == {"width": 4800, "height": 3600}
     scaled = [{**d, "box": {k: v / 10 for k, v in d["box"].items()}} for d in answer["detections"]]
     assert _best(scaled, "circle", CIRCLE_BOX) >= 0.8, scaled
     assert _best(scaled, "square", SQUARE_BOX) >= 0.8, scaled
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "score_threshold=1.5",
+        "score_threshold=-0.1",
+        "score_threshold=nan",
+        "max_detections=0",
+        "max_detections=1001",
+        "max_detections=ten",
+    ],
+)
+async def test_bad_parameters_are_422(client: httpx.AsyncClient, query: str) -> None:
+    response = await client.post(
+        f"/detect?{query}",
+        content=encode(shapes_image(), "JPEG", quality=90),
+        headers={"Content-Type": "image/jpeg"},
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == "bad_request"
+    assert body["error"]["message"]
+    assert "Traceback" not in response.text

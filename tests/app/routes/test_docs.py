@@ -1,0 +1,59 @@
+"""The API's description (``app/routes/docs.py`` and the app factory's OpenAPI): /openapi.json,
+/docs, a description on every route. In process."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    assert set(paths) == {
+        "/detect",
+        "/detect/batch",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/model",
+        "/",
+    }
+    detect = paths["/detect"]["post"]
+    assert detect["description"].startswith("Detect objects in one image")
+    content = detect["requestBody"]["content"]
+    assert set(content) == {
+        "multipart/form-data",
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+    }
+    assert content["multipart/form-data"]["schema"]["required"] == ["image"]
+    params = {p["name"]: p for p in detect["parameters"]}
+    threshold = params["score_threshold"]["schema"]["anyOf"][0]
+    assert (threshold["minimum"], threshold["maximum"]) == (0, 1)
+    limits = params["max_detections"]["schema"]["anyOf"][0]
+    assert (limits["minimum"], limits["maximum"]) == (1, 1000)
+    responses = detect["responses"]
+    assert set(responses) == {"200", "400", "408", "413", "415", "422", "500", "503", "504"}
+    ok = responses["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ok.endswith("/DetectResponse")
+    assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse"
+    )
+    batch = paths["/detect/batch"]["post"]["requestBody"]["content"]
+    assert batch["multipart/form-data"]["schema"]["properties"]["images"]["type"] == "array"
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["Box"]["properties"]) == {"x_min", "y_min", "x_max", "y_max"}
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+async def test_every_route_has_a_description(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("description"), f"{method.upper()} {path}"
