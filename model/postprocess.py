@@ -41,6 +41,19 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def rows(self) -> list[tuple[list[float], float, int, str]]:
+        """One plain-Python row per detection, in score order: (box [x0, y0, x1, y1] in
+        pixels, score, class id, label), for callers that serialise them."""
+        return list(
+            zip(
+                self.boxes.tolist(),
+                self.scores.tolist(),
+                self.class_ids.tolist(),
+                self.labels,
+                strict=True,
+            )
+        )
+
 
 def postprocess(
     loc: Tensor,

@@ -170,13 +170,7 @@ def _response(result: Detections, size: tuple[int, int], model: ModelRef) -> Det
                 y_max=round(box[3], 2),
             ),
         )
-        for box, score, class_id, label in zip(
-            result.boxes.tolist(),
-            result.scores.tolist(),
-            result.class_ids.tolist(),
-            result.labels,
-            strict=True,
-        )
+        for box, score, class_id, label in result.rows()
     ]
     return DetectResponse(
         detections=detections, image=ImageSize(width=size[0], height=size[1]), model=model

@@ -4,7 +4,7 @@ from torchvision.models.detection import ssd300_vgg16 as torchvision_ssd300
 
 from model.boxes import cxcywh_to_xyxy
 from model.default_boxes import make_default_boxes, preset_spec
-from model.postprocess import postprocess
+from model.postprocess import Detections, postprocess
 
 PRIORS = make_default_boxes(preset_spec(300, "voc"), [38, 19, 10, 5, 3, 1])
 NUM_CLASSES = 6
@@ -103,3 +103,17 @@ def test_nothing_above_threshold_gives_empty_results():
     out = postprocess(loc, conf, PRIORS, [(10, 10), (20, 20)], score_threshold=1.0)
     assert [len(s) for _, s, _ in out] == [0, 0]
     assert out[0][0].shape == (0, 4)
+
+
+def test_detections_rows_are_plain_python_in_score_order():
+    detections = Detections(
+        torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.5, 8.0]]),
+        torch.tensor([0.9, 0.5]),
+        torch.tensor([2, 1]),
+        ["square", "circle"],
+    )
+    assert detections.rows() == [
+        ([1.0, 2.0, 3.0, 4.0], pytest.approx(0.9), 2, "square"),
+        ([5.0, 6.0, 7.5, 8.0], 0.5, 1, "circle"),
+    ]
+    assert all(type(v) in (float, int) for row in detections.rows() for v in row[1:3])
