@@ -23,9 +23,9 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.datasets import load_dataset
+from model.average_precision import Detection, coco_metrics, voc_ap_per_class
+from model.data import SPLITS, load_dataset
 from model.detector import Detector
-from model.metrics import Detection, coco_metrics, voc_ap_per_class
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def predict_dataset(
 def score(
     detections: Sequence[Detection], truths: Sequence[dict[str, Any]], class_names: list[str]
 ) -> EvaluationReport:
-    """VOC and COCO numbers for detections against ground truths (see ``model.metrics``)."""
+    """VOC and COCO numbers for detections against ground truths (``model.average_precision``)."""
     per_class_ap = voc_ap_per_class(detections, truths, len(class_names) + 1)
     per_class = {
         name: {"ap": per_class_ap[i + 1][0], "ap07": per_class_ap[i + 1][1]}
@@ -169,7 +169,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--split",
         default="all",
-        choices=["train", "val", "test", "all"],
+        choices=SPLITS,
         help="which part of --data (default: every image)",
     )
     parser.add_argument("--json", type=Path, help="write the report here as JSON")

@@ -34,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.augmentation import EvalTransform, TrainTransform, ZoomOut
 from model.checkpoint import load_matching_weights, save_checkpoint
-from model.datasets import load_dataset
+from model.data import load_dataset
+from model.data.loader import AugmentedDataset, collate, epoch_batches
+from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
 from model.default_boxes import PRESETS
 from model.detector import PRECISIONS, Detector, resolve_device
 from model.evaluate import EvaluationReport, predict_dataset, score
@@ -44,7 +45,6 @@ from model.imagenet import load_vgg16_backbone
 from model.loss import MultiBoxLoss
 from model.schedule import SCHEDULES, lr_factor
 from model.ssd import BUILDERS, SSD
-from model.training_data import AugmentedDataset, collate, epoch_batches
 
 logger = logging.getLogger("model.train")
 

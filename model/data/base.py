@@ -1,8 +1,8 @@
-"""The sample contract, the base of the datasets read from disk, and the ``--data`` spec.
+"""The sample contract and ``DetectionDataset``, the base of the datasets read from disk.
 
-The readers live beside this file: ``model.voc.VocDataset`` (Pascal VOC XML) and
-``model.coco.CocoDataset`` (COCO JSON), both built on ``DetectionDataset`` here; ``load_dataset``
-turns a ``--data`` spec into one of them or ``model.synthetic.SyntheticShapes``.
+The readers live beside this file: ``model.data.voc.VocDataset`` (Pascal VOC XML) and
+``model.data.coco.CocoDataset`` (COCO JSON), both built on ``DetectionDataset`` here, and
+``model.data.synthetic.SyntheticShapes``. This module imports none of them, nor the package.
 
 Every one of them follows one sample contract::
 
@@ -47,13 +47,11 @@ from torch.utils.data import Dataset
 
 from model.boxes import has_positive_area
 from model.preprocessing import to_rgb_tensor
-from model.synthetic import SyntheticShapes
 
 logger = logging.getLogger(__name__)
 
+# The parts of a dataset a caller can ask for (``load_dataset``'s and the CLIs' ``--split``).
 SPLITS = ("train", "val", "test", "all")
-# Default lengths of the synthetic dataset when the spec gives no N.
-SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_EVAL_LENGTH = 10_000, 500
 # Everything Pillow raises for a file it cannot open or decode.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # The kinds of bad data counted by report(), in the order they are logged.
@@ -219,65 +217,3 @@ def image_size(path: Path) -> tuple[int, int] | None:
             return image.size
     except _IMAGE_ERRORS:
         return None
-
-
-# The --data spec ----------------------------------------------------------------------------
-
-
-def load_dataset(
-    spec: str,
-    *,
-    split: str,
-    val_fraction: float = 0.1,
-    classes: list[str] | None = None,
-    use_difficult: bool = True,
-) -> DetectionDataset | SyntheticShapes:
-    """The dataset a ``--data`` spec names, for one purpose.
-
-    Specs:
-        ``voc:PATH[:SPLIT]``  Pascal VOC, see model.voc (SPLIT names ImageSets/Main/SPLIT.txt)
-        ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.coco (every image, any split)
-        ``synthetic[:N]``  procedural shapes, see model.synthetic; N samples, by default
-            SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
-            ("val" has its own stream; "test" and "all" share the test stream)
-
-    ``split`` is "train", "val", "test" or "all"; ``val_fraction`` is the part of a VOC folder
-    without split files held out for "val"; ``classes`` fixes the class list.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    kind, _, rest = spec.partition(":")
-    # Imported here, not at the top: model.voc and model.coco import DetectionDataset from
-    # this module, so a top-level import either way round would be a cycle.
-    from model.coco import CocoDataset
-    from model.voc import VocDataset
-
-    if kind == "voc" and rest:
-        path, image_set = rest, None
-        if not Path(rest).exists() and ":" in rest:
-            path, image_set = rest.rsplit(":", 1)
-        return VocDataset(
-            path,
-            image_set=image_set or None,
-            split=split,
-            val_fraction=val_fraction,
-            classes=classes,
-            use_difficult=use_difficult,
-        )
-    if kind == "coco" and ":" in rest:
-        images_dir, annotations = rest.rsplit(":", 1)
-        return CocoDataset(images_dir, annotations, classes=classes)
-    if kind == "synthetic":
-        if classes is not None and list(classes) != SyntheticShapes.class_names:
-            raise ValueError(
-                f"the synthetic dataset has classes {SyntheticShapes.class_names}, got {classes}"
-            )
-        default = SYNTHETIC_TRAIN_LENGTH if split == "train" else SYNTHETIC_EVAL_LENGTH
-        if rest and not (rest.isdigit() and int(rest) > 0):
-            raise ValueError(f"synthetic:N needs a positive integer N, got {spec!r}")
-        stream = split if split in ("train", "val") else "test"
-        return SyntheticShapes(int(rest) if rest else default, split=stream)
-    raise ValueError(
-        "data spec must be voc:PATH[:SPLIT], coco:IMAGES_DIR:ANNOTATIONS_JSON or "
-        f"synthetic[:N], got {spec!r}"
-    )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.synthetic import (
+from model.data.synthetic import (
     BAR_ASPECT,
     CLASS_NAMES,
     MIN_VISIBLE,

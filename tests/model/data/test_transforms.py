@@ -3,7 +3,8 @@ import colorsys
 import pytest
 import torch
 
-from model.augmentation import (
+from model.boxes import box_iou
+from model.data.transforms import (
     CAFFE_MIN_IOUS,
     EvalTransform,
     HorizontalFlip,
@@ -15,7 +16,6 @@ from model.augmentation import (
     ZoomOut,
     crop_sample,
 )
-from model.boxes import box_iou
 from model.preprocessing import PIXEL_MEAN, preprocess
 
 MEAN_U8 = torch.tensor(PIXEL_MEAN, dtype=torch.float32).to(torch.uint8)[:, None, None]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from model.augmentation import EvalTransform, TrainTransform
+from model.data.transforms import EvalTransform, TrainTransform
 
 
 class AugmentedDataset(Dataset):

@@ -19,8 +19,8 @@ Boxes are continuous 0-based pixel edges, so no "+1" is added to widths as the d
 
 COCO numbers come from pycocotools' COCOeval, not a re-implementation. Difficult objects and
 crowd regions are passed to it as ``iscrowd`` annotations, which it ignores. With the COCO
-reader's "crowd_labels" and "areas" (``model.coco``) the six numbers equal COCOeval run on the
-original JSON (tests/model/test_metrics.py checks it on coco128).
+reader's "crowd_labels" and "areas" (``model.data.coco``) the six numbers equal COCOeval run on the
+original JSON (tests/model/test_average_precision.py checks it on coco128).
 """
 
 from __future__ import annotations

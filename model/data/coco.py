@@ -1,6 +1,6 @@
 """COCO JSON detection annotations: ``CocoDataset``.
 
-Samples follow the contract in ``model.datasets``, with the COCO-only "areas" and
+Samples follow the contract in ``model.data.base``, with the COCO-only "areas" and
 "crowd_areas" described there.
 """
 
@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from model.datasets import DetectionDataset, Record, image_size
+from model.data.base import DetectionDataset, Record, image_size
 
 
 class CocoDataset(DetectionDataset):

@@ -1,6 +1,6 @@
 """Pascal VOC XML detection annotations: ``VocDataset`` and its layout and XML helpers.
 
-Samples follow the contract in ``model.datasets``.
+Samples follow the contract in ``model.data.base``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from model.datasets import SPLITS, DetectionDataset, Record, image_size
+from model.data.base import SPLITS, DetectionDataset, Record, image_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
