@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.average_precision import Detection, coco_metrics, voc_ap_per_class
+from model.boxes import xyxy_to_xywh
 from model.data import SPLITS, load_dataset
 from model.detector import Detector
 
@@ -122,14 +123,15 @@ def detection_records(
     """
     records = []
     for (boxes, scores, classes), truth in zip(detections, truths, strict=True):
-        for box, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist(), strict=True):
+        xywh = xyxy_to_xywh(boxes.double()).tolist()  # float64: w and h exact
+        for box, s, c in zip(xywh, scores.tolist(), classes.tolist(), strict=True):
             records.append(
                 {
                     "image_id": truth["image_id"],
                     "file_name": truth["file_name"],
                     "category_id": category_ids[c] if category_ids else c,
                     "label": class_names[c - 1],
-                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "bbox": box,
                     "score": s,
                 }
             )

@@ -30,7 +30,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from model.boxes import box_iou, has_positive_area
+from model.boxes import box_iou, clip_and_sanitize
 from model.preprocessing import PIXEL_MEAN
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "TrainTransform",
     "ZoomOut",
     "check_sample",
-    "clip_to_image",
     "crop_sample",
 ]
 
@@ -104,14 +103,6 @@ def check_sample(image: Tensor, boxes: Tensor, labels: Tensor) -> None:
             f"expected int64 labels Tensor[{boxes.shape[0]}], "
             f"got {labels.dtype} {tuple(labels.shape)}"
         )
-
-
-def clip_to_image(boxes: Tensor, labels: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Clip xyxy pixel boxes to a ``height`` x ``width`` image; drop those left with no area."""
-    upper = torch.tensor([width, height, width, height], dtype=boxes.dtype)
-    boxes = torch.minimum(boxes.clamp(min=0), upper)
-    keep = has_positive_area(boxes)
-    return boxes[keep], labels[keep]
 
 
 def _wrap_boxes(boxes: Tensor, image: Tensor) -> tv_tensors.BoundingBoxes:
@@ -393,8 +384,8 @@ def crop_sample(image: Tensor, boxes: Tensor, labels: Tensor, crop_box: Tensor) 
     height, width = bottom - top, right - left
     out_image = TF.crop(image, top, left, height, width)
     shifted = boxes[inside] - torch.tensor([left, top, left, top], dtype=boxes.dtype)
-    out_boxes, out_labels = clip_to_image(shifted, labels[inside], height, width)
-    return out_image, out_boxes, out_labels
+    out_boxes, keep = clip_and_sanitize(shifted, (height, width))
+    return out_image, out_boxes, labels[inside][keep]
 
 
 class HorizontalFlip:
@@ -466,7 +457,8 @@ class _Pipeline:
     ) -> Sample:
         """uint8 RGB image, xyxy pixel boxes, labels -> network-ready sample (module doc)."""
         check_sample(image, boxes, labels)
-        boxes, labels = clip_to_image(boxes, labels, image.shape[-2], image.shape[-1])
+        boxes, keep = clip_and_sanitize(boxes, (image.shape[-2], image.shape[-1]))
+        labels = labels[keep]
         for step in self.steps:
             image, boxes, labels = step(image, boxes, labels, generator)
         return image, boxes, labels

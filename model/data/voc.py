@@ -112,9 +112,8 @@ class VocDataset(DetectionDataset):
                     self._counts["malformed_objects"] += 1
                 elif class_name not in label_of:
                     self._counts["unknown_classes"] += 1
-                elif (keep_difficult or not difficult) and self._add_box(record, box):
-                    record.labels.append(label_of[class_name])
-                    record.difficult.append(difficult)
+                elif keep_difficult or not difficult:
+                    self._add_object(record, box, label_of[class_name], difficult=difficult)
             self.records.append(record)
         self._finish_index()
 
