@@ -18,7 +18,7 @@ from model.data.transforms import EvalTransform, TrainTransform
 class AugmentedDataset(Dataset):
     """A dataset seen through the training transform, indexed by (epoch, index).
 
-    The augmentation's generator is seeded from the key (seed, AUGMENTATION, epoch, index),
+    The augmentation is seeded from the key (seed, AUGMENTATION, epoch, index),
     so a sample's crop and colours do not depend on the worker that makes it or on where a
     run was resumed.
     """
@@ -36,9 +36,8 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         epoch, index = key
         image, target = self.dataset[index]
-        key = torch_seed(self.seed, Purpose.AUGMENTATION, epoch, index)
-        generator = torch.Generator().manual_seed(key)
-        return self.transform(image, target["boxes"], target["labels"], generator)
+        seed = torch_seed(self.seed, Purpose.AUGMENTATION, epoch, index)
+        return self.transform(image, target["boxes"], target["labels"], seed)
 
 
 def collate(
