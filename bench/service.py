@@ -32,7 +32,7 @@ from app.settings import DEFAULT_WEIGHTS
 from bench.timing import median_seconds
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
-from model.synthetic import CLASS_NAMES
+from model.data.synthetic import CLASS_NAMES
 
 READY_TIMEOUT_S = 120.0
 IMAGE_COUNT = 16  # distinct images cycled through by the clients

@@ -23,9 +23,10 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.datasets import load_dataset
+from model.average_precision import Detection, coco_metrics, voc_ap_per_class
+from model.boxes import xyxy_to_xywh
+from model.data import SPLITS, load_dataset
 from model.detector import Detector
-from model.metrics import Detection, coco_metrics, voc_ap_per_class
 from model.runtime import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def predict_dataset(
 def score(
     detections: Sequence[Detection], truths: Sequence[dict[str, Any]], class_names: list[str]
 ) -> EvaluationReport:
-    """VOC and COCO numbers for detections against ground truths (see ``model.metrics``)."""
+    """VOC and COCO numbers for detections against ground truths (``model.average_precision``)."""
     per_class_ap = voc_ap_per_class(detections, truths, len(class_names) + 1)
     per_class = {
         name: {"ap": per_class_ap[i + 1][0], "ap07": per_class_ap[i + 1][1]}
@@ -123,14 +124,15 @@ def detection_records(
     """
     records = []
     for (boxes, scores, classes), truth in zip(detections, truths, strict=True):
-        for box, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist(), strict=True):
+        xywh = xyxy_to_xywh(boxes.double()).tolist()  # float64: w and h exact
+        for box, s, c in zip(xywh, scores.tolist(), classes.tolist(), strict=True):
             records.append(
                 {
                     "image_id": truth["image_id"],
                     "file_name": truth["file_name"],
                     "category_id": category_ids[c] if category_ids else c,
                     "label": class_names[c - 1],
-                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "bbox": box,
                     "score": s,
                 }
             )
@@ -170,7 +172,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--split",
         default="all",
-        choices=["train", "val", "test", "all"],
+        choices=SPLITS,
         help="which part of --data (default: every image)",
     )
     parser.add_argument("--json", type=Path, help="write the report here as JSON")

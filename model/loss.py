@@ -103,7 +103,7 @@ class MultiBoxLoss(nn.Module):
             target_offsets = encode(target_boxes, self.default_boxes.expand_as(target_boxes))
 
         num_pos = int(positive.sum())
-        normaliser = max(num_pos, 1)
+        normalizer = max(num_pos, 1)
 
         loc_loss = F.smooth_l1_loss(loc[positive], target_offsets[positive], reduction="sum")
 
@@ -112,8 +112,8 @@ class MultiBoxLoss(nn.Module):
         negative = self._hard_negatives(ce.detach(), positive)
         conf_loss = ce[positive | negative].sum()
 
-        loc_loss = loc_loss / normaliser
-        conf_loss = conf_loss / normaliser
+        loc_loss = loc_loss / normalizer
+        conf_loss = conf_loss / normalizer
         return LossTerms(
             total=conf_loss + self.alpha * loc_loss,
             loc=loc_loss,

@@ -1,6 +1,6 @@
 """Train an SSD: ``python -m model.train --data D --out W [...]``.
 
-Reads any ``--data`` form of ``model.datasets`` (``voc:PATH[:SPLIT]``, ``coco:IMAGES:JSON``,
+Reads any ``--data`` form of ``model.data`` (``voc:PATH[:SPLIT]``, ``coco:IMAGES:JSON``,
 ``synthetic[:N]``), applies the paper's augmentation, minimises the MultiBox loss with SGD
 (momentum 0.9, weight decay 5e-4, as the authors) under a warm-up then step or cosine
 schedule, and writes a ``Detector`` checkpoint every epoch. Besides ``--out``:
@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from model.augmentation import EvalTransform, TrainTransform, ZoomOut
 from model.checkpoint import load_matching_weights, load_training_state
-from model.datasets import load_dataset
+from model.data import load_dataset
+from model.data.loader import AugmentedDataset
+from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
 from model.default_boxes import PRESETS
 from model.distributed import Processes
 from model.imagenet import load_vgg16_backbone
@@ -48,7 +49,6 @@ from model.trainer import (
     TrainingData,
     Validation,
 )
-from model.training_data import AugmentedDataset
 
 logger = logging.getLogger("model.train")
 

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.checkpoint import TrainingState, save_checkpoint, save_training_state
+from model.data.loader import collate, epoch_batches
 from model.detector import Detector
 from model.distributed import Processes
 from model.evaluate import EvaluationReport, predict_dataset, score
 from model.loss import MultiBoxLoss
 from model.ssd import SSD
-from model.training_data import collate, epoch_batches
 
 logger = logging.getLogger("model.train")
 

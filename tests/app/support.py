@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from app.server_process import REPO, ServerProcess
 from app.server_process import free_port as free_port  # re-exported: tests/deploy use it
 from app.settings import DEFAULT_WEIGHTS, ENV_PREFIX, Settings
-from model.synthetic import CLASS_NAMES as CLASS_NAMES  # of every checkpoint here
+from model.data.synthetic import CLASS_NAMES as CLASS_NAMES  # of every checkpoint here
 
 # The shipped model; tests that need trained weights skip without it.
 SHIPPED_WEIGHTS = REPO / DEFAULT_WEIGHTS

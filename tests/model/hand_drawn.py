@@ -1,6 +1,6 @@
 """A second, independently drawn shapes set, to check the shipped model beyond its generator.
 
-Nothing here comes from ``model.synthetic``: shapes are drawn with Pillow's own primitives
+Nothing here comes from ``model.data.synthetic``: shapes are drawn with Pillow's own primitives
 (``regular_polygon``, ``ellipse``, ``rectangle``), aliased rather than supersampled, most
 with a dark outline around a flat fill, often pasted onto real photographs (the raccoon
 photos, when the shared datasets are present) instead of procedural clutter. Proportions are
@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from model.synthetic import CLASS_NAMES
+from model.data.synthetic import CLASS_NAMES
 
 _FILLS = [(220, 40, 40), (40, 90, 220), (30, 160, 60), (240, 190, 20), (150, 60, 200),
           (20, 20, 20), (250, 250, 250), (240, 120, 20)]  # fmt: skip
@@ -88,7 +88,7 @@ def hand_drawn_set(
     image_size: tuple[int, int] = (480, 360),
 ) -> list[tuple[torch.Tensor, dict]]:
     """``count`` (uint8 Tensor[3, H, W], target) pairs with 1-4 non-overlapping shapes each,
-    in the project's sample contract (``model.datasets``)."""
+    in the project's sample contract (``model.data.base``)."""
     rng = random.Random(seed)
     samples = []
     for index in range(count):

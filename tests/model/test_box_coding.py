@@ -4,7 +4,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 
 from model.box_coding import decode, encode
-from model.boxes import box_iou, cxcywh_to_xyxy, has_positive_area, xyxy_to_cxcywh
+from model.boxes import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
 
 
 def _random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,8 +62,3 @@ def test_box_helpers():
     torch.testing.assert_close(
         cxcywh_to_xyxy(torch.tensor([[1.0, 2.0, 2.0, 4.0]])), torch.tensor([[0.0, 0.0, 2.0, 4.0]])
     )
-    assert has_positive_area(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1], [2, 2, 1, 3]])).tolist() == [
-        True,
-        False,
-        False,
-    ]

@@ -6,9 +6,9 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.ops import box_convert
 
 from model.boxes import box_iou
+from model.data.synthetic import SyntheticShapes
 from model.default_boxes import DefaultBoxSpec, make_default_boxes, preset_spec
 from model.ssd import ssd300_vgg16, ssd512_vgg16
-from model.synthetic import SyntheticShapes
 
 
 def test_tiny_configuration_matches_hand_computed_boxes():

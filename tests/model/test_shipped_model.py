@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from model import Detector
+from model.data.synthetic import SyntheticShapes
 from model.evaluate import predict_dataset, score
-from model.synthetic import SyntheticShapes
 from tests.model.hand_drawn import hand_drawn_set
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ from PIL import Image
 
 from model import Detector, ssd300_vgg16
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.evaluate import evaluate
-from model.synthetic import CLASS_NAMES, SyntheticShapes
 from model.train import main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,8 +1,8 @@
 import torch
 
-from model.augmentation import EvalTransform, TrainTransform
-from model.synthetic import SyntheticShapes
-from model.training_data import AugmentedDataset, collate, epoch_batches
+from model.data.loader import AugmentedDataset, collate, epoch_batches
+from model.data.synthetic import SyntheticShapes
+from model.data.transforms import EvalTransform, TrainTransform
 
 
 def test_epoch_batches_split_across_processes_without_overlap():

@@ -1,16 +1,16 @@
 """Pascal VOC XML detection annotations: ``VocDataset`` and its layout and XML helpers.
 
-Samples follow the contract in ``model.datasets``.
+Samples follow the contract in ``model.data.base``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from model.datasets import SPLITS, DetectionDataset, Record, image_size
+from model.data.base import SPLITS, DetectionDataset, Record, image_size
+from model.data.seeding import Purpose, text_key, torch_seed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -18,16 +18,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def holdout(stems: list[str], val_fraction: float) -> set[str]:
     """The stems held out for validation: a deterministic ``val_fraction`` of them.
 
-    Stems are ordered by the SHA-1 of their UTF-8 bytes (stable across runs, machines and
-    Python versions, unlike ``hash``) and the first ``round(n * val_fraction)`` are taken,
-    at least one and at most n - 1 when there are two or more and the fraction is positive.
+    Stems are ordered by the first word of their own stream in ``model.data.seeding``
+    (key ``(0, HOLDOUT, text_key(stem))``: stable across runs, machines and Python versions,
+    and each stem's place independent of the others) and the first ``round(n * val_fraction)``
+    are taken, at least one and at most n - 1 when there are two or more and the fraction is
+    positive. A larger fraction therefore holds out a superset.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = round(len(stems) * val_fraction)
     if val_fraction > 0 and len(stems) >= 2:
         n_val = min(max(n_val, 1), len(stems) - 1)
-    ordered = sorted(stems, key=lambda s: (hashlib.sha1(s.encode()).hexdigest(), s))
+    ordered = sorted(stems, key=lambda s: (torch_seed(0, Purpose.HOLDOUT, text_key(s)), s))
     return set(ordered[:n_val])
 
 
@@ -112,9 +114,8 @@ class VocDataset(DetectionDataset):
                     self._counts["malformed_objects"] += 1
                 elif class_name not in label_of:
                     self._counts["unknown_classes"] += 1
-                elif (keep_difficult or not difficult) and self._add_box(record, box):
-                    record.labels.append(label_of[class_name])
-                    record.difficult.append(difficult)
+                elif keep_difficult or not difficult:
+                    self._add_object(record, box, label_of[class_name], difficult=difficult)
             self.records.append(record)
         self._finish_index()
 

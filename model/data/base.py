@@ -1,8 +1,8 @@
-"""The sample contract, the base of the datasets read from disk, and the ``--data`` spec.
+"""The sample contract and ``DetectionDataset``, the base of the datasets read from disk.
 
-The readers live beside this file: ``model.voc.VocDataset`` (Pascal VOC XML) and
-``model.coco.CocoDataset`` (COCO JSON), both built on ``DetectionDataset`` here; ``load_dataset``
-turns a ``--data`` spec into one of them or ``model.synthetic.SyntheticShapes``.
+The readers live beside this file: ``model.data.voc.VocDataset`` (Pascal VOC XML) and
+``model.data.coco.CocoDataset`` (COCO JSON), both built on ``DetectionDataset`` here, and
+``model.data.synthetic.SyntheticShapes``. This module imports none of them, nor the package.
 
 Every one of them follows one sample contract::
 
@@ -45,15 +45,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from model.boxes import has_positive_area
+from model.boxes import clip_and_sanitize
 from model.preprocessing import to_rgb_tensor
-from model.synthetic import SyntheticShapes
 
 logger = logging.getLogger(__name__)
 
+# The parts of a dataset a caller can ask for (``load_dataset``'s and the CLIs' ``--split``).
 SPLITS = ("train", "val", "test", "all")
-# Default lengths of the synthetic dataset when the spec gives no N.
-SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_EVAL_LENGTH = 10_000, 500
 # Everything Pillow raises for a file it cannot open or decode.
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # The kinds of bad data counted by report(), in the order they are logged.
@@ -78,21 +76,24 @@ class Record:
     file_name: str
     image_id: int
     size: tuple[int, int]  # (width, height) in pixels
-    boxes: list[list[float]] = field(default_factory=list)  # xyxy pixel-edge, clipped
+    # xyxy pixel-edge boxes, as annotated while indexing, clipped by _finish_index.
+    boxes: list[list[float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     difficult: list[bool] = field(default_factory=list)
     crowd_boxes: list[list[float]] = field(default_factory=list)
     crowd_labels: list[int] = field(default_factory=list)
     # Object areas in square pixels, when the annotation format has them (COCO); else None.
-    areas: list[float] | None = None
-    crowd_areas: list[float] | None = None
+    # While indexing, None stands for an area the annotation lacks: the clipped box's is used.
+    areas: list[float | None] | None = None
+    crowd_areas: list[float | None] | None = None
 
 
 class DetectionDataset(Dataset):
     """Images and boxes indexed once up front; base of the VOC and COCO readers.
 
-    Subclasses fill ``records`` (via ``_add_box``, which clips and counts) and call
-    ``_finish_index``. ``target(i)`` gives an annotation without decoding its image.
+    Subclasses fill ``records`` (objects via ``_add_object``) and call ``_finish_index``,
+    which clips every box to its image and counts what it changed.
+    ``target(i)`` gives an annotation without decoding its image.
     """
 
     def __init__(self, name: str, class_names: list[str]) -> None:
@@ -165,40 +166,75 @@ class DetectionDataset(Dataset):
                     height,
                     *record.size,
                 )
-            limits = torch.tensor([width, height, width, height], dtype=torch.float32)
-            for key in ("boxes", "crowd_boxes"):
-                target[key] = torch.minimum(target[key], limits)
             # Per-object keys stay aligned with their boxes; areas keep the JSON's value.
-            keep = has_positive_area(target["crowd_boxes"])
-            for key in ("crowd_boxes", "crowd_labels", "crowd_areas"):
-                if key in target:
-                    target[key] = target[key][keep]
-            keep = has_positive_area(target["boxes"])
-            for key in ("boxes", "labels", "difficult", "areas"):
-                if key in target:
-                    target[key] = target[key][keep]
+            for keys in (_OBJECT_KEYS, _CROWD_KEYS):
+                target[keys[0]], keep = clip_and_sanitize(target[keys[0]], (height, width))
+                for key in keys[1:]:
+                    if key in target:
+                        target[key] = target[key][keep]
         return image, target
 
-    def _add_box(self, record: Record, xyxy: list[float], *, crowd: bool = False) -> bool:
-        """Clip an xyxy box to the record's image and keep it if it has area; counts both.
+    def _add_object(
+        self,
+        record: Record,
+        xyxy: list[float],
+        label: int,
+        *,
+        difficult: bool = False,
+        area: float | None = None,
+        crowd: bool = False,
+    ) -> None:
+        """Add one object (an xyxy pixel-edge box, as annotated) to ``record``.
 
-        On True the caller appends the box's label (and difficult flag or area) to match.
+        A box with a non-finite coordinate is counted as malformed and left out; the others
+        are clipped by ``_finish_index``. ``area`` (square pixels) is kept only for records
+        that carry areas; None there means the clipped box's area.
         """
         if not all(math.isfinite(v) for v in xyxy):
             self._counts["malformed_objects"] += 1
-            return False
+            return
+        areas = record.crowd_areas if crowd else record.areas
+        if areas is not None:
+            areas.append(area)
+        if crowd:
+            record.crowd_boxes.append(list(xyxy))
+            record.crowd_labels.append(label)
+        else:
+            record.boxes.append(list(xyxy))
+            record.labels.append(label)
+            record.difficult.append(difficult)
+
+    def _clip(self, record: Record) -> None:
+        """Clip the record's boxes to its image, drop and count those left with no area."""
         width, height = record.size
-        x0, y0, x1, y1 = xyxy
-        clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height)]
-        clipped += [min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            self._counts["zero_area_boxes"] += 1
-            return False
-        self._counts["clipped_boxes"] += clipped != list(xyxy)
-        (record.crowd_boxes if crowd else record.boxes).append(clipped)
-        return True
+        for crowd in (False, True):
+            boxes = record.crowd_boxes if crowd else record.boxes
+            if not boxes:
+                continue
+            raw = torch.tensor(boxes, dtype=torch.float64)
+            clipped, keep = clip_and_sanitize(raw, (height, width))
+            self._counts["zero_area_boxes"] += int((~keep).sum())
+            self._counts["clipped_boxes"] += int((clipped != raw[keep]).any(dim=1).sum())
+            kept = keep.nonzero().flatten().tolist()
+            aligned = (
+                [record.crowd_labels, record.crowd_areas]
+                if crowd
+                else [record.labels, record.difficult, record.areas]
+            )
+            for values in aligned:
+                if values is not None:
+                    values[:] = [values[i] for i in kept]
+            boxes[:] = clipped.tolist()
+            areas = record.crowd_areas if crowd else record.areas
+            if areas is not None:  # an area the annotation lacks is the clipped box's
+                areas[:] = [
+                    (b[2] - b[0]) * (b[3] - b[1]) if a is None else a
+                    for a, b in zip(areas, boxes, strict=True)
+                ]
 
     def _finish_index(self) -> None:
+        for record in self.records:
+            self._clip(record)
         counts = {key: n for key, n in self.report().items() if n}
         boxes = sum(len(r.boxes) for r in self.records)
         summary = f"{self.name}: {len(self)} images, {boxes} boxes, {len(self.class_names)} classes"
@@ -206,6 +242,11 @@ class DetectionDataset(Dataset):
             logger.warning("%s; bad data repaired or skipped: %s", summary, counts)
         else:
             logger.info("%s; no bad data", summary)
+
+
+# Per-object target keys, the box first; a crowd region's keys likewise.
+_OBJECT_KEYS = ("boxes", "labels", "difficult", "areas")
+_CROWD_KEYS = ("crowd_boxes", "crowd_labels", "crowd_areas")
 
 
 def _box_tensor(boxes: list[list[float]]) -> Tensor:
@@ -219,65 +260,3 @@ def image_size(path: Path) -> tuple[int, int] | None:
             return image.size
     except _IMAGE_ERRORS:
         return None
-
-
-# The --data spec ----------------------------------------------------------------------------
-
-
-def load_dataset(
-    spec: str,
-    *,
-    split: str,
-    val_fraction: float = 0.1,
-    classes: list[str] | None = None,
-    use_difficult: bool = True,
-) -> DetectionDataset | SyntheticShapes:
-    """The dataset a ``--data`` spec names, for one purpose.
-
-    Specs:
-        ``voc:PATH[:SPLIT]``  Pascal VOC, see model.voc (SPLIT names ImageSets/Main/SPLIT.txt)
-        ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.coco (every image, any split)
-        ``synthetic[:N]``  procedural shapes, see model.synthetic; N samples, by default
-            SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
-            ("val" has its own stream; "test" and "all" share the test stream)
-
-    ``split`` is "train", "val", "test" or "all"; ``val_fraction`` is the part of a VOC folder
-    without split files held out for "val"; ``classes`` fixes the class list.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    kind, _, rest = spec.partition(":")
-    # Imported here, not at the top: model.voc and model.coco import DetectionDataset from
-    # this module, so a top-level import either way round would be a cycle.
-    from model.coco import CocoDataset
-    from model.voc import VocDataset
-
-    if kind == "voc" and rest:
-        path, image_set = rest, None
-        if not Path(rest).exists() and ":" in rest:
-            path, image_set = rest.rsplit(":", 1)
-        return VocDataset(
-            path,
-            image_set=image_set or None,
-            split=split,
-            val_fraction=val_fraction,
-            classes=classes,
-            use_difficult=use_difficult,
-        )
-    if kind == "coco" and ":" in rest:
-        images_dir, annotations = rest.rsplit(":", 1)
-        return CocoDataset(images_dir, annotations, classes=classes)
-    if kind == "synthetic":
-        if classes is not None and list(classes) != SyntheticShapes.class_names:
-            raise ValueError(
-                f"the synthetic dataset has classes {SyntheticShapes.class_names}, got {classes}"
-            )
-        default = SYNTHETIC_TRAIN_LENGTH if split == "train" else SYNTHETIC_EVAL_LENGTH
-        if rest and not (rest.isdigit() and int(rest) > 0):
-            raise ValueError(f"synthetic:N needs a positive integer N, got {spec!r}")
-        stream = split if split in ("train", "val") else "test"
-        return SyntheticShapes(int(rest) if rest else default, split=stream)
-    raise ValueError(
-        "data spec must be voc:PATH[:SPLIT], coco:IMAGES_DIR:ANNOTATIONS_JSON or "
-        f"synthetic[:N], got {spec!r}"
-    )

@@ -2,20 +2,21 @@ import colorsys
 
 import pytest
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
-from model.augmentation import (
+from model.boxes import box_iou
+from model.data import transforms
+from model.data.transforms import (
     CAFFE_MIN_IOUS,
     EvalTransform,
-    HorizontalFlip,
     IoUCrop,
-    Normalise,
+    Normalize,
     PhotometricDistort,
-    Resize,
     TrainTransform,
     ZoomOut,
     crop_sample,
 )
-from model.boxes import box_iou
 from model.preprocessing import PIXEL_MEAN, preprocess
 
 MEAN_U8 = torch.tensor(PIXEL_MEAN, dtype=torch.float32).to(torch.uint8)[:, None, None]
@@ -43,6 +44,25 @@ def _no_boxes() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
 
 
+def _v2(step: v2.Transform, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
+    """Run a torchvision step the way the pipeline does: image and boxes as tv_tensors."""
+    canvas = tuple(image.shape[-2:])
+    wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas)
+    out = step(tv_tensors.Image(image), wrapped, labels)
+    return tuple(t.as_subclass(torch.Tensor) for t in out)
+
+
+def _steps_off(**steps) -> dict:
+    """TrainTransform arguments that turn every random step off, but those given."""
+    off = {
+        "distort": PhotometricDistort(0.0, 0.0, (1.0, 1.0), 0.0, (1.0, 1.0), 0.0, 0.0, 0.0),
+        "zoom_out": ZoomOut(prob=0.0),
+        "crop": IoUCrop(min_ious=()),
+        "flip": v2.RandomHorizontalFlip(p=0.0),
+    }
+    return off | steps
+
+
 # ---------------------------------------------------------------- horizontal flip
 
 
@@ -50,21 +70,19 @@ def test_flip_golden_box_and_mirrored_pixels():
     image = _image(50, 100)
     boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
     labels = torch.tensor([7])
-    out_image, out_boxes, out_labels = HorizontalFlip(prob=1.0)(image, boxes, labels)
-    torch.testing.assert_close(out_boxes, torch.tensor([[70.0, 20.0, 90.0, 40.0]]))
-    assert torch.equal(out_image, image.flip(-1))
+    flip = TrainTransform(100, **_steps_off(flip=v2.RandomHorizontalFlip(p=1.0)))
+    out_image, out_boxes, out_labels = flip(image, boxes, labels)
+    # (10, 20, 30, 40) in a 100 x 50 image mirrors to (70, 20, 90, 40), relative to it.
+    torch.testing.assert_close(out_boxes, torch.tensor([[0.7, 0.4, 0.9, 0.8]]))
+    assert torch.equal(out_image, transforms.preprocess([image.flip(-1)], 100)[0])
     assert torch.equal(out_labels, labels)
 
 
-def test_flip_with_prob_zero_is_identity_and_default_flips_about_half():
+def test_default_flip_is_the_papers_half():
     image, boxes, labels = _image(5, 10), torch.tensor([[1.0, 1.0, 3.0, 4.0]]), torch.tensor([1])
-    out = HorizontalFlip(prob=0.0)(image, boxes, labels)
-    assert torch.equal(out[0], image) and torch.equal(out[1], boxes)
-    g = _seeded(0)
-    flipped = sum(
-        bool(HorizontalFlip()(image, boxes, labels, g)[1][0, 0] != 1.0) for _ in range(400)
-    )
-    assert 150 < flipped < 250
+    transform = TrainTransform(10, **_steps_off(flip=None))
+    flips = [transform(image, boxes, labels, seed)[1][0, 0] != 0.1 for seed in range(400)]
+    assert 150 < sum(flips) < 250
 
 
 # ---------------------------------------------------------------- zoom-out
@@ -78,7 +96,8 @@ def test_zoom_out_moves_box_by_offset_keeps_size_and_fills_with_mean():
     zoom = ZoomOut(max_ratio=4.0, prob=1.0)
     zoomed = 0
     for seed in range(40):
-        out_image, out_boxes, out_labels = zoom(image, boxes, labels, _seeded(seed))
+        torch.manual_seed(seed)
+        out_image, out_boxes, out_labels = _v2(zoom, image, boxes, labels)
         canvas_h, canvas_w = out_image.shape[-2:]
         assert out_image.dtype == torch.uint8
         assert height <= canvas_h <= 4 * height and width <= canvas_w <= 4 * width
@@ -96,13 +115,16 @@ def test_zoom_out_moves_box_by_offset_keeps_size_and_fills_with_mean():
 
 def test_zoom_out_ratio_never_exceeds_max_and_prob_zero_is_identity():
     image, boxes, labels = _image(10, 10), torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.tensor([1])
-    g = _seeded(1)
-    sides = [
-        ZoomOut(max_ratio=1.5, prob=1.0)(image, boxes, labels, g)[0].shape[-1] for _ in range(200)
-    ]
+    torch.manual_seed(1)
+    zoom = ZoomOut(max_ratio=1.5, prob=1.0)
+    sides = [_v2(zoom, image, boxes, labels)[0].shape[-1] for _ in range(200)]
     assert max(sides) <= 15 and min(sides) >= 10 and max(sides) >= 14
-    out = ZoomOut(prob=0.0)(image, boxes, labels, g)
-    assert out[0] is image and out[1] is boxes
+    out = _v2(ZoomOut(prob=0.0), image, boxes, labels)
+    assert torch.equal(out[0], image) and torch.equal(out[1], boxes)
+    # torchvision's transform, with the paper's settings by default (sec. 3.6).
+    default = ZoomOut()
+    assert isinstance(default, v2.RandomZoomOut)
+    assert (default.side_range, default.p, default.fill) == ((1.0, 4.0), 0.5, list(PIXEL_MEAN))
 
 
 # ---------------------------------------------------------------- IoU crop
@@ -143,6 +165,7 @@ def test_crop_sample_rejects_a_crop_outside_the_image():
 def test_sampled_crops_meet_their_iou_constraint_and_shape_limits():
     crop = IoUCrop()
     g = _seeded(0)
+    torch.manual_seed(0)
     seen: set[float | None] = set()
     for _ in range(300):
         height, width = (int(v) for v in torch.randint(20, 120, (2,), generator=g))
@@ -150,7 +173,7 @@ def test_sampled_crops_meet_their_iou_constraint_and_shape_limits():
         boxes = _random_boxes(count, height, width, g, max_side=1.0)
         if count == 1:  # a near-whole-image box, so that even the 0.9 constraint is met
             boxes = torch.tensor([[1.0, 0.0, width, height - 1.0]])
-        crop_box, min_iou = crop.sample(boxes, (height, width), g)
+        crop_box, min_iou = crop.sample(boxes, (height, width))
         seen.add(min_iou)
         left, top, right, bottom = crop_box.tolist()
         assert crop_box.dtype == torch.float32 and torch.equal(crop_box, crop_box.round())
@@ -172,29 +195,30 @@ def test_unmeetable_constraint_falls_back_to_whole_image():
     # A 2x2 box in 100x100: a patch covers >= 9% of the image, so IoU <= 4 / 900 < 0.9.
     boxes = torch.tensor([[50.0, 50.0, 52.0, 52.0]])
     crop = IoUCrop(min_ious=(0.9,))
-    g = _seeded(0)
+    torch.manual_seed(0)
     for _ in range(20):
-        crop_box, min_iou = crop.sample(boxes, (100, 100), g)
+        crop_box, min_iou = crop.sample(boxes, (100, 100))
         assert min_iou is None and crop_box.tolist() == [0, 0, 100, 100]
 
 
 def test_no_boxes_only_the_unconstrained_option_can_crop():
     boxes, labels = _no_boxes()
     image = _image(40, 60)
-    g = _seeded(0)
-    chosen = {IoUCrop().sample(boxes, (40, 60), g)[1] for _ in range(60)}
+    torch.manual_seed(0)
+    chosen = {IoUCrop().sample(boxes, (40, 60))[1] for _ in range(60)}
     assert chosen == {None, 0.0}
-    _, out_boxes, out_labels = IoUCrop()(image, boxes, labels, g)
+    _, out_boxes, out_labels = IoUCrop()(image, boxes, labels)
     assert out_boxes.shape == (0, 4) and out_labels.shape == (0,)
 
 
 def test_cropped_boxes_are_the_centre_inside_ones_clipped():
     crop = IoUCrop()
     g = _seeded(1)
+    torch.manual_seed(1)
     for _ in range(200):
         boxes = _random_boxes(4, 60, 80, g)
         labels = torch.arange(4)
-        crop_box, _ = crop.sample(boxes, (60, 80), g)
+        crop_box, _ = crop.sample(boxes, (60, 80))
         out_image, out_boxes, out_labels = crop_sample(_image(60, 80), boxes, labels, crop_box)
         left, top, right, bottom = crop_box.tolist()
         assert out_image.shape == (3, bottom - top, right - left)
@@ -213,21 +237,12 @@ def test_cropped_boxes_are_the_centre_inside_ones_clipped():
 # ---------------------------------------------------------------- resize
 
 
-def test_resize_scales_boxes_by_size_over_width_and_height():
-    image = _image(50, 200)
-    boxes = torch.tensor([[20.0, 10.0, 60.0, 30.0]])
-    out_image, out_boxes, _ = Resize(300)(image, boxes, torch.tensor([1]))
-    assert out_image.shape == (3, 300, 300) and out_image.dtype == torch.uint8
-    # S/W = 1.5, S/H = 6
-    torch.testing.assert_close(out_boxes, torch.tensor([[30.0, 60.0, 90.0, 180.0]]))
-
-
-def test_normalise_subtracts_the_mean_and_makes_boxes_relative():
+def test_normalize_is_preprocess_with_boxes_made_relative():
     image = torch.full((3, 50, 200), 200, dtype=torch.uint8)
-    out_image, out_boxes, _ = Normalise()(
+    out_image, out_boxes, _ = Normalize(30)(
         image, torch.tensor([[20.0, 10, 60, 30]]), torch.tensor([1])
     )
-    assert out_image.dtype == torch.float32
+    assert out_image.dtype == torch.float32 and out_image.shape == (3, 30, 30)
     torch.testing.assert_close(out_image[:, 0, 0], torch.tensor([77.0, 83.0, 96.0]))
     torch.testing.assert_close(out_boxes, torch.tensor([[0.1, 0.2, 0.3, 0.6]]))
 
@@ -240,7 +255,7 @@ def test_photometric_changes_image_only_and_keeps_uint8():
     distort = PhotometricDistort(
         brightness_prob=1.0, contrast_prob=1.0, saturation_prob=1.0, hue_prob=1.0
     )
-    out_image, out_boxes, out_labels = distort(image, boxes, labels, _seeded(0))
+    out_image, out_boxes, out_labels = distort(image, boxes, labels)
     assert out_boxes is boxes and out_labels is labels
     assert out_image.dtype == torch.uint8 and out_image.shape == image.shape
     assert not torch.equal(out_image, image)
@@ -255,13 +270,13 @@ def test_brightness_is_a_shift_within_delta_and_contrast_a_gain_within_range():
     only_contrast = PhotometricDistort(
         brightness_prob=0.0, contrast_prob=1.0, saturation_prob=0.0, hue_prob=0.0
     )
-    g = _seeded(0)
+    torch.manual_seed(0)
     shifts, gains = set(), set()
     for _ in range(50):
-        bright = only_brightness(image, boxes, labels, g)[0].int()
+        bright = only_brightness(image, boxes, labels)[0].int()
         assert (bright == bright[0, 0, 0]).all() and abs(int(bright[0, 0, 0]) - 100) <= 32
         shifts.add(int(bright[0, 0, 0]))
-        gained = only_contrast(image, boxes, labels, g)[0].int()
+        gained = only_contrast(image, boxes, labels)[0].int()
         assert (gained == gained[0, 0, 0]).all() and 50 <= int(gained[0, 0, 0]) <= 150
         gains.add(int(gained[0, 0, 0]))
     assert len(shifts) > 10 and len(gains) > 10
@@ -276,11 +291,11 @@ def test_hue_turns_by_at_most_36_degrees_and_saturation_spares_grey():
     # Column 0 is an orange (hue 20 degrees), column 1 a grey, which neither change may touch.
     image = torch.tensor([[200, 128], [100, 128], [50, 128]], dtype=torch.uint8)[:, None, :]
     boxes, labels = _no_boxes()
-    g = _seeded(0)
+    torch.manual_seed(0)
     turns, saturations = [], []
     for _ in range(40):
-        hued = _only(hue_prob=1.0)(image, boxes, labels, g)[0]
-        saturated = _only(saturation_prob=1.0)(image, boxes, labels, g)[0]
+        hued = _only(hue_prob=1.0)(image, boxes, labels)[0]
+        saturated = _only(saturation_prob=1.0)(image, boxes, labels)[0]
         assert hued[:, 0, 1].tolist() == saturated[:, 0, 1].tolist() == [128, 128, 128]
         hue = colorsys.rgb_to_hsv(*(hued[:, 0, 0].double() / 255).tolist())[0] * 360
         turns.append((hue - 20 + 180) % 360 - 180)
@@ -295,7 +310,7 @@ def test_all_probabilities_zero_is_identity():
     off = PhotometricDistort(
         brightness_prob=0.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0
     )
-    assert torch.equal(off(image, boxes, labels, _seeded(0))[0], image)
+    assert torch.equal(off(image, boxes, labels)[0], image)
 
 
 # ---------------------------------------------------------------- full transforms
@@ -319,9 +334,9 @@ def test_train_transform_output_format(size):
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [50.0, 10.0, 88.0, 58.0], [0.0, 0.0, 90, 60]])
     labels = torch.tensor([4, 9, 12])
     transform = TrainTransform(size)
-    g = _seeded(0)
+    torch.manual_seed(0)
     for _ in range(8):
-        out = transform(image, boxes, labels, g)
+        out = transform(image, boxes, labels)
         _check_output(out, size)
         assert set(out[2].tolist()) <= {4, 9, 12}
         assert len(set(out[2].tolist())) == len(out[2])
@@ -332,13 +347,7 @@ def test_train_transform_keeps_labels_aligned_with_boxes():
     image = _image(40, 80)
     boxes = torch.tensor([[0.0, 0.0, 20.0, 10.0], [40.0, 20.0, 80.0, 40.0]])
     labels = torch.tensor([5, 6])
-    transform = TrainTransform(
-        64,
-        distort=PhotometricDistort(0.0, 0.0, (1.0, 1.0), 0.0, (1.0, 1.0), 0.0, 0.0, 0.0),
-        zoom_out=ZoomOut(prob=0.0),
-        crop=IoUCrop(min_ious=()),
-        flip=HorizontalFlip(prob=1.0),
-    )
+    transform = TrainTransform(64, **_steps_off(flip=v2.RandomHorizontalFlip(p=1.0)))
     _, out_boxes, out_labels = transform(image, boxes, labels)
     assert out_labels.tolist() == [5, 6]
     torch.testing.assert_close(
@@ -351,12 +360,15 @@ def test_train_transform_is_deterministic_given_a_seed():
     boxes = torch.tensor([[5.0, 5.0, 30.0, 40.0], [35.0, 10.0, 68.0, 48.0]])
     labels = torch.tensor([1, 2])
     transform = TrainTransform(64)
-    runs = [[transform(image, boxes, labels, _seeded(s)) for s in range(6)] for _ in range(2)]
+    runs = [[transform(image, boxes, labels, s) for s in range(6)] for _ in range(2)]
     for first, second in zip(*runs, strict=True):
         for a, b in zip(first, second, strict=True):
             assert torch.equal(a, b)
     assert any(not torch.equal(runs[0][0][0], other[0]) for other in runs[0][1:])
-    # The global RNG is used consistently when no generator is given.
+    # A seeded call leaves the global RNG alone; without a seed the global RNG is used.
+    torch.manual_seed(3)
+    transform(image, boxes, labels, 123)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(3).get_state())
     torch.manual_seed(3)
     a = transform(image, boxes, labels)
     torch.manual_seed(3)
@@ -369,10 +381,10 @@ def test_train_transform_zero_boxes_and_tiny_box():
     boxes, labels = _no_boxes()
     tiny = torch.tensor([[10.0, 10.0, 10.5, 10.25]])
     transform = TrainTransform(64)
-    g = _seeded(0)
+    torch.manual_seed(0)
     for _ in range(30):
-        _check_output(transform(image, boxes, labels, g), 64)
-        _check_output(transform(image, tiny, torch.tensor([1]), g), 64)
+        _check_output(transform(image, boxes, labels), 64)
+        _check_output(transform(image, tiny, torch.tensor([1])), 64)
 
 
 def test_input_boxes_outside_the_image_are_clipped_or_dropped():
@@ -384,10 +396,19 @@ def test_input_boxes_outside_the_image_are_clipped_or_dropped():
 
 
 @pytest.mark.parametrize(("height", "width"), [(37, 51), (420, 250)])
-def test_eval_transform_matches_inference_preprocessing(height, width):
+def test_eval_transform_is_inference_preprocessing(height, width, monkeypatch):
     image = _image(height, width)
     boxes = torch.tensor([[5.1, 3.7, 25.5, 37.0]])
+    calls = []
+
+    def spy(images, size, mean):
+        calls.append((images, size, mean))
+        return preprocess(images, size, mean)
+
+    monkeypatch.setattr(transforms, "preprocess", spy)
     out_image, out_boxes, out_labels = EvalTransform(300)(image, boxes, torch.tensor([2]))
+    # One call with the image itself and the network size: the pixels are inference's.
+    assert len(calls) == 1 and calls[0][0][0] is image and calls[0][1:] == (300, PIXEL_MEAN)
     assert torch.equal(out_image, preprocess([image], 300)[0])
     torch.testing.assert_close(out_boxes, boxes / torch.tensor([width, height, width, height]))
     assert out_labels.tolist() == [2]
@@ -397,13 +418,7 @@ def test_train_with_randomness_off_equals_eval():
     image = _image(33, 47)
     boxes = torch.tensor([[1.0, 2.0, 30.0, 31.0]])
     labels = torch.tensor([3])
-    off = TrainTransform(
-        96,
-        distort=PhotometricDistort(0.0, 0.0, (1.0, 1.0), 0.0, (1.0, 1.0), 0.0, 0.0, 0.0),
-        zoom_out=ZoomOut(prob=0.0),
-        crop=IoUCrop(min_ious=()),
-        flip=HorizontalFlip(prob=0.0),
-    )
+    off = TrainTransform(96, **_steps_off())
     for a, b in zip(
         off(image, boxes, labels), EvalTransform(96)(image, boxes, labels), strict=True
     ):
@@ -430,4 +445,4 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"1\.2"):
         IoUCrop(min_ious=(0.1, 1.2))
     with pytest.raises(ValueError, match=r"1\.5"):
-        HorizontalFlip(prob=1.5)
+        ZoomOut(prob=1.5)

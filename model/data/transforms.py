@@ -5,19 +5,25 @@ The steps and their defaults follow the authors' Caffe configuration (``ssd_pasc
 order of their data layer: photometric distortion, zoom-out ("expand"), IoU-constrained crop
 ("batch sampler"), then horizontal flip and the resize to the network size.
 
+Zoom-out and flip are torchvision's v2 ``RandomZoomOut`` and ``RandomHorizontalFlip``, which
+do what the authors do. ``PhotometricDistort`` and ``IoUCrop`` are written here because the
+authors' behaviour differs from torchvision's on purpose (their docstrings say how). The
+resize and mean subtraction are ``model.preprocessing.preprocess``, the very function
+inference uses, so training, evaluation and the service see the same pixels.
+
 Sample format, in and out of every step: ``(image, boxes, labels)`` with
 
 * ``image``: uint8 Tensor[3, H, W], RGB, values 0..255;
 * ``boxes``: float32 Tensor[G, 4], xyxy, absolute 0-based pixels of that image;
 * ``labels``: int64 Tensor[G], one per box, kept aligned whenever boxes are dropped.
 
-:class:`TrainTransform` and :class:`EvalTransform` end with :class:`Normalise`, which turns
+:class:`TrainTransform` and :class:`EvalTransform` end with :class:`Normalize`, which turns
 that into ``(float32 Tensor[3, S, S] = pixels - PIXEL_MEAN, boxes xyxy relative 0..1, labels)``.
 
-Randomness: every step takes an optional ``torch.Generator``; ``None`` uses torch's global
-RNG, which a ``DataLoader`` seeds differently in each worker. A generator stored on a
-transform would be copied into every worker and repeat the same draws there, so generators
-are passed per call instead.
+Randomness: every step draws from torch's global RNG, as torchvision's transforms do. A
+transform called with ``seed`` runs under ``torch.random.fork_rng`` seeded with it, so a
+sample's draws depend on that seed only (``model.data.loader`` derives it from the seed, the
+epoch and the index with ``model.data.seeding``) and the caller's RNG is left as it was.
 """
 
 from __future__ import annotations
@@ -28,24 +34,22 @@ from typing import Protocol
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from model.boxes import box_iou, has_positive_area
-from model.preprocessing import PIXEL_MEAN
+from model.boxes import box_iou, clip_and_sanitize
+from model.preprocessing import PIXEL_MEAN, preprocess
 
 __all__ = [
     "CAFFE_MIN_IOUS",
     "EvalTransform",
-    "HorizontalFlip",
     "IoUCrop",
-    "Normalise",
+    "Normalize",
     "PhotometricDistort",
-    "Resize",
     "Step",
     "TrainTransform",
     "ZoomOut",
     "check_sample",
-    "clip_to_image",
     "crop_sample",
 ]
 
@@ -53,11 +57,9 @@ Sample = tuple[Tensor, Tensor, Tensor]
 
 
 class Step(Protocol):
-    """One augmentation step: a sample in, a sample out (formats in the module docstring)."""
+    """One hand-written step: a sample in, a sample out (formats in the module docstring)."""
 
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample: ...
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample: ...
 
 
 # The authors' batch_sampler (ssd_pascal.py): after the always-available whole image, one
@@ -65,16 +67,14 @@ class Step(Protocol):
 CAFFE_MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
 # Caffe's ApplyDistort (im_transforms.cpp) hard-codes a fair coin for the contrast position.
 _CONTRAST_FIRST_PROB = 0.5
-# Caffe's ExpandImage skips ratios this close to 1.
-_MIN_EXPAND = 1e-2
 
 
-def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
 
 
-def _happens(prob: float, generator: torch.Generator | None) -> bool:
-    return torch.rand((), generator=generator).item() < prob
+def _happens(prob: float) -> bool:
+    return torch.rand(()).item() < prob
 
 
 def _check_prob(name: str, prob: float) -> None:
@@ -106,14 +106,6 @@ def check_sample(image: Tensor, boxes: Tensor, labels: Tensor) -> None:
         )
 
 
-def clip_to_image(boxes: Tensor, labels: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Clip xyxy pixel boxes to a ``height`` x ``width`` image; drop those left with no area."""
-    upper = torch.tensor([width, height, width, height], dtype=boxes.dtype)
-    boxes = torch.minimum(boxes.clamp(min=0), upper)
-    keep = has_positive_area(boxes)
-    return boxes[keep], labels[keep]
-
-
 def _wrap_boxes(boxes: Tensor, image: Tensor) -> tv_tensors.BoundingBoxes:
     return tv_tensors.BoundingBoxes(
         boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=tuple(image.shape[-2:])
@@ -140,8 +132,7 @@ class PhotometricDistort:
     fair coin flip (hard-coded in their ``ApplyDistort``) puts contrast either right after
     brightness or last. Their ``random_order_prob`` (channel shuffle) is 0.0 in
     ``ssd_pascal.py``, so it is left out; torchvision's ``RandomPhotometricDistort`` is not used
-    because it shuffles channels with p = 0.5, scales brightness instead of shifting it and
-    only draws from the global RNG.
+    because it shuffles channels with p = 0.5 and scales brightness instead of shifting it.
 
     Boxes and labels pass through unchanged; the image stays uint8 and is rounded and
     saturated to 0..255 after every change, as OpenCV does on 8-bit images.
@@ -182,60 +173,57 @@ class PhotometricDistort:
         self.hue_delta = hue_delta
         self.hue_prob = hue_prob
 
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample:
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample:
         """Distort the uint8 RGB image; boxes and labels are returned as they came."""
-        contrast_first = _happens(_CONTRAST_FIRST_PROB, generator)
-        image = self._brightness(image, generator)
+        contrast_first = _happens(_CONTRAST_FIRST_PROB)
+        image = self._brightness(image)
         if contrast_first:
-            image = self._contrast(image, generator)
-        image = self._saturation(image, generator)
-        image = self._hue(image, generator)
+            image = self._contrast(image)
+        image = self._saturation(image)
+        image = self._hue(image)
         if not contrast_first:
-            image = self._contrast(image, generator)
+            image = self._contrast(image)
         return image, boxes, labels
 
-    def _brightness(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
-        if not _happens(self.brightness_prob, generator):
+    def _brightness(self, image: Tensor) -> Tensor:
+        if not _happens(self.brightness_prob):
             return image
         # Caffe's AdjustBrightness adds a delta (cv::Mat::convertTo(out, -1, 1, delta)).
-        delta = _uniform(-self.brightness_delta, self.brightness_delta, generator)
+        delta = _uniform(-self.brightness_delta, self.brightness_delta)
         return (image.float() + delta).round().clamp(0, 255).to(torch.uint8)
 
-    def _contrast(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
-        if not _happens(self.contrast_prob, generator):
+    def _contrast(self, image: Tensor) -> Tensor:
+        if not _happens(self.contrast_prob):
             return image
         # Caffe's AdjustContrast is a plain gain (convertTo(out, -1, alpha, 0)); torchvision's
         # adjust_contrast would blend with the mean grey instead.
-        alpha = _uniform(*self.contrast_range, generator)
+        alpha = _uniform(*self.contrast_range)
         return (image.float() * alpha).round().clamp(0, 255).to(torch.uint8)
 
-    def _saturation(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
-        if not _happens(self.saturation_prob, generator):
+    def _saturation(self, image: Tensor) -> Tensor:
+        if not _happens(self.saturation_prob):
             return image
         # Caffe scales the HSV saturation channel; torchvision blends with the greyscale
         # image. Both scale colourfulness by the factor and leave grey pixels unchanged.
-        factor = _uniform(*self.saturation_range, generator)
+        factor = _uniform(*self.saturation_range)
         return _in_unit_float(image, lambda unit: TF.adjust_saturation(unit, factor))
 
-    def _hue(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
-        if not _happens(self.hue_prob, generator):
+    def _hue(self, image: Tensor) -> Tensor:
+        if not _happens(self.hue_prob):
             return image
         # OpenCV 8-bit hue runs over 0..180 for a full turn; torchvision's factor is in turns.
-        delta = _uniform(-self.hue_delta, self.hue_delta, generator)
+        delta = _uniform(-self.hue_delta, self.hue_delta)
         return _in_unit_float(image, lambda unit: TF.adjust_hue(unit, delta / 180.0))
 
 
-class ZoomOut:
-    """Place the image at a random spot of a larger canvas filled with the mean pixel.
+class ZoomOut(v2.RandomZoomOut):
+    """torchvision's ``RandomZoomOut`` with the authors' ``expand_param`` as defaults.
 
-    The authors' ``ExpandImage`` (``expand_param``): with probability ``prob`` the canvas is
-    ``int(ratio * H)`` x ``int(ratio * W)`` for one ratio drawn from U[1, max_ratio], so the
-    zoom never exceeds ``max_ratio``. Like theirs, a ratio within 0.01 of 1 leaves the image as
-    it is. Boxes move by the placement offset and keep their size. torchvision's
-    ``RandomZoomOut`` does the same with the global RNG only, so its kernel (``pad``) is used
-    with parameters drawn here.
+    With probability ``prob`` the image is placed at a random spot of a canvas filled with
+    the mean pixel, ``int(ratio * H)`` x ``int(ratio * W)`` for one ratio drawn from
+    U[1, max_ratio] (paper sec. 3.6: up to 4), so the zoom never exceeds ``max_ratio``.
+    Boxes move by the placement offset and keep their size. Unlike the authors' ExpandImage
+    it does not skip ratios within 0.01 of 1, which changes the image by under a pixel.
     """
 
     def __init__(
@@ -248,27 +236,7 @@ class ZoomOut:
         if max_ratio < 1.0:
             raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
         _check_prob("prob", prob)
-        self.max_ratio = max_ratio
-        self.prob = prob
-        self.fill = fill
-
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample:
-        """Zoom out; boxes stay in absolute pixels of the (larger) output image."""
-        if not _happens(self.prob, generator):
-            return image, boxes, labels
-        ratio = _uniform(1.0, self.max_ratio, generator)
-        if abs(ratio - 1.0) < _MIN_EXPAND:
-            return image, boxes, labels
-        height, width = image.shape[-2:]
-        canvas_h, canvas_w = int(height * ratio), int(width * ratio)
-        top = int(torch.randint(canvas_h - height + 1, (), generator=generator))
-        left = int(torch.randint(canvas_w - width + 1, (), generator=generator))
-        padding = [left, top, canvas_w - width - left, canvas_h - height - top]
-        out_image = TF.pad(tv_tensors.Image(image), padding, fill=list(self.fill))
-        out_boxes = TF.pad(_wrap_boxes(boxes, image), padding)
-        return _plain(out_image), _plain(out_boxes), labels
+        super().__init__(fill=list(fill), side_range=(1.0, max_ratio), p=prob)
 
 
 class IoUCrop:
@@ -291,7 +259,7 @@ class IoUCrop:
     and height scales separately (not Caffe's scale + aspect ratio), only counts boxes whose
     centre is in the patch, so even its 0.0 option needs one and images without boxes are
     never cropped, redraws options until one succeeds instead of choosing among the options
-    that did, and uses only the global RNG.
+    that did.
     """
 
     def __init__(
@@ -317,18 +285,15 @@ class IoUCrop:
         self.scale_range = scale_range
         self.aspect_range = aspect_range
 
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample:
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample:
         """Crop; boxes come back in absolute pixels of the patch."""
-        crop_box, _ = self.sample(boxes, (image.shape[-2], image.shape[-1]), generator)
+        crop_box, _ = self.sample(boxes, (image.shape[-2], image.shape[-1]))
         return crop_sample(image, boxes, labels, crop_box)
 
     def sample(
         self,
         boxes: Tensor,
         image_size: tuple[int, int],
-        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, float | None]:
         """Choose a patch for xyxy pixel ``boxes`` in an image of ``(height, width)``.
 
@@ -342,7 +307,7 @@ class IoUCrop:
         ]
         for min_iou in self.min_ious:
             # All trials are drawn at once, so each option uses the same number of draws.
-            patches = self._random_patches(height, width, generator)
+            patches = self._random_patches(height, width)
             if min_iou > 0.0:
                 # (T, 4) x (G, 4) -> (T, G)
                 meets = (box_iou(patches, boxes) >= min_iou).any(dim=1)
@@ -351,14 +316,14 @@ class IoUCrop:
             hits = meets.nonzero()
             if hits.numel() > 0:
                 candidates.append((patches[hits[0, 0]], min_iou))
-        choice = int(torch.randint(len(candidates), (), generator=generator))
+        choice = int(torch.randint(len(candidates), ()))
         return candidates[choice]
 
-    def _random_patches(self, height: int, width: int, generator: torch.Generator | None) -> Tensor:
+    def _random_patches(self, height: int, width: int) -> Tensor:
         """``trials`` random patches, float32 Tensor[T, 4], xyxy whole pixels in the image."""
         scale_lo, scale_hi = self.scale_range
         aspect_lo, aspect_hi = self.aspect_range
-        draws = torch.rand(4, self.trials, generator=generator)
+        draws = torch.rand(4, self.trials)
         scale = scale_lo + (scale_hi - scale_lo) * draws[0]
         aspect = aspect_lo + (aspect_hi - aspect_lo) * draws[1]
         # Caffe's SampleBBox: keep the patch inside the image whatever the scale.
@@ -393,82 +358,64 @@ def crop_sample(image: Tensor, boxes: Tensor, labels: Tensor, crop_box: Tensor) 
     height, width = bottom - top, right - left
     out_image = TF.crop(image, top, left, height, width)
     shifted = boxes[inside] - torch.tensor([left, top, left, top], dtype=boxes.dtype)
-    out_boxes, out_labels = clip_to_image(shifted, labels[inside], height, width)
-    return out_image, out_boxes, out_labels
+    out_boxes, keep = clip_and_sanitize(shifted, (height, width))
+    return out_image, out_boxes, labels[inside][keep]
 
 
-class HorizontalFlip:
-    """Mirror image and boxes left-right with probability ``prob`` (paper sec. 2.2: 0.5)."""
+class Normalize:
+    """The network input: ``preprocess``'s resize and mean subtraction; boxes made relative.
 
-    def __init__(self, prob: float = 0.5) -> None:
-        _check_prob("prob", prob)
-        self.prob = prob
-
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample:
-        """Flip; an xyxy pixel box (x0, y0, x1, y1) becomes (W - x1, y0, W - x0, y1)."""
-        if not _happens(self.prob, generator):
-            return image, boxes, labels
-        out_boxes = TF.horizontal_flip(_wrap_boxes(boxes, image))
-        return TF.horizontal_flip(image), _plain(out_boxes), labels
-
-
-class Resize:
-    """Resize to ``size`` x ``size`` ignoring the aspect ratio (paper sec. 3: 300 or 512).
-
-    Bilinear with antialiasing, as :func:`model.preprocessing.preprocess`, so training, eval
-    and inference see the same pixels. Boxes are scaled by (size / W, size / H).
+    The image goes through :func:`model.preprocessing.preprocess` (``size`` x ``size``,
+    bilinear, antialiased, minus ``mean``; paper sec. 3: 300 or 512), the function inference
+    uses. Boxes are divided by (W, H, W, H) of the input image, which is where a resize to
+    any size would leave them in relative coordinates.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, mean: tuple[float, float, float] = PIXEL_MEAN) -> None:
         if size < 1:
             raise ValueError(f"size must be a positive number of pixels, got {size}")
         self.size = size
+        self.mean = mean
 
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample:
-        """Resize; boxes stay in absolute pixels, now of the size x size image."""
-        size = [self.size, self.size]
-        mode = TF.InterpolationMode.BILINEAR
-        out_boxes = TF.resize(_wrap_boxes(boxes, image), size)
-        out_image = TF.resize(image, size, interpolation=mode, antialias=True)
-        return out_image, _plain(out_boxes), labels
-
-
-class Normalise:
-    """uint8 image to float32 ``pixels - mean`` (no scaling); pixel boxes to relative 0..1.
-
-    The authors' mean subtraction (``mean_value``), as :func:`model.preprocessing.preprocess`.
-    """
-
-    def __init__(self, mean: tuple[float, float, float] = PIXEL_MEAN) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-
-    def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
-    ) -> Sample:
-        """Returns float32 image Tensor[3, H, W] and xyxy boxes relative to (W, H)."""
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample:
+        """Returns float32 image Tensor[3, size, size] and xyxy boxes relative 0..1."""
         height, width = image.shape[-2:]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        return image.float() - self.mean, boxes / scale, labels
+        # [image] -> (1, 3, size, size) -> (3, size, size)
+        return preprocess([image], self.size, self.mean)[0], boxes / scale, labels
 
 
 class _Pipeline:
-    """Checks and clips the input, then runs its steps in order."""
+    """Checks and clips the input, then runs its steps in order, seeded when asked."""
 
-    def __init__(self, steps: list[Step]) -> None:
+    def __init__(self, steps: list[Step | v2.Transform]) -> None:
         self.steps = steps
 
     def __call__(
-        self, image: Tensor, boxes: Tensor, labels: Tensor, generator: torch.Generator | None = None
+        self, image: Tensor, boxes: Tensor, labels: Tensor, seed: int | None = None
     ) -> Sample:
-        """uint8 RGB image, xyxy pixel boxes, labels -> network-ready sample (module doc)."""
+        """uint8 RGB image, xyxy pixel boxes, labels -> network-ready sample (module doc).
+
+        ``seed`` (an integer in [0, 2**64)) fixes every random draw of this call and leaves
+        torch's global RNG as it was; None draws from the global RNG as it stands.
+        """
         check_sample(image, boxes, labels)
-        boxes, labels = clip_to_image(boxes, labels, image.shape[-2], image.shape[-1])
+        boxes, keep = clip_and_sanitize(boxes, (image.shape[-2], image.shape[-1]))
+        labels = labels[keep]
+        if seed is None:
+            return self._run(image, boxes, labels)
+        with torch.random.fork_rng(devices=[]):  # the CPU RNG only: no step draws on a GPU
+            torch.manual_seed(seed)
+            return self._run(image, boxes, labels)
+
+    def _run(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample:
         for step in self.steps:
-            image, boxes, labels = step(image, boxes, labels, generator)
+            if isinstance(step, v2.Transform):
+                # torchvision finds the image and the boxes by their tv_tensors types.
+                out = step(tv_tensors.Image(image), _wrap_boxes(boxes, image), labels)
+                image, boxes, labels = (_plain(t) for t in out)
+            else:
+                image, boxes, labels = step(image, boxes, labels)
         return image, boxes, labels
 
 
@@ -478,7 +425,8 @@ class TrainTransform(_Pipeline):
     Output: float32 image Tensor[3, size, size] (pixels - mean), float32 boxes Tensor[G', 4]
     xyxy relative 0..1, int64 labels Tensor[G']. Boxes outside the input image are clipped to
     it first. Each step is disabled through its own arguments (a probability of 0, or
-    ``IoUCrop(min_ious=())``); None means the paper's default step.
+    ``IoUCrop(min_ious=())``); None means the paper's default step. The default flip is
+    torchvision's ``RandomHorizontalFlip`` with the paper's probability (sec. 2.2: 0.5).
     """
 
     def __init__(
@@ -487,7 +435,7 @@ class TrainTransform(_Pipeline):
         distort: PhotometricDistort | None = None,
         zoom_out: ZoomOut | None = None,
         crop: IoUCrop | None = None,
-        flip: HorizontalFlip | None = None,
+        flip: v2.RandomHorizontalFlip | None = None,
         mean: tuple[float, float, float] = PIXEL_MEAN,
     ) -> None:
         super().__init__(
@@ -495,18 +443,18 @@ class TrainTransform(_Pipeline):
                 distort or PhotometricDistort(),
                 zoom_out or ZoomOut(fill=mean),
                 crop or IoUCrop(),
-                flip or HorizontalFlip(),
-                Resize(size),
-                Normalise(mean),
+                flip or v2.RandomHorizontalFlip(p=0.5),
+                Normalize(size, mean),
             ]
         )
 
 
 class EvalTransform(_Pipeline):
-    """Resize to ``size`` x ``size`` and normalise, with no randomness; same output format.
+    """``preprocess`` (resize and mean subtraction) with boxes made relative; same output.
 
-    Boxes outside the input image are clipped to it, and dropped if nothing is left.
+    No randomness; ``seed`` is accepted and has no effect. Boxes outside the input image are
+    clipped to it, and dropped if nothing is left.
     """
 
     def __init__(self, size: int = 300, mean: tuple[float, float, float] = PIXEL_MEAN) -> None:
-        super().__init__([Resize(size), Normalise(mean)])
+        super().__init__([Normalize(size, mean)])

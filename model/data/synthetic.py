@@ -1,8 +1,9 @@
 """A procedural shapes dataset: detection data made on the fly, so training needs no download.
 
-Sample ``i`` of a split is a pure function of ``(seed, split, i)``: a numpy generator seeded
-with ``SeedSequence([seed, stream(split), i])`` draws everything, so the same index gives the
-same pixels on any machine, and the train, val and test splits never share a sample.
+Sample ``i`` of a split is a pure function of ``(seed, split, i)``: the numpy generator of
+the key ``(seed, SPLIT_STREAMS[split], i)`` (the scheme of ``model.data.seeding``) draws
+everything, so the same index gives the same pixels on any machine, and the train, val and
+test splits never share a sample.
 
 Each image has a cluttered background (a gradient or low-frequency colour blotches, unlabelled
 distractor lines and irregular blobs, pixel noise) and 1-8 objects of six classes: circle,
@@ -26,9 +27,15 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from model.data.seeding import Purpose, numpy_generator
+
 CLASS_NAMES = ["circle", "square", "triangle", "star", "cross", "bar"]
-# Split -> the second SeedSequence word; distinct words give independent, disjoint streams.
-SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
+# Split -> the key's purpose word; distinct words give independent, disjoint streams.
+SPLIT_STREAMS = {
+    "train": Purpose.SYNTHETIC_TRAIN,
+    "val": Purpose.SYNTHETIC_VAL,
+    "test": Purpose.SYNTHETIC_TEST,
+}
 # Image sides drawn independently, so aspect ratios run from 1:2 to 2:1; the range matches the
 # common SSD input sizes (300 and 512) and keeps a sample at a few milliseconds.
 SIDE_RANGE = (300, 600)
@@ -112,7 +119,7 @@ class SyntheticShapes(Dataset):
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         index %= self.length
-        rng = np.random.default_rng([self.seed, SPLIT_STREAMS[self.split], index])
+        rng = numpy_generator(self.seed, SPLIT_STREAMS[self.split], index)
         image, placed, owner = _render(rng, self.objects, self.clutter)
         boxes = _visible_boxes(placed, owner)
         target = {

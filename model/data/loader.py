@@ -1,8 +1,8 @@
 """What the trainer feeds the network: augmented samples and deterministic batches.
 
-Every random choice is a function of the seed, the epoch and the sample index, so a sample
-looks the same whichever worker makes it, and a resumed run sees exactly the batches an
-uninterrupted one would.
+Every random choice is a stream of ``model.data.seeding``, keyed by the seed, the epoch and
+the sample index, so a sample looks the same whichever worker makes it, and a resumed run
+sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from model.augmentation import EvalTransform, TrainTransform
+from model.data.seeding import Purpose, torch_seed
+from model.data.transforms import EvalTransform, TrainTransform
 
 
 class AugmentedDataset(Dataset):
     """A dataset seen through the training transform, indexed by (epoch, index).
 
-    The augmentation's generator is seeded from (seed, epoch, index), so a sample's crop and
-    colours do not depend on the worker that makes it or on where a run was resumed.
+    The augmentation is seeded from the key (seed, AUGMENTATION, epoch, index),
+    so a sample's crop and colours do not depend on the worker that makes it or on where a
+    run was resumed.
     """
 
     def __init__(
@@ -34,8 +36,8 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         epoch, index = key
         image, target = self.dataset[index]
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2**63 - 1))
-        return self.transform(image, target["boxes"], target["labels"], generator)
+        seed = torch_seed(self.seed, Purpose.AUGMENTATION, epoch, index)
+        return self.transform(image, target["boxes"], target["labels"], seed)
 
 
 def collate(
@@ -49,8 +51,13 @@ def collate(
 def epoch_batches(
     length: int, batch_size: int, *, seed: int, epoch: int, rank: int, world: int
 ) -> list[list[tuple[int, int]]]:
-    """This process's batches of (epoch, index) keys for one epoch; incomplete ones dropped."""
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    """This process's batches of (epoch, index) keys for one epoch; incomplete ones dropped.
+
+    The epoch's order is a permutation drawn from the key (seed, EPOCH_ORDER, epoch); process
+    ``rank`` of ``world`` takes every world-th index of each global batch.
+    """
+    generator = torch.Generator().manual_seed(torch_seed(seed, Purpose.EPOCH_ORDER, epoch))
+    order = torch.randperm(length, generator=generator)
     per_step = batch_size * world
     steps = length // per_step
     batches = []

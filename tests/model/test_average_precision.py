@@ -8,8 +8,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from model.datasets import load_dataset
-from model.metrics import COCO_KEYS, average_precision, coco_metrics, voc_ap_per_class
+from model.average_precision import COCO_KEYS, average_precision, coco_metrics, voc_ap_per_class
+from model.data import load_dataset
 
 
 def _curve(hits: list[int], positives: int) -> tuple[np.ndarray, np.ndarray]:

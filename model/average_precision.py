@@ -19,8 +19,8 @@ Boxes are continuous 0-based pixel edges, so no "+1" is added to widths as the d
 
 COCO numbers come from pycocotools' COCOeval, not a re-implementation. Difficult objects and
 crowd regions are passed to it as ``iscrowd`` annotations, which it ignores. With the COCO
-reader's "crowd_labels" and "areas" (``model.coco``) the six numbers equal COCOeval run on the
-original JSON (tests/model/test_metrics.py checks it on coco128).
+reader's "crowd_labels" and "areas" (``model.data.coco``) the six numbers equal COCOeval run on the
+original JSON (tests/model/test_average_precision.py checks it on coco128).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from model.boxes import box_iou
+from model.boxes import box_iou, xyxy_to_xywh
 
 Detection = tuple[Tensor, Tensor, Tensor]
 # Everingham et al., "The PASCAL VOC Challenge" (IJCV 2010), detection evaluation: the overlap
@@ -145,13 +145,14 @@ def coco_metrics(
     annotations: list[dict[str, Any]] = []
     for image_id, gt in enumerate(ground_truths):
         images.append({"id": image_id, "width": gt["width"], "height": gt["height"]})
-        boxes = gt["boxes"].tolist()
+        # COCO's JSON boxes are [x, y, width, height]; float64 so that w and h are exact.
+        boxes = xyxy_to_xywh(gt["boxes"].double()).tolist()
         areas = _areas(gt.get("areas"), boxes)
         regions = [
             (b, int(c), bool(d), a)
             for b, c, d, a in zip(boxes, gt["labels"], gt["difficult"], areas, strict=True)
         ]
-        crowd = gt.get("crowd_boxes", torch.zeros(0, 4)).tolist()
+        crowd = xyxy_to_xywh(gt.get("crowd_boxes", torch.zeros(0, 4)).double()).tolist()
         crowd_areas = _areas(gt.get("crowd_areas"), crowd)
         if "crowd_labels" in gt:
             regions += [
@@ -165,13 +166,12 @@ def coco_metrics(
                 for c in range(1, num_classes)
             ]
         for box, cls, ignored, area in regions:
-            w, h = box[2] - box[0], box[3] - box[1]
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": cls,
-                    "bbox": [box[0], box[1], w, h],
+                    "bbox": box,
                     "area": area,
                     "iscrowd": int(ignored),
                 }
@@ -180,11 +180,13 @@ def coco_metrics(
         {
             "image_id": image_id,
             "category_id": int(c),
-            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+            "bbox": b,
             "score": float(s),
         }
         for image_id, (boxes, scores, classes) in enumerate(detections)
-        for b, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist(), strict=True)
+        for b, s, c in zip(
+            xyxy_to_xywh(boxes.double()).tolist(), scores.tolist(), classes.tolist(), strict=True
+        )
     ]
     if not results or not annotations:
         return dict.fromkeys(COCO_KEYS, 0.0)
@@ -205,9 +207,9 @@ def coco_metrics(
 
 
 def _areas(areas: Tensor | None, boxes: list[list[float]]) -> list[float]:
-    """Given areas as floats, else each xyxy box's width * height."""
+    """Given areas as floats, else each xywh box's width * height."""
     if areas is None:
-        return [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+        return [b[2] * b[3] for b in boxes]
     if areas.shape != (len(boxes),):
         raise ValueError(f"expected areas of shape [{len(boxes)}], got {tuple(areas.shape)}")
     return areas.tolist()

@@ -1,0 +1,93 @@
+"""Detection data: the readers, the ``--data`` spec, the augmentation and the training loader.
+
+``load_dataset`` turns a ``--data`` spec into a dataset that follows the sample contract of
+``model.data.base``. This package's ``__init__`` imports its parts; the parts never import
+it back, so there is no cycle to hide.
+
+    base.py       the sample contract, DetectionDataset (index, clip, count bad data), SPLITS
+    voc.py        VocDataset: Pascal VOC XML, in a VOCdevkit or any folder
+    coco.py       CocoDataset: COCO JSON
+    synthetic.py  SyntheticShapes: procedural shapes, no download
+    seeding.py    the one seeding scheme (numpy SeedSequence over integer keys)
+    transforms.py the paper's training augmentation and the eval transform
+    loader.py     augmented samples keyed by (epoch, index) and each epoch's batches
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.data.base import SPLITS, DetectionDataset
+from model.data.coco import CocoDataset
+from model.data.synthetic import SyntheticShapes
+from model.data.voc import VocDataset
+
+__all__ = [
+    "SPLITS",
+    "SYNTHETIC_EVAL_LENGTH",
+    "SYNTHETIC_TRAIN_LENGTH",
+    "CocoDataset",
+    "DetectionDataset",
+    "SyntheticShapes",
+    "VocDataset",
+    "load_dataset",
+]
+
+# Default lengths of the synthetic dataset when the spec gives no N.
+SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_EVAL_LENGTH = 10_000, 500
+
+
+def load_dataset(
+    spec: str,
+    *,
+    split: str,
+    val_fraction: float = 0.1,
+    classes: list[str] | None = None,
+    use_difficult: bool = True,
+) -> DetectionDataset | SyntheticShapes:
+    """The dataset a ``--data`` spec names, for one purpose.
+
+    Specs:
+        ``voc:PATH[:SPLIT]``  Pascal VOC, see model.data.voc (SPLIT names
+            ImageSets/Main/SPLIT.txt)
+        ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.data.coco (every image,
+            any split)
+        ``synthetic[:N]``  procedural shapes, see model.data.synthetic; N samples, by default
+            SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
+            ("val" has its own stream; "test" and "all" share the test stream)
+
+    ``split`` is one of SPLITS ("train", "val", "test", "all"); ``val_fraction`` is the part
+    of a VOC folder without split files held out for "val"; ``classes`` fixes the class list.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    kind, _, rest = spec.partition(":")
+    if kind == "voc" and rest:
+        path, image_set = rest, None
+        if not Path(rest).exists() and ":" in rest:
+            path, image_set = rest.rsplit(":", 1)
+        return VocDataset(
+            path,
+            image_set=image_set or None,
+            split=split,
+            val_fraction=val_fraction,
+            classes=classes,
+            use_difficult=use_difficult,
+        )
+    if kind == "coco" and ":" in rest:
+        images_dir, annotations = rest.rsplit(":", 1)
+        return CocoDataset(images_dir, annotations, classes=classes)
+    if kind == "synthetic":
+        if classes is not None and list(classes) != SyntheticShapes.class_names:
+            raise ValueError(
+                f"the synthetic dataset has classes {SyntheticShapes.class_names}, got {classes}"
+            )
+        default = SYNTHETIC_TRAIN_LENGTH if split == "train" else SYNTHETIC_EVAL_LENGTH
+        if rest and not (rest.isdigit() and int(rest) > 0):
+            raise ValueError(f"synthetic:N needs a positive integer N, got {spec!r}")
+        stream = split if split in ("train", "val") else "test"
+        return SyntheticShapes(int(rest) if rest else default, split=stream)
+    raise ValueError(
+        "data spec must be voc:PATH[:SPLIT], coco:IMAGES_DIR:ANNOTATIONS_JSON or "
+        f"synthetic[:N], got {spec!r}"
+    )
