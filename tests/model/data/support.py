@@ -32,3 +32,28 @@ def write_image(path: Path, size: tuple[int, int] = (64, 48), mode: str = "RGB")
     """A flat grey image of ``size`` (width, height) pixels at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, 128).save(path)
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A uint8 Tensor[3, height, width] of uniform noise."""
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=seeded(seed))
+
+
+def random_boxes(
+    n: int, height: int, width: int, g: torch.Generator, max_side: float = 0.6
+) -> torch.Tensor:
+    """n xyxy pixel boxes inside a height x width image, 1 pixel to max_side of it a side."""
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width - 1.0, height - 1.0])
+    wh = 1.0 + torch.rand(n, 2, generator=g) * torch.tensor([width, height]) * max_side
+    x1y1 = torch.minimum(xy + wh, torch.tensor([float(width), float(height)]))
+    return torch.cat([xy, x1y1], dim=1)
+
+
+def no_boxes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty boxes Tensor[0, 4] and labels Tensor[0], as the sample contract has them."""
+    return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)

@@ -5,43 +5,19 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from model.boxes import box_iou
 from model.data import transforms
 from model.data.transforms import (
-    CAFFE_MIN_IOUS,
     EvalTransform,
     IoUCrop,
     Normalize,
     PhotometricDistort,
     TrainTransform,
     ZoomOut,
-    crop_sample,
 )
 from model.preprocessing import PIXEL_MEAN, preprocess
+from tests.model.data.support import no_boxes, random_image
 
 MEAN_U8 = torch.tensor(PIXEL_MEAN, dtype=torch.float32).to(torch.uint8)[:, None, None]
-
-
-def _seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _image(height: int, width: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=_seeded(seed))
-
-
-def _random_boxes(
-    n: int, height: int, width: int, g: torch.Generator, max_side: float = 0.6
-) -> torch.Tensor:
-    """n xyxy pixel boxes inside a height x width image, 1 pixel to max_side of it a side."""
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([width - 1.0, height - 1.0])
-    wh = 1.0 + torch.rand(n, 2, generator=g) * torch.tensor([width, height]) * max_side
-    x1y1 = torch.minimum(xy + wh, torch.tensor([float(width), float(height)]))
-    return torch.cat([xy, x1y1], dim=1)
-
-
-def _no_boxes() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
 
 
 def _v2(step: v2.Transform, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
@@ -67,7 +43,7 @@ def _steps_off(**steps) -> dict:
 
 
 def test_flip_golden_box_and_mirrored_pixels():
-    image = _image(50, 100)
+    image = random_image(50, 100)
     boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
     labels = torch.tensor([7])
     flip = TrainTransform(100, **_steps_off(flip=v2.RandomHorizontalFlip(p=1.0)))
@@ -79,7 +55,11 @@ def test_flip_golden_box_and_mirrored_pixels():
 
 
 def test_default_flip_is_the_papers_half():
-    image, boxes, labels = _image(5, 10), torch.tensor([[1.0, 1.0, 3.0, 4.0]]), torch.tensor([1])
+    image, boxes, labels = (
+        random_image(5, 10),
+        torch.tensor([[1.0, 1.0, 3.0, 4.0]]),
+        torch.tensor([1]),
+    )
     transform = TrainTransform(10, **_steps_off(flip=None))
     flips = [transform(image, boxes, labels, seed)[1][0, 0] != 0.1 for seed in range(400)]
     assert 150 < sum(flips) < 250
@@ -90,7 +70,7 @@ def test_default_flip_is_the_papers_half():
 
 def test_zoom_out_moves_box_by_offset_keeps_size_and_fills_with_mean():
     height, width = 20, 30
-    image = _image(height, width)
+    image = random_image(height, width)
     boxes = torch.tensor([[3.0, 4.0, 13.0, 19.0], [0.0, 0.0, 30.0, 20.0]])
     labels = torch.tensor([1, 2])
     zoom = ZoomOut(max_ratio=4.0, prob=1.0)
@@ -114,7 +94,11 @@ def test_zoom_out_moves_box_by_offset_keeps_size_and_fills_with_mean():
 
 
 def test_zoom_out_ratio_never_exceeds_max_and_prob_zero_is_identity():
-    image, boxes, labels = _image(10, 10), torch.tensor([[1.0, 1.0, 5.0, 5.0]]), torch.tensor([1])
+    image, boxes, labels = (
+        random_image(10, 10),
+        torch.tensor([[1.0, 1.0, 5.0, 5.0]]),
+        torch.tensor([1]),
+    )
     torch.manual_seed(1)
     zoom = ZoomOut(max_ratio=1.5, prob=1.0)
     sides = [_v2(zoom, image, boxes, labels)[0].shape[-1] for _ in range(200)]
@@ -125,113 +109,6 @@ def test_zoom_out_ratio_never_exceeds_max_and_prob_zero_is_identity():
     default = ZoomOut()
     assert isinstance(default, v2.RandomZoomOut)
     assert (default.side_range, default.p, default.fill) == ((1.0, 4.0), 0.5, list(PIXEL_MEAN))
-
-
-# ---------------------------------------------------------------- IoU crop
-
-
-def test_crop_sample_keeps_boxes_by_centre_and_clips_them():
-    image = _image(100, 100)
-    boxes = torch.tensor(
-        [
-            [10.0, 10.0, 30.0, 30.0],  # centre (20, 20): inside, untouched
-            [40.0, 40.0, 80.0, 80.0],  # centre (60, 60): outside although it overlaps
-            [30.0, 30.0, 60.0, 60.0],  # centre (45, 45): inside, clipped to 50
-            [40.0, 0.0, 70.0, 20.0],  # centre (55, 10): outside
-        ]
-    )
-    labels = torch.tensor([0, 1, 2, 3])
-    crop = torch.tensor([0.0, 0.0, 50.0, 50.0])
-    out_image, out_boxes, out_labels = crop_sample(image, boxes, labels, crop)
-    assert torch.equal(out_image, image[:, :50, :50])
-    torch.testing.assert_close(out_boxes, torch.tensor([[10.0, 10, 30, 30], [30.0, 30, 50, 50]]))
-    assert out_labels.tolist() == [0, 2]
-    # Moved right by 21: box 0's centre (x = 20) falls out, the kept ones shift by 21.
-    _, out_boxes, out_labels = crop_sample(image, boxes, labels, torch.tensor([21.0, 0, 71, 50]))
-    assert out_labels.tolist() == [2, 3]
-    torch.testing.assert_close(out_boxes, torch.tensor([[9.0, 30, 39, 50], [19.0, 0, 49, 20]]))
-    # A centre on the crop's edge counts as inside (Caffe's MeetEmitConstraint).
-    _, out_boxes, out_labels = crop_sample(image, boxes, labels, torch.tensor([20.0, 0, 70, 50]))
-    assert out_labels.tolist() == [0, 2, 3]
-    torch.testing.assert_close(out_boxes[0], torch.tensor([0.0, 10, 10, 30]))
-
-
-def test_crop_sample_rejects_a_crop_outside_the_image():
-    image, (boxes, labels) = _image(10, 10), _no_boxes()
-    with pytest.raises(ValueError, match="11"):
-        crop_sample(image, boxes, labels, torch.tensor([0.0, 0.0, 11.0, 5.0]))
-
-
-def test_sampled_crops_meet_their_iou_constraint_and_shape_limits():
-    crop = IoUCrop()
-    g = _seeded(0)
-    torch.manual_seed(0)
-    seen: set[float | None] = set()
-    for _ in range(300):
-        height, width = (int(v) for v in torch.randint(20, 120, (2,), generator=g))
-        count = int(torch.randint(1, 4, (), generator=g))
-        boxes = _random_boxes(count, height, width, g, max_side=1.0)
-        if count == 1:  # a near-whole-image box, so that even the 0.9 constraint is met
-            boxes = torch.tensor([[1.0, 0.0, width, height - 1.0]])
-        crop_box, min_iou = crop.sample(boxes, (height, width))
-        seen.add(min_iou)
-        left, top, right, bottom = crop_box.tolist()
-        assert crop_box.dtype == torch.float32 and torch.equal(crop_box, crop_box.round())
-        assert 0 <= left < right <= width and 0 <= top < bottom <= height
-        if min_iou is None:
-            assert crop_box.tolist() == [0, 0, width, height]
-            continue
-        assert box_iou(crop_box[None], boxes).max() >= min_iou
-        # Area is scale**2 of the image for scale in [0.3, 1]; relative aspect in [0.5, 2].
-        # Rounding to whole pixels moves each side by at most half a pixel.
-        w, h = right - left, bottom - top
-        assert (w + 0.5) * (h + 0.5) >= 0.3**2 * width * height
-        assert 0.5 * (h - 0.5) / height <= (w + 0.5) / width
-        assert (w - 0.5) / width <= 2.0 * (h + 0.5) / height
-    assert seen == {None, *CAFFE_MIN_IOUS}
-
-
-def test_unmeetable_constraint_falls_back_to_whole_image():
-    # A 2x2 box in 100x100: a patch covers >= 9% of the image, so IoU <= 4 / 900 < 0.9.
-    boxes = torch.tensor([[50.0, 50.0, 52.0, 52.0]])
-    crop = IoUCrop(min_ious=(0.9,))
-    torch.manual_seed(0)
-    for _ in range(20):
-        crop_box, min_iou = crop.sample(boxes, (100, 100))
-        assert min_iou is None and crop_box.tolist() == [0, 0, 100, 100]
-
-
-def test_no_boxes_only_the_unconstrained_option_can_crop():
-    boxes, labels = _no_boxes()
-    image = _image(40, 60)
-    torch.manual_seed(0)
-    chosen = {IoUCrop().sample(boxes, (40, 60))[1] for _ in range(60)}
-    assert chosen == {None, 0.0}
-    _, out_boxes, out_labels = IoUCrop()(image, boxes, labels)
-    assert out_boxes.shape == (0, 4) and out_labels.shape == (0,)
-
-
-def test_cropped_boxes_are_the_centre_inside_ones_clipped():
-    crop = IoUCrop()
-    g = _seeded(1)
-    torch.manual_seed(1)
-    for _ in range(200):
-        boxes = _random_boxes(4, 60, 80, g)
-        labels = torch.arange(4)
-        crop_box, _ = crop.sample(boxes, (60, 80))
-        out_image, out_boxes, out_labels = crop_sample(_image(60, 80), boxes, labels, crop_box)
-        left, top, right, bottom = crop_box.tolist()
-        assert out_image.shape == (3, bottom - top, right - left)
-        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-        inside = ((centres >= crop_box[:2]) & (centres <= crop_box[2:])).all(dim=1)
-        assert out_labels.tolist() == labels[inside].tolist()
-        offset = torch.tensor([left, top, left, top])
-        clipped = torch.minimum(
-            (boxes[out_labels] - offset).clamp(min=0),
-            torch.tensor([right - left, bottom - top] * 2, dtype=torch.float32),
-        )
-        torch.testing.assert_close(out_boxes, clipped)
-        assert (out_boxes[:, 2:] > out_boxes[:, :2]).all()
 
 
 # ---------------------------------------------------------------- resize
@@ -251,7 +128,11 @@ def test_normalize_is_preprocess_with_boxes_made_relative():
 
 
 def test_photometric_changes_image_only_and_keeps_uint8():
-    image, boxes, labels = _image(20, 20), torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([3])
+    image, boxes, labels = (
+        random_image(20, 20),
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+        torch.tensor([3]),
+    )
     distort = PhotometricDistort(
         brightness_prob=1.0, contrast_prob=1.0, saturation_prob=1.0, hue_prob=1.0
     )
@@ -263,7 +144,7 @@ def test_photometric_changes_image_only_and_keeps_uint8():
 
 def test_brightness_is_a_shift_within_delta_and_contrast_a_gain_within_range():
     image = torch.full((3, 4, 4), 100, dtype=torch.uint8)
-    boxes, labels = _no_boxes()
+    boxes, labels = no_boxes()
     only_brightness = PhotometricDistort(
         brightness_prob=1.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0
     )
@@ -290,7 +171,7 @@ def _only(**probs: float) -> PhotometricDistort:
 def test_hue_turns_by_at_most_36_degrees_and_saturation_spares_grey():
     # Column 0 is an orange (hue 20 degrees), column 1 a grey, which neither change may touch.
     image = torch.tensor([[200, 128], [100, 128], [50, 128]], dtype=torch.uint8)[:, None, :]
-    boxes, labels = _no_boxes()
+    boxes, labels = no_boxes()
     torch.manual_seed(0)
     turns, saturations = [], []
     for _ in range(40):
@@ -306,7 +187,7 @@ def test_hue_turns_by_at_most_36_degrees_and_saturation_spares_grey():
 
 
 def test_all_probabilities_zero_is_identity():
-    image, (boxes, labels) = _image(8, 8), _no_boxes()
+    image, (boxes, labels) = random_image(8, 8), no_boxes()
     off = PhotometricDistort(
         brightness_prob=0.0, contrast_prob=0.0, saturation_prob=0.0, hue_prob=0.0
     )
@@ -330,7 +211,7 @@ def _check_output(out, size):
 
 @pytest.mark.parametrize("size", [300, 512])
 def test_train_transform_output_format(size):
-    image = _image(60, 90)
+    image = random_image(60, 90)
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [50.0, 10.0, 88.0, 58.0], [0.0, 0.0, 90, 60]])
     labels = torch.tensor([4, 9, 12])
     transform = TrainTransform(size)
@@ -344,7 +225,7 @@ def test_train_transform_output_format(size):
 
 def test_train_transform_keeps_labels_aligned_with_boxes():
     # Flip only: the box order and labels must survive, and the boxes mirror.
-    image = _image(40, 80)
+    image = random_image(40, 80)
     boxes = torch.tensor([[0.0, 0.0, 20.0, 10.0], [40.0, 20.0, 80.0, 40.0]])
     labels = torch.tensor([5, 6])
     transform = TrainTransform(64, **_steps_off(flip=v2.RandomHorizontalFlip(p=1.0)))
@@ -356,7 +237,7 @@ def test_train_transform_keeps_labels_aligned_with_boxes():
 
 
 def test_train_transform_is_deterministic_given_a_seed():
-    image = _image(50, 70)
+    image = random_image(50, 70)
     boxes = torch.tensor([[5.0, 5.0, 30.0, 40.0], [35.0, 10.0, 68.0, 48.0]])
     labels = torch.tensor([1, 2])
     transform = TrainTransform(64)
@@ -377,8 +258,8 @@ def test_train_transform_is_deterministic_given_a_seed():
 
 
 def test_train_transform_zero_boxes_and_tiny_box():
-    image = _image(30, 40)
-    boxes, labels = _no_boxes()
+    image = random_image(30, 40)
+    boxes, labels = no_boxes()
     tiny = torch.tensor([[10.0, 10.0, 10.5, 10.25]])
     transform = TrainTransform(64)
     torch.manual_seed(0)
@@ -388,7 +269,7 @@ def test_train_transform_zero_boxes_and_tiny_box():
 
 
 def test_input_boxes_outside_the_image_are_clipped_or_dropped():
-    image = _image(10, 20)
+    image = random_image(10, 20)
     boxes = torch.tensor([[-5.0, 2.0, 10.0, 12.0], [25.0, 0.0, 30.0, 5.0]])
     _, out_boxes, out_labels = EvalTransform(20)(image, boxes, torch.tensor([1, 2]))
     torch.testing.assert_close(out_boxes, torch.tensor([[0.0, 0.2, 0.5, 1.0]]))
@@ -397,7 +278,7 @@ def test_input_boxes_outside_the_image_are_clipped_or_dropped():
 
 @pytest.mark.parametrize(("height", "width"), [(37, 51), (420, 250)])
 def test_eval_transform_is_inference_preprocessing(height, width, monkeypatch):
-    image = _image(height, width)
+    image = random_image(height, width)
     boxes = torch.tensor([[5.1, 3.7, 25.5, 37.0]])
     calls = []
 
@@ -415,7 +296,7 @@ def test_eval_transform_is_inference_preprocessing(height, width, monkeypatch):
 
 
 def test_train_with_randomness_off_equals_eval():
-    image = _image(33, 47)
+    image = random_image(33, 47)
     boxes = torch.tensor([[1.0, 2.0, 30.0, 31.0]])
     labels = torch.tensor([3])
     off = TrainTransform(96, **_steps_off())
