@@ -77,16 +77,19 @@ class GuardedProtocol(HttpToolsProtocol):
     # Connection events
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """A new connection: note whether it is over the cap, and start the header timer."""
         super().connection_made(transport)
         # This connection is already counted in self.connections.
         self._over_capacity = len(self.connections) > self.limits.max_connections
         self._arm(self.limits.header_timeout_s, self._on_header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The connection closed: stop its timer."""
         self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """Bytes arrived: count them against the header cap while the head is incomplete."""
         if self._awaiting_head:
             # The whole chunk counts, though it may hold the start of the body after the
             # headers: checked only if the headers are still incomplete after it.
@@ -98,6 +101,7 @@ class GuardedProtocol(HttpToolsProtocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
+        """A request begins: its head is awaited, under the header timer."""
         super().on_message_begin()
         self._message_done = False
         if not self._awaiting_head:
@@ -108,6 +112,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout_s, self._on_header_timeout)
 
     def on_headers_complete(self) -> None:
+        """The head is complete: stop the header timer and check the head's exact size."""
         self._awaiting_head = False
         self._disarm()
         # The exact size (the byte count above may include body bytes): a head that arrived
@@ -119,6 +124,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        """The body's last byte arrived: if already answered, await the next head."""
         self._message_done = True
         if self.cycle is not None and self.cycle.response_complete:
             # The tail of a body nobody read has now passed: wait for the next request, for
@@ -128,6 +134,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        """The answer went out: await the next head under the header timer."""
         super().on_response_complete()
         if self.transport.is_closing():
             return

@@ -141,6 +141,43 @@ def coco_metrics(
     (often much smaller than the box's), which is what COCOeval bins by, so pass it to match.
     All zeros when there are no detections or no ground truth at all.
     """
+    images, annotations = _coco_ground_truth(ground_truths, num_classes)
+    results = [
+        {
+            "image_id": image_id,
+            "category_id": int(c),
+            "bbox": b,
+            "score": float(s),
+        }
+        for image_id, (boxes, scores, classes) in enumerate(detections)
+        for b, s, c in zip(
+            xyxy_to_xywh(boxes.double()).tolist(), scores.tolist(), classes.tolist(), strict=True
+        )
+    ]
+    if not results or not annotations:
+        return dict.fromkeys(COCO_KEYS, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        truth = COCO()
+        truth.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c} for c in range(1, num_classes)],
+        }
+        truth.createIndex()
+        evaluator = COCOeval(truth, truth.loadRes(results), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # stats: AP, AP50, AP75, AP small, medium, large (-1 where no such objects exist).
+    return {key: float(v) for key, v in zip(COCO_KEYS, evaluator.stats[:6], strict=True)}
+
+
+def _coco_ground_truth(
+    ground_truths: Sequence[dict[str, Any]], num_classes: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO's ``images`` and ``annotations`` for ``ground_truths`` (image ids are their
+    indices; difficult objects and crowd regions become ``iscrowd`` ones, which COCOeval
+    ignores rather than counts as misses)."""
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for image_id, gt in enumerate(ground_truths):
@@ -176,34 +213,7 @@ def coco_metrics(
                     "iscrowd": int(ignored),
                 }
             )
-    results = [
-        {
-            "image_id": image_id,
-            "category_id": int(c),
-            "bbox": b,
-            "score": float(s),
-        }
-        for image_id, (boxes, scores, classes) in enumerate(detections)
-        for b, s, c in zip(
-            xyxy_to_xywh(boxes.double()).tolist(), scores.tolist(), classes.tolist(), strict=True
-        )
-    ]
-    if not results or not annotations:
-        return dict.fromkeys(COCO_KEYS, 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
-        truth = COCO()
-        truth.dataset = {
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": c} for c in range(1, num_classes)],
-        }
-        truth.createIndex()
-        evaluator = COCOeval(truth, truth.loadRes(results), iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    # stats: AP, AP50, AP75, AP small, medium, large (-1 where no such objects exist).
-    return {key: float(v) for key, v in zip(COCO_KEYS, evaluator.stats[:6], strict=True)}
+    return images, annotations
 
 
 def _areas(areas: Tensor | None, boxes: list[list[float]]) -> list[float]:

@@ -185,6 +185,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate as the arguments say and print the report; returns the exit status (0 done,
+    2 bad input such as an unreadable checkpoint or data)."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

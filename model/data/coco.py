@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,6 +56,15 @@ class CocoDataset(DetectionDataset):
             c["id"]: label_of_name[c["name"]] for c in categories if c["name"] in label_of_name
         }
         self.label_to_category_id = {v: k for k, v in self.category_id_to_label.items()}
+        by_id = self._index_images(images, images_dir)
+        self._index_objects(data.get("annotations", []), by_id)
+        self._finish_index()
+
+    def _index_images(
+        self, images: list[dict[str, Any]], images_dir: Path
+    ) -> dict[int, Record | None]:
+        """A record per usable image of the JSON, by image id (None: missing or unreadable,
+        counted)."""
         by_id: dict[int, Record | None] = {}  # None: the image is missing or unreadable
         for image in images:
             path = images_dir / str(image.get("file_name", ""))
@@ -78,10 +88,16 @@ class CocoDataset(DetectionDataset):
             )
             by_id[record.image_id] = record
             self.records.append(record)
+        return by_id
+
+    def _index_objects(
+        self, annotations: list[dict[str, Any]], by_id: dict[int, Record | None]
+    ) -> None:
+        """Add each usable annotation to its image's record; count and skip the rest."""
         # (record, label, area or None, crowd) and the xywh box of each usable annotation.
         objects: list[tuple[Record, int, float | None, bool]] = []
         xywh: list[list[float]] = []
-        for ann in data.get("annotations", []):
+        for ann in annotations:
             if ann.get("image_id") in by_id and by_id[ann["image_id"]] is None:
                 continue  # its image was already counted as missing or unreadable
             owner = by_id.get(ann.get("image_id"))
@@ -101,7 +117,6 @@ class CocoDataset(DetectionDataset):
         xyxy = xywh_to_xyxy(torch.tensor(xywh, dtype=torch.float64).reshape(-1, 4)).tolist()
         for (owner, label, area, crowd), box in zip(objects, xyxy, strict=True):
             self._add_object(owner, box, label, area=area, crowd=crowd)
-        self._finish_index()
 
 
 def _is_number(value: object) -> bool:
