@@ -63,6 +63,7 @@ def _layer_groups(state: dict[str, Tensor], prefix: str) -> list[dict[str, Tenso
 
 def subsample_fc6(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """VGG fc6 (4096, 25088) -> conv (1024, 512, 3, 3), as the SSD paper does."""
+    # (4096, 512*7*7) -> (4096, 512, 7, 7): fc6 reads conv5_3's 7x7 map, channels first
     w = weight.reshape(weight.shape[0], 512, 7, 7)
     w = w[::_FC6_FILTER_STEP, :, ::_FC6_TAP_STEP, ::_FC6_TAP_STEP]
     return w.contiguous(), bias[::_FC6_FILTER_STEP].contiguous()

@@ -107,6 +107,7 @@ class MultiBoxLoss(nn.Module):
 
         loc_loss = F.smooth_l1_loss(loc[positive], target_offsets[positive], reduction="sum")
 
+        # (N, P, C) -> (N*P, C) against (N*P,) labels
         ce = F.cross_entropy(conf.flatten(0, 1), target_labels.flatten(), reduction="none")
         ce = ce.view_as(target_labels)  # (N, P)
         negative = self._hard_negatives(ce.detach(), positive)

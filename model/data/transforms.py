@@ -8,8 +8,9 @@ order of their data layer: photometric distortion, zoom-out ("expand"), IoU-cons
 Zoom-out and flip are torchvision's v2 ``RandomZoomOut`` and ``RandomHorizontalFlip``, which
 do what the authors do. ``PhotometricDistort`` (here) and ``IoUCrop`` (``model.data.crop``)
 are written in this project because the authors' behaviour differs from torchvision's on
-purpose (their docstrings say how). The resize and mean subtraction are ``model.preprocessing.preprocess``, the very function
-inference uses, so training, evaluation and the service see the same pixels.
+purpose (their docstrings say how). The resize and mean subtraction are
+``model.preprocessing.preprocess``, the very function inference uses, so training, evaluation
+and the service see the same pixels.
 
 Sample format, in and out of every step: ``(image, boxes, labels)`` with
 
