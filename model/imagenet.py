@@ -1,4 +1,5 @@
-"""Initialising the SSD base from an ImageNet VGG16 state dict read from a path (no download).
+"""Initialising the SSD base from ImageNet VGG16 weights: torchvision's published ones by name
+(``imagenet``, fetched once into torch's cache), or a state dict read from a path.
 
 Accepts torchvision's ``vgg16`` or ``vgg16_bn`` state dict (``features.*``, ``classifier.*``).
 Convolutions are copied in order. fc6 and fc7 are converted as the SSD paper does (sec. 3,
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.error
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 
 from model.ssd import SSD
 
@@ -30,6 +35,47 @@ _FC6_FILTER_STEP = 4  # 4096 -> 1024 filters
 _FC6_TAP_STEP = 3  # 7x7 taps -> 3x3, i.e. taps 0, 3, 6
 _FC7_STEP = 4  # 4096 -> 1024 in each direction
 _VGG_CONVS = 13
+IMAGENET = "imagenet"  # the name --backbone-weights takes for torchvision's published weights
+# Per socket operation while fetching: an offline machine fails at once (no route, no name),
+# a machine behind a silent firewall within this.
+_FETCH_TIMEOUT_S = 30.0
+
+
+def imagenet_weights(batch_norm: bool) -> VGG16_Weights | VGG16_BN_Weights:
+    """torchvision's ImageNet weights for VGG16, or VGG16-BN when ``batch_norm``."""
+    return VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+
+
+def imagenet_cache_path(batch_norm: bool) -> Path:
+    """Where torch's cache keeps those weights (``$TORCH_HOME/hub/checkpoints/<file>``)."""
+    name = os.path.basename(urlparse(imagenet_weights(batch_norm).url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def fetch_imagenet_state(batch_norm: bool) -> dict[str, Tensor]:
+    """torchvision's ImageNet VGG16(-BN) state dict through its weights API: from torch's
+    cache, downloaded there first when missing (hash checked), loaded weights-only.
+
+    Raises:
+        FileNotFoundError: not cached and the download failed (offline); the message says
+            which file to place where.
+    """
+    weights = imagenet_weights(batch_norm)
+    path = imagenet_cache_path(batch_norm)
+    if not path.is_file():
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(_FETCH_TIMEOUT_S)
+        try:
+            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise FileNotFoundError(
+                f"cannot download the ImageNet weights {weights} ({exc}). Offline, download "
+                f"{weights.url} elsewhere and place it at {path} (torch's cache; set "
+                "TORCH_HOME to move it), or pass the file's path to --backbone-weights."
+            ) from exc
+        finally:
+            socket.setdefaulttimeout(previous)
+    return read_state_dict(path)
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -78,9 +124,16 @@ def subsample_fc7(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
 def load_vgg16_backbone(network: SSD, source: str | os.PathLike[str] | dict[str, Tensor]) -> None:
     """Copy ImageNet VGG16(-BN) weights into the base of ``network`` (in place).
 
-    ``source`` is a path to the state dict, or the state dict itself.
+    ``source`` is ``"imagenet"`` (torchvision's published weights, VGG16-BN when ``network``
+    has BatchNorm; see ``fetch_imagenet_state``), a path to a state dict, or the state dict.
     """
-    state = source if isinstance(source, dict) else read_state_dict(source)
+    if isinstance(source, dict):
+        state = source
+    elif str(source) == IMAGENET:
+        has_norms = any(isinstance(m, nn.BatchNorm2d) for m in network.stages[0].modules())
+        state = fetch_imagenet_state(batch_norm=has_norms)
+    else:
+        state = read_state_dict(source)
     features = _layer_groups(state, "features")
     src_convs = [g for g in features if g.get("weight") is not None and g["weight"].ndim == 4]
     src_norms = [g for g in features if "running_mean" in g]

@@ -101,7 +101,12 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
     backbone = p.add_mutually_exclusive_group()
-    backbone.add_argument("--backbone-weights", type=Path, help="torchvision VGG16(-BN) state dict")
+    backbone.add_argument(
+        "--backbone-weights",
+        metavar="imagenet|PATH",
+        help="ImageNet VGG16 weights: 'imagenet' fetches torchvision's (VGG16-BN with "
+        "--batch-norm) into torch's cache; or a VGG16(-BN) state dict file",
+    )
     backbone.add_argument(
         "--init",
         type=Path,

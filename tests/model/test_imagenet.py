@@ -1,10 +1,14 @@
+import socket
+import time
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from model import ssd300_vgg16
-from model.imagenet import load_vgg16_backbone
+from model.imagenet import imagenet_cache_path, load_vgg16_backbone
+from model.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,52 @@ def test_wrong_inputs_are_explained(vgg16_state, tmp_path):
     junk.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match=r"junk\.pth"):
         load_vgg16_backbone(ssd300_vgg16(21), junk)
+
+
+def test_imagenet_by_name_loads_from_a_seeded_cache(vgg16_state, tmp_path, monkeypatch):
+    # torch's cache, pre-seeded with a generated state dict of the right shapes at the very
+    # file name torchvision's weights API uses; nothing is downloaded.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = imagenet_cache_path(batch_norm=False)
+    assert cached == tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    assert imagenet_cache_path(batch_norm=True).name == "vgg16_bn-6c64b313.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(vgg16_state, cached)
+    network = ssd300_vgg16(21)
+    load_vgg16_backbone(network, "imagenet")
+    assert torch.equal(_base_convs(network)[0].weight, vgg16_state["features.0.weight"])
+
+
+def _refusing_proxy(monkeypatch) -> str:
+    """Send every HTTP(S) request to a local port nobody listens on: offline, for real."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return f"127.0.0.1:{port}"
+
+
+def test_imagenet_offline_fails_at_once_saying_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _refusing_proxy(monkeypatch)
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16_bn-6c64b313.pth"
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError) as caught:
+        load_vgg16_backbone(ssd300_vgg16(21, batch_norm=True), "imagenet")
+    assert time.monotonic() - started < 10  # refused, not waited out
+    message = str(caught.value)
+    assert "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth" in message
+    assert str(expected) in message and not expected.exists()
+
+
+def test_training_cli_names_the_missing_imagenet_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _refusing_proxy(monkeypatch)
+    out = tmp_path / "x.safetensors"
+    args = ["--data", "synthetic:8", "--out", str(out), "--backbone-weights", "imagenet"]
+    assert train_main([*args, "--batch-size", "2", "--workers", "0"]) == 2
+    assert "vgg16-397923af.pth" in capsys.readouterr().err
+    assert not out.exists()
