@@ -29,6 +29,7 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,19 +61,41 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, *, voc07: bool)
     return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
 
 
-def voc_ap_per_class(
+@dataclass(frozen=True)
+class PRCurve:
+    """One class's precision-recall curve at one IoU threshold, VOC style.
+
+    ``recall`` and ``precision`` are float64 arrays with one point per counted detection in
+    descending score order (detections of difficult objects drop out); ``positives`` is the
+    number of non-difficult ground truths the recall is relative to.
+    """
+
+    recall: np.ndarray
+    precision: np.ndarray
+    positives: int
+
+    def ap(self) -> tuple[float, float]:
+        """(all-point AP, VOC07 11-point AP); (nan, nan) with no positives to find."""
+        if self.positives == 0:
+            return math.nan, math.nan
+        return (
+            average_precision(self.recall, self.precision, voc07=False),
+            average_precision(self.recall, self.precision, voc07=True),
+        )
+
+
+def voc_pr_curves(
     detections: Sequence[Detection],
     ground_truths: Sequence[dict[str, Any]],
     num_classes: int,
     iou_threshold: float = VOC_IOU,
-) -> dict[int, tuple[float, float]]:
-    """{class id: (all-point AP, VOC07 11-point AP)} for class ids 1..C-1.
-
-    A class without any non-difficult ground truth gets (nan, nan).
-    """
+) -> dict[int, PRCurve]:
+    """{class id: its precision-recall curve} for class ids 1..C-1 (the VOC devkit's
+    matching: in score order, a detection is a true positive when its best-overlapping
+    ground truth has IoU above the threshold and was not matched before)."""
     if len(detections) != len(ground_truths):
         raise ValueError(f"{len(detections)} detection sets for {len(ground_truths)} images")
-    results = {}
+    curves = {}
     for cls in range(1, num_classes):
         scores, hits, positives = [], [], 0
         for (boxes, det_scores, det_classes), gt in zip(detections, ground_truths, strict=True):
@@ -86,8 +109,22 @@ def voc_ap_per_class(
             order = torch.argsort(d_scores, descending=True)
             scores.append(d_scores[order])
             hits.append(_voc_hits(d_boxes[order], gt_boxes, difficult, iou_threshold))
-        results[cls] = _ap_from_hits(scores, hits, positives)
-    return results
+        curves[cls] = _curve_from_hits(scores, hits, positives)
+    return curves
+
+
+def voc_ap_per_class(
+    detections: Sequence[Detection],
+    ground_truths: Sequence[dict[str, Any]],
+    num_classes: int,
+    iou_threshold: float = VOC_IOU,
+) -> dict[int, tuple[float, float]]:
+    """{class id: (all-point AP, VOC07 11-point AP)} for class ids 1..C-1.
+
+    A class without any non-difficult ground truth gets (nan, nan).
+    """
+    curves = voc_pr_curves(detections, ground_truths, num_classes, iou_threshold)
+    return {cls: curve.ap() for cls, curve in curves.items()}
 
 
 def _voc_hits(boxes: Tensor, gt_boxes: Tensor, difficult: Tensor, threshold: float) -> Tensor:
@@ -109,11 +146,9 @@ def _voc_hits(boxes: Tensor, gt_boxes: Tensor, difficult: Tensor, threshold: flo
     return hits
 
 
-def _ap_from_hits(scores: list[Tensor], hits: list[Tensor], positives: int) -> tuple[float, float]:
-    if positives == 0:
-        return math.nan, math.nan
+def _curve_from_hits(scores: list[Tensor], hits: list[Tensor], positives: int) -> PRCurve:
     if not scores:
-        return 0.0, 0.0
+        return PRCurve(np.zeros(0), np.zeros(0), positives)
     all_scores, all_hits = torch.cat(scores), torch.cat(hits)
     # Stable sort: equal scores keep image order, as the devkit's sort does in practice.
     order = torch.sort(all_scores, descending=True, stable=True).indices
@@ -121,12 +156,9 @@ def _ap_from_hits(scores: list[Tensor], hits: list[Tensor], positives: int) -> t
     ranked = ranked_hits[ranked_hits >= 0].numpy()  # ignored (difficult) detections drop out
     tp = np.cumsum(ranked == 1)
     fp = np.cumsum(ranked == 0)
-    recall = tp / positives
+    recall = tp / max(positives, 1)
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return (
-        average_precision(recall, precision, voc07=False),
-        average_precision(recall, precision, voc07=True),
-    )
+    return PRCurve(recall, precision, positives)
 
 
 def coco_metrics(

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on a dataset: VOC AP@0.5 (all-point and 11-point) and COCO AP.
 
     python -m model.evaluate --weights W --data D [--json OUT] [--save-detections OUT]
+        [--plot PNG]
 
 ``--data`` takes the training module's forms (``voc:PATH[:SPLIT]``, ``coco:IMAGES:JSON``,
 ``synthetic[:N]``). Detections are made by the same ``Detector`` the service uses, at the
@@ -16,15 +17,16 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.average_precision import Detection, coco_metrics, voc_ap_per_class
+from model.average_precision import Detection, PRCurve, coco_metrics, voc_pr_curves
 from model.boxes import xyxy_to_xywh
+from model.curves import plot_precision_recall
 from model.data import SPLITS, load_dataset
 from model.detector import Detector
 from model.runtime import PRECISIONS
@@ -43,6 +45,8 @@ class EvaluationReport:
     coco: dict[str, float]
     per_class: dict[str, dict[str, float]]
     num_images: int
+    # Each class's precision-recall curve at IoU 0.5 (for plots; not part of the JSON form).
+    curves: dict[str, PRCurve] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form: NaN becomes null."""
@@ -54,7 +58,7 @@ class EvaluationReport:
                 return {k: clean(v) for k, v in value.items()}
             return value
 
-        return clean(asdict(self))
+        return clean({k: v for k, v in asdict(self).items() if k != "curves"})
 
 
 def check_classes(checkpoint_names: Sequence[str], data_names: Sequence[str], data: str) -> None:
@@ -97,10 +101,10 @@ def score(
     detections: Sequence[Detection], truths: Sequence[dict[str, Any]], class_names: list[str]
 ) -> EvaluationReport:
     """VOC and COCO numbers for detections against ground truths (``model.average_precision``)."""
-    per_class_ap = voc_ap_per_class(detections, truths, len(class_names) + 1)
+    curves = voc_pr_curves(detections, truths, len(class_names) + 1)
+    aps = {cls: curve.ap() for cls, curve in curves.items()}
     per_class = {
-        name: {"ap": per_class_ap[i + 1][0], "ap07": per_class_ap[i + 1][1]}
-        for i, name in enumerate(class_names)
+        name: {"ap": aps[i + 1][0], "ap07": aps[i + 1][1]} for i, name in enumerate(class_names)
     }
     present = [v for v in per_class.values() if not math.isnan(v["ap"])]
     return EvaluationReport(
@@ -109,6 +113,7 @@ def score(
         coco=coco_metrics(detections, truths, len(class_names) + 1),
         per_class=per_class,
         num_images=len(truths),
+        curves={name: curves[i + 1] for i, name in enumerate(class_names)},
     )
 
 
@@ -177,6 +182,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     parser.add_argument("--save-detections", type=Path, help="write every detection here")
+    parser.add_argument(
+        "--plot", type=Path, metavar="PNG", help="draw each class's precision-recall curve here"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -212,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("COCO " + "  ".join(f"{k} {v:.4f}" for k, v in report.coco.items()))
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if args.plot:
+        plot_precision_recall(report.curves, args.plot, title=f"{args.weights.name} on {args.data}")
+        print(f"precision-recall curves: {args.plot}")
     if args.save_detections:
         args.save_detections.write_text(json.dumps(records) + "\n")
     return 0

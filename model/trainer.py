@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.checkpoint import TrainingState, save_checkpoint, save_training_state
+from model.curves import plot_training
 from model.data.loader import collate, epoch_batches
 from model.detector import Detector
 from model.distributed import Processes
@@ -79,6 +80,11 @@ class RunFiles:
     def log(self) -> Path:
         """``<stem>.jsonl``: one JSON line per logged step and per evaluation."""
         return self.checkpoint.with_suffix(".jsonl")
+
+    @property
+    def curves(self) -> Path:
+        """``<stem>.png``: loss terms, learning rate and validation mAP against steps."""
+        return self.checkpoint.with_suffix(".png")
 
 
 @dataclass
@@ -201,6 +207,7 @@ class Trainer:
             if self.step == plan.stop_at:
                 if main and not epoch_done:
                     save_training_state(self.files.state, self.state())
+                    self._plot()
                 break
         bar.close()
         self.processes.barrier()
@@ -330,7 +337,17 @@ class Trainer:
                     self.best_map = report.map50
                     self._save(self.files.best, {**recipe, "val_map50": report.map50})
             save_training_state(self.files.state, self.state())
+            self._plot()
         self.processes.barrier()
+
+    def _plot(self) -> None:
+        """Redraw the curves from the log; a drawing failure costs the picture, not the run."""
+        if not self.files.log.is_file():
+            return
+        try:
+            plot_training(self.files.log, self.files.curves)
+        except Exception:
+            logger.warning("could not draw %s", self.files.curves, exc_info=True)
 
     def _save(self, path: Path, recipe: dict[str, Any]) -> None:
         save_checkpoint(

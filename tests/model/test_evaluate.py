@@ -59,6 +59,8 @@ def test_cli_and_python_api_give_the_same_numbers(raccoon, raccoon_checkpoint, t
             str(report_path),
             "--save-detections",
             str(detections_path),
+            "--plot",
+            str(tmp_path / "pr.png"),
             "--device",
             "cpu",
         ],
@@ -74,6 +76,7 @@ def test_cli_and_python_api_give_the_same_numbers(raccoon, raccoon_checkpoint, t
     from_cli = json.loads(report_path.read_text())
     assert from_cli == json.loads(json.dumps(report.to_json()))
     assert from_cli["num_images"] == 40
+    assert (tmp_path / "pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(from_cli) >= {"map50", "map50_voc07", "coco", "per_class"}
     assert set(from_cli["per_class"]["raccoon"]) == {"ap", "ap07"}
     assert set(from_cli["coco"]) == {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}

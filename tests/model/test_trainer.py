@@ -49,6 +49,7 @@ def test_runs_the_plan_and_writes_its_files(tmp_path):
     # The schedule steps once per optimiser step: the logged rate halves every step.
     assert [r["lr"] for r in log] == pytest.approx([0.01 * 0.5**s for s in range(1, 6)])
     assert load_checkpoint(out).recipe["step"] == 4  # written at the end of epoch 1
+    assert trainer.files.curves == out.with_suffix(".png") and out.with_suffix(".png").is_file()
     state = load_training_state(trainer.files.state)
     assert state.step == 5  # --stop-at mid-epoch saves the state where it stopped
 
