@@ -203,6 +203,39 @@ def _module_of(name: str) -> str:
 
 # -- training state, for ``python -m model.train --resume`` -----------------------------------
 
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a run writes, all named after ``checkpoint`` (``<stem>.safetensors``).
+
+    ``save_dtype`` (e.g. torch.float16) is the dtype of the checkpoints' floating weights;
+    None keeps fp32.
+    """
+
+    checkpoint: Path
+    save_dtype: torch.dtype | None = None
+
+    @property
+    def state(self) -> Path:
+        """``<stem>.state.safetensors``: the training state, for ``--resume``."""
+        return self.checkpoint.with_suffix(".state.safetensors")
+
+    @property
+    def best(self) -> Path:
+        """``<stem>.best.safetensors``: the checkpoint with the best validation mAP@0.5."""
+        return self.checkpoint.with_suffix(".best.safetensors")
+
+    @property
+    def log(self) -> Path:
+        """``<stem>.jsonl``: one JSON line per logged step and per evaluation."""
+        return self.checkpoint.with_suffix(".jsonl")
+
+    @property
+    def curves(self) -> Path:
+        """``<stem>.png``: loss terms, learning rate and validation mAP against steps."""
+        return self.checkpoint.with_suffix(".png")
+
+
 STATE_FORMAT = "ssd-train-state/2"
 _LEGACY_STATE_FORMAT = "ssd-train-state/1"  # a torch zip file, read with weights_only=True
 

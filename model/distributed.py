@@ -64,6 +64,15 @@ class Processes:
             values /= self.world
         return values
 
+    def agree(self, value: int) -> int:
+        """The main process's ``value`` on every process: a decision taken from a clock (the
+        time budget) differs between processes, and they must stop at the same step."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.runtime.device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
     def barrier(self) -> None:
         """Wait until every process gets here (nothing to wait for when alone)."""
         if self.world > 1:

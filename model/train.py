@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.checkpoint import load_matching_weights, load_training_state
+from model.budget import TimeBudget
+from model.checkpoint import RunFiles, load_matching_weights, load_training_state
 from model.data import load_dataset
 from model.data.loader import AugmentedDataset
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
@@ -38,12 +40,11 @@ from model.distributed import Processes
 from model.imagenet import load_vgg16_backbone
 from model.loss import MultiBoxLoss
 from model.runtime import PRECISIONS
-from model.schedule import SCHEDULES, lr_factor
+from model.schedule import SCHEDULES, LrCurve
 from model.ssd import BUILDERS, SSD
 from model.trainer import (
     DivergenceError,
     Optimisation,
-    RunFiles,
     StepPlan,
     Trainer,
     TrainingData,
@@ -54,6 +55,9 @@ logger = logging.getLogger("model.train")
 
 MOMENTUM = 0.9  # ssd_pascal.py solver_param
 WEIGHT_DECAY = 5e-4  # ssd_pascal.py solver_param
+# --minutes starts on a plan this many epochs long (a warm-up of --warmup-steps), until the
+# budget has timed some steps and sets the real length.
+_UNPLANNED_EPOCHS = 1000
 SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -68,8 +72,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _add_optimisation_arguments(parser)
     _add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if args.epochs is None and args.steps is None:
+    if args.epochs is None and args.steps is None and args.minutes is None:
         args.epochs = 1
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes must be positive, got {args.minutes}")
     return args
 
 
@@ -119,6 +125,12 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="passes over the training data")
     length.add_argument("--steps", type=int, help="optimiser steps in all")
+    length.add_argument(
+        "--minutes",
+        type=float,
+        help="train for this much wall time: the steps that fit, measured as the run goes "
+        "(the learning-rate schedule is fitted to them); the best checkpoint is kept",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
@@ -150,9 +162,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_trainer(args: argparse.Namespace) -> Trainer:
+def build_trainer(args: argparse.Namespace, started: float | None = None) -> Trainer:
     """The run the arguments describe: data, network, optimisation and files, put together
     (resumed from ``--resume`` when given). Under ``torchrun`` this joins the process group.
+    ``started`` (``time.monotonic()``, default now) is when ``--minutes`` counts from.
 
     Raises:
         ValueError: the arguments or the data cannot make a run; the message says why.
@@ -189,6 +202,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         processes=processes,
         validation=validation,
         recipe={**recipe, "world_size": processes.world},
+        budget=_budget(args, started),
     )
     if args.resume:
         trainer.restore(load_training_state(args.resume), args.resume)
@@ -237,8 +251,15 @@ def _network(args: argparse.Namespace, class_names: list[str], *, is_main: bool)
     return network
 
 
+def _budget(args: argparse.Namespace, started: float | None) -> TimeBudget | None:
+    if args.minutes is None:
+        return None
+    return TimeBudget(deadline=(started or time.monotonic()) + 60.0 * args.minutes)
+
+
 def _plan(args: argparse.Namespace, images: int, world: int) -> StepPlan:
-    """Step counts from ``--epochs`` or ``--steps`` over ``images`` training images."""
+    """Step counts from ``--epochs``, ``--steps`` or, provisionally, ``--minutes`` over
+    ``images`` training images."""
     per_epoch = images // (args.batch_size * world)
     if per_epoch == 0:
         raise ValueError(
@@ -246,7 +267,8 @@ def _plan(args: argparse.Namespace, images: int, world: int) -> StepPlan:
             f"{args.batch_size} x {world} processes"
         )
     return StepPlan(
-        total=args.steps or args.epochs * per_epoch,
+        # Under --minutes, a start the time budget replaces once steps have been timed.
+        total=args.steps or (args.epochs or _UNPLANNED_EPOCHS) * per_epoch,
         per_epoch=per_epoch,
         log_every=args.log_every,
         eval_every=args.eval_every,
@@ -261,27 +283,29 @@ def _optimisation(
     optimizer = torch.optim.SGD(
         network.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
-    # A tenth of the run at most, so that short runs are not all warm-up.
-    warmup = min(args.warmup_steps, max(1, total // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total=total, warmup=warmup, schedule=args.schedule)
-    )
+    curve = LrCurve(total=total, warmup_limit=args.warmup_steps, schedule=args.schedule)
+    # Through a function, not the object: LambdaLR saves a callable object's attributes in the
+    # state and a resumed run would get the old run's length back, while a resumed run follows
+    # this run's --steps (a larger one stretches the curve) or its --minutes.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: curve(step))
     return Optimisation(
         optimizer,
         scheduler,
         processes.runtime.grad_scaler(),
         clip_grad_norm=args.clip_grad_norm,
+        curve=curve,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train as the arguments say; returns the exit status (0 done, 2 bad input such as a
     missing file or unusable data, 3 the loss diverged)."""
+    started = time.monotonic()
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     trainer = None
     try:
-        trainer = build_trainer(args)
+        trainer = build_trainer(args, started)
         if trainer.processes.is_main:
             logger.info(
                 "training %s on %s: %d images, classes %s, %d steps (%d per epoch)",

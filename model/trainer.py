@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.checkpoint import TrainingState, save_checkpoint, save_training_state
+from model.budget import BudgetKeeper, TimeBudget
+from model.checkpoint import RunFiles, TrainingState, save_checkpoint, save_training_state
 from model.curves import plot_training
 from model.data.loader import collate, epoch_batches
 from model.detector import Detector
 from model.distributed import Processes
 from model.evaluate import EvaluationReport, predict_dataset, score
 from model.loss import MultiBoxLoss
+from model.schedule import LrCurve
 from model.ssd import SSD
 
 logger = logging.getLogger("model.train")
@@ -55,47 +57,17 @@ class StepPlan:
     stop_at: int | None = None
 
 
-@dataclass(frozen=True)
-class RunFiles:
-    """What a run writes, all named after ``checkpoint`` (``<stem>.safetensors``).
-
-    ``save_dtype`` (e.g. torch.float16) is the dtype of the checkpoints' floating weights;
-    None keeps fp32.
-    """
-
-    checkpoint: Path
-    save_dtype: torch.dtype | None = None
-
-    @property
-    def state(self) -> Path:
-        """``<stem>.state.safetensors``: the training state, for ``--resume``."""
-        return self.checkpoint.with_suffix(".state.safetensors")
-
-    @property
-    def best(self) -> Path:
-        """``<stem>.best.safetensors``: the checkpoint with the best validation mAP@0.5."""
-        return self.checkpoint.with_suffix(".best.safetensors")
-
-    @property
-    def log(self) -> Path:
-        """``<stem>.jsonl``: one JSON line per logged step and per evaluation."""
-        return self.checkpoint.with_suffix(".jsonl")
-
-    @property
-    def curves(self) -> Path:
-        """``<stem>.png``: loss terms, learning rate and validation mAP against steps."""
-        return self.checkpoint.with_suffix(".png")
-
-
 @dataclass
 class Optimisation:
     """The optimiser, its learning-rate schedule (stepped once per optimiser step), the loss
-    scaler (``Runtime.grad_scaler``) and an optional cap on the gradient's global L2 norm."""
+    scaler (``Runtime.grad_scaler``) and an optional cap on the gradient's global L2 norm.
+    ``curve`` is the schedule's ``LrCurve``, when it has one: a time budget stretches it."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     clip_grad_norm: float | None = None
+    curve: LrCurve | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +121,8 @@ class Trainer:
         processes: this process and its runtime (device, precision).
         validation: data to evaluate on, or None.
         recipe: how the run was configured, stored in every checkpoint.
+        budget: a wall-clock deadline; the plan's total then follows what fits before it
+            (``model.budget``), and ``plan.total`` is only the provisional start.
     """
 
     def __init__(
@@ -164,6 +138,7 @@ class Trainer:
         processes: Processes,
         validation: Validation | None = None,
         recipe: dict[str, Any] | None = None,
+        budget: TimeBudget | None = None,
     ) -> None:
         self.network = network
         # The module the forward pass runs through: ``network`` or its DDP wrapper.
@@ -177,34 +152,56 @@ class Trainer:
         self.processes = processes
         self.validation = validation
         self.recipe = recipe or {}
+        self.keeper = None if budget is None else self._keeper(budget)
         self.step = 0
         self.best_map = -1.0  # no evaluation yet
 
+    def _keeper(self, budget: TimeBudget) -> BudgetKeeper:
+        evals_per_step, eval_images = 0.0, 0
+        if self.validation is not None and self.plan.eval_every > 0:
+            evals_per_step = 1.0 / (self.plan.eval_every * self.plan.per_epoch)
+            eval_images = len(self.validation.dataset)  # type: ignore[arg-type]
+        return BudgetKeeper(
+            budget,
+            evals_per_step=evals_per_step,
+            eval_images=eval_images,
+            batch_size=self.data.batch_size,
+            agree=self.processes.agree,
+        )
+
     def run(self) -> int:
         """Train to the plan's end or its ``stop_at``; returns the step reached."""
-        main, plan = self.processes.is_main, self.plan
+        main = self.processes.is_main
         if main:
             self.files.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(
-            total=plan.total, initial=self.step, disable=not main, unit="step", dynamic_ncols=True
+            total=self.plan.total,
+            initial=self.step,
+            disable=not main,
+            unit="step",
+            dynamic_ncols=True,
         )
         images_seen, started = 0, time.perf_counter()
-        while self.step < plan.total:
-            epoch, offset = divmod(self.step, plan.per_epoch)
+        if self.keeper is not None:
+            self.keeper.restart_clock()
+        while self.step < self.plan.total:
+            epoch, offset = divmod(self.step, self.plan.per_epoch)
             for images, boxes, labels in self.data.batches(epoch, offset, self.processes):
                 terms = self.train_step(images, boxes, labels)
                 self.step += 1
                 images_seen += images.shape[0] * self.processes.world
                 bar.update(1)
-                if self.step % plan.log_every == 0 or self.step == plan.total:
+                if self.keeper is not None:
+                    self._set_total(self.keeper.after_step(self.step), bar)
+                if self.step % self.plan.log_every == 0 or self.step == self.plan.total:
                     rate = images_seen / (time.perf_counter() - started)
                     self._log_step(bar, epoch + 1, terms, rate)
-                if self.step in (plan.stop_at, plan.total):
+                if self.step in (self.plan.stop_at, self.plan.total):
                     break
-            epoch_done = self.step % plan.per_epoch == 0
-            if epoch_done or self.step == plan.total:
-                self._end_of_epoch(self.step // plan.per_epoch)
-            if self.step == plan.stop_at:
+            epoch_done = self.step % self.plan.per_epoch == 0
+            if epoch_done or self.step == self.plan.total:
+                self._end_of_epoch(self.step // self.plan.per_epoch, bar)
+            if self.step == self.plan.stop_at:
                 if main and not epoch_done:
                     save_training_state(self.files.state, self.state())
                     self._plot()
@@ -312,14 +309,17 @@ class Trainer:
 
     # -- reporting and files ----------------------------------------------------------------
 
-    def _end_of_epoch(self, epoch: int) -> None:
+    def _end_of_epoch(self, epoch: int, bar: tqdm) -> None:
         """Checkpoint, evaluate when due, keep the best, save the state (main process)."""
+        evaluated_in = None
         if self.processes.is_main:
             recipe = {**self.recipe, "step": self.step, "epoch": epoch}
             self._save(self.files.checkpoint, recipe)
             due = self.plan.eval_every > 0 and epoch % self.plan.eval_every == 0
             if self.validation is not None and due:
+                began = time.monotonic()
                 report = self.evaluate()
+                evaluated_in = time.monotonic() - began
                 self._log(
                     {
                         "step": self.step,
@@ -339,6 +339,24 @@ class Trainer:
             save_training_state(self.files.state, self.state())
             self._plot()
         self.processes.barrier()
+        if self.keeper is not None:
+            if self.step < self.plan.total:
+                self._set_total(self.keeper.after_evaluation(self.step, evaluated_in), bar)
+            self.keeper.restart_clock()
+
+    def _set_total(self, total: int | None, bar: tqdm) -> None:
+        """End the run at step ``total`` from now on (None: no change); the learning-rate
+        curve is stretched or shrunk to end with it."""
+        if total is None or total == self.plan.total:
+            return
+        self.plan = replace(self.plan, total=total)
+        if self.optimisation.curve is not None:
+            self.optimisation.curve.total = total  # the learning-rate curve ends with the run
+        bar.total = total
+        bar.refresh()
+        self._log({"step": self.step, "planned_steps": total})
+
+    # -- pictures and files -------------------------------------------------------------
 
     def _plot(self) -> None:
         """Redraw the curves from the log; a drawing failure costs the picture, not the run."""

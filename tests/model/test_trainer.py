@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from model import ssd300_vgg16
-from model.checkpoint import load_checkpoint, load_training_state
+from model.checkpoint import RunFiles, load_checkpoint, load_training_state
 from model.data import load_dataset
 from model.data.loader import AugmentedDataset
 from model.data.transforms import EvalTransform
 from model.distributed import Processes
 from model.loss import MultiBoxLoss
-from model.trainer import Optimisation, RunFiles, StepPlan, Trainer, TrainingData
+from model.trainer import Optimisation, StepPlan, Trainer, TrainingData
 
 
 def _trainer(out: Path, *, total: int, stop_at: int | None = None) -> Trainer:

@@ -1,0 +1,146 @@
+"""A wall-clock budget for training (``python -m model.train --minutes N``).
+
+The run starts on a provisional plan; after a few timed steps, and again once an evaluation
+has been timed, the total is set to the steps that fit before the deadline with their periodic
+evaluations and one final evaluation (``steps_that_fit``). The learning-rate curve
+(``model.schedule.LrCurve``) is stretched or shrunk with it, so a cosine schedule still ends
+at the end of the time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger("model.train")
+
+# Steps timed before the first plan. The first two are left out of the average: they pay for
+# the data loader's workers starting and for first-call allocations.
+CALIBRATION_STEPS = 10
+UNTIMED_STEPS = 2
+# Inference costs about a third of a training step per image (a forward pass against a
+# forward and a backward, the backward about twice the forward): the evaluation estimate
+# until one has been timed.
+INFERENCE_SHARE = 1 / 3
+# Seconds kept back at the end for writing the checkpoints and the training state.
+WRITE_MARGIN_S = 2.0
+
+
+@dataclass
+class TimeBudget:
+    """Train until ``deadline`` (``time.monotonic()``). ``step_s`` and ``eval_s`` are the
+    measured seconds per optimiser step and per evaluation, None until measured."""
+
+    deadline: float
+    step_s: float | None = None
+    eval_s: float | None = None
+
+    def steps_that_fit(
+        self, step: int, now: float, *, evals_per_step: float, eval_estimate_s: float
+    ) -> int:
+        """The total steps that leave time, from step ``step`` at ``now``, for each further
+        step, the evaluations due on the way (``evals_per_step`` of them per step) and one
+        final evaluation. Never fewer than ``step``: out of time, the run ends where it is.
+
+        Raises:
+            ValueError: no step has been timed yet.
+        """
+        if self.step_s is None:
+            raise ValueError("steps_that_fit needs a measured step time")
+        eval_s = self.eval_s if self.eval_s is not None else eval_estimate_s
+        left = self.deadline - now - eval_s - WRITE_MARGIN_S
+        per_step = self.step_s + eval_s * evals_per_step
+        return step + max(0, math.floor(left / per_step))
+
+    def out_of_time(self, now: float) -> bool:
+        """Whether one more step would leave too little time for the final evaluation and
+        the writes before the deadline (unmeasured times count as 0)."""
+        ahead = (self.step_s or 0.0) + (self.eval_s or 0.0) + WRITE_MARGIN_S
+        return now + ahead >= self.deadline
+
+
+class BudgetKeeper:
+    """Follows a ``TimeBudget`` through a run: times each step, plans the total once enough
+    steps are timed and again once an evaluation is, and ends the run when time is up.
+
+    Args:
+        budget: the deadline, and what has been measured so far.
+        evals_per_step: evaluations due per optimiser step (0 without validation).
+        eval_images: images per evaluation, for its estimate until one is timed.
+        batch_size: images per step and process.
+        agree: the main process's value of an int on every process (``Processes.agree``),
+            so that every process stops at the same step.
+        clock: seconds, as ``time.monotonic`` (which the deadline is in).
+    """
+
+    def __init__(
+        self,
+        budget: TimeBudget,
+        *,
+        evals_per_step: float,
+        eval_images: int,
+        batch_size: int,
+        agree: Callable[[int], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget = budget
+        self.evals_per_step = evals_per_step
+        self.eval_images = eval_images
+        self.batch_size = batch_size
+        self.agree = agree
+        self.clock = clock
+        self._seconds: list[float] = []
+        self._last = clock()
+
+    def restart_clock(self) -> None:
+        """Leave the time since the last step (evaluation, checkpoints) out of the next."""
+        self._last = self.clock()
+
+    def after_step(self, step: int) -> int | None:
+        """Note a step's end; returns the new total when it changes, else None."""
+        now = self.clock()
+        self._seconds.append(now - self._last)
+        self._last = now
+        total = None
+        if len(self._seconds) >= CALIBRATION_STEPS:
+            # The latest steps: the rate drifts (workers, caches) more than it is noisy.
+            recent = self._seconds[UNTIMED_STEPS:][-5 * CALIBRATION_STEPS :]
+            first_plan = self.budget.step_s is None
+            self.budget.step_s = sum(recent) / len(recent)
+            if first_plan:
+                total = self.plan(step, now)
+        if self.agree(int(self.budget.out_of_time(now))):
+            total = step
+        return total
+
+    def after_evaluation(self, step: int, seconds: float | None) -> int | None:
+        """Note an evaluation's duration (None on processes that did not evaluate); the
+        first one re-plans. Returns the new total when it changes, else None."""
+        first = seconds is not None and self.budget.eval_s is None
+        if not self.agree(int(first)):
+            return None
+        if seconds is not None:
+            self.budget.eval_s = seconds
+        return self.plan(step, self.clock()) if self.budget.step_s is not None else None
+
+    def plan(self, step: int, now: float) -> int:
+        """The total that fits, agreed by every process, and logged."""
+        assert self.budget.step_s is not None
+        estimate = self.eval_images * self.budget.step_s / self.batch_size * INFERENCE_SHARE
+        total = self.agree(
+            self.budget.steps_that_fit(
+                step, now, evals_per_step=self.evals_per_step, eval_estimate_s=estimate
+            )
+        )
+        measured = self.budget.eval_s is not None
+        logger.info(
+            "time budget: %.2f s per step, %.1f s per evaluation%s: %d steps in all",
+            self.budget.step_s,
+            self.budget.eval_s if measured else estimate,
+            "" if measured else " (estimated)",
+            total,
+        )
+        return total

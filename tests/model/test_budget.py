@@ -1,0 +1,96 @@
+"""The time budget: golden plans by hand, the keeper on a fake clock, and --minutes end to end."""
+
+import json
+import time
+
+import pytest
+
+from model.budget import CALIBRATION_STEPS, WRITE_MARGIN_S, BudgetKeeper, TimeBudget
+from model.train import main
+
+
+def test_steps_that_fit_golden():
+    # 100 s deadline, at 10 s after step 10: 100 - 10 - 4 (final evaluation) - 2 (writes)
+    # = 84 s; each step 0.5 s plus an 8th of a 4 s evaluation = 1 s: 84 more steps.
+    assert WRITE_MARGIN_S == 2.0
+    budget = TimeBudget(deadline=100.0, step_s=0.5, eval_s=4.0)
+    assert budget.steps_that_fit(10, 10.0, evals_per_step=0.125, eval_estimate_s=99.0) == 94
+    # Until an evaluation is timed, the estimate stands in for it.
+    budget.eval_s = None
+    assert budget.steps_that_fit(10, 10.0, evals_per_step=0.125, eval_estimate_s=4.0) == 94
+    # Past the point of no return, the run ends where it is, never earlier.
+    assert budget.steps_that_fit(10, 99.0, evals_per_step=0.0, eval_estimate_s=0.0) == 10
+    with pytest.raises(ValueError, match="measured step time"):
+        TimeBudget(deadline=1.0).steps_that_fit(0, 0.0, evals_per_step=0, eval_estimate_s=0)
+
+
+def test_out_of_time_keeps_room_for_the_final_evaluation():
+    budget = TimeBudget(deadline=100.0, step_s=1.0, eval_s=10.0)
+    assert not budget.out_of_time(86.9)
+    assert budget.out_of_time(87.0)  # 87 + 1 (one more step) + 10 + 2
+
+
+class _Clock:
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_keeper_plans_after_calibration_then_again_after_the_first_evaluation():
+    clock = _Clock(tick=0.5)  # every step takes 0.5 s
+    budget = TimeBudget(deadline=200.0)
+    keeper = BudgetKeeper(
+        budget, evals_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v, clock=clock
+    )
+    totals = [keeper.after_step(step) for step in range(1, CALIBRATION_STEPS + 1)]
+    assert totals[:-1] == [None] * (CALIBRATION_STEPS - 1)
+    assert budget.step_s == pytest.approx(0.5)
+    # At step 10 the clock reads 5.5 s: (200 - 5.5 - 0 - 2) / 0.5 = 385 more steps.
+    assert totals[-1] == CALIBRATION_STEPS + 385
+    assert keeper.after_step(11) is None  # planned once; re-planned only by an evaluation
+    total = keeper.after_evaluation(11, seconds=20.0)
+    # clock 6.5 s: (200 - 6.5 - 20 - 2) / 0.5 = 343 more steps
+    assert budget.eval_s == 20.0 and total == 11 + 343
+    assert keeper.after_evaluation(12, seconds=20.0) is None  # only the first re-plans
+
+
+def test_keeper_stops_the_run_when_time_is_up():
+    clock = _Clock(tick=4.0)
+    budget = TimeBudget(deadline=20.0)
+    keeper = BudgetKeeper(
+        budget, evals_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v, clock=clock
+    )
+    # Steps end at 8, 12, 16 and 20 s (the keeper read 4 s when made): 16 + 2 < 20, so the
+    # run ends at step 4, where 20 + 2 >= 20.
+    assert [keeper.after_step(s) for s in (1, 2, 3, 4)] == [None, None, None, 4]
+
+
+def test_minutes_trains_what_fits_and_fits_the_schedule_to_it(tmp_path):
+    out = tmp_path / "run.safetensors"
+    minutes = 0.3  # 18 s, start-up included
+    started = time.monotonic()
+    code = main(
+        [
+            "--data", "synthetic:24", "--val-data", "synthetic:4", "--out", str(out),
+            "--minutes", str(minutes), "--batch-size", "2", "--width", "0.125",
+            "--batch-norm", "--workers", "0", "--log-every", "1", "--warmup-steps", "5",
+            "--lr", "0.01",
+        ]
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert code == 0
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    plans = [r["planned_steps"] for r in records if "planned_steps" in r]
+    steps = [r for r in records if "loss" in r]
+    assert plans and steps[-1]["step"] == plans[-1]  # the run ended where it was planned to
+    assert steps[-1]["step"] >= CALIBRATION_STEPS
+    # The cosine curve ends with the run: its last rate is the curve's last step's, not the
+    # 1000-epoch provisional plan's (which would still be near the base rate).
+    assert steps[-1]["lr"] < 0.01 * 0.05
+    assert any("val_map50" in r for r in records)
+    assert out.with_suffix(".best.safetensors").is_file() and out.with_suffix(".png").is_file()
+    # Ends near its budget: a generous bound that only a run ignoring it would break.
+    assert elapsed < 60 * minutes + 40
