@@ -10,6 +10,7 @@ it back, so there is no cycle to hide.
     synthetic.py  SyntheticShapes: procedural shapes, no download
     seeding.py    the one seeding scheme (numpy SeedSequence over integer keys)
     transforms.py the paper's training augmentation and the eval transform
+    crop.py       the authors' IoU-constrained crop (one step of that augmentation)
     loader.py     augmented samples keyed by (epoch, index) and each epoch's batches
 """
 
