@@ -1,8 +1,9 @@
 """A wall-clock budget for training (``python -m model.train --minutes N``).
 
-The run starts on a provisional plan; after a few timed steps, and again once an evaluation
-has been timed, the total is set to the steps that fit before the deadline with their periodic
-evaluations and one final evaluation (``steps_that_fit``). The learning-rate curve
+The run starts on a provisional plan; after a few timed steps, and again once an epoch's end
+(checkpoint, evaluation, training state, curves) has been timed, the total is set to the steps
+that fit before the deadline with the epoch ends on the way and one final one
+(``steps_that_fit``). The learning-rate curve
 (``model.schedule.LrCurve``) is stretched or shrunk with it, so a cosine schedule still ends
 at the end of the time.
 """
@@ -25,40 +26,43 @@ UNTIMED_STEPS = 2
 # forward and a backward, the backward about twice the forward): the evaluation estimate
 # until one has been timed.
 INFERENCE_SHARE = 1 / 3
-# Seconds kept back at the end for writing the checkpoints and the training state.
+# Seconds kept back at the end, beyond the final epoch end, for the noise in the estimates.
 WRITE_MARGIN_S = 2.0
+# Writing a checkpoint, the training state and the curves, until an epoch end is timed.
+WRITES_ESTIMATE_S = 1.0
 
 
 @dataclass
 class TimeBudget:
-    """Train until ``deadline`` (``time.monotonic()``). ``step_s`` and ``eval_s`` are the
-    measured seconds per optimiser step and per evaluation, None until measured."""
+    """Train until ``deadline`` (``time.monotonic()``). ``step_s`` and ``epoch_end_s`` are the
+    measured seconds per optimiser step and per epoch end (with its evaluation), None until
+    measured."""
 
     deadline: float
     step_s: float | None = None
-    eval_s: float | None = None
+    epoch_end_s: float | None = None
 
     def steps_that_fit(
-        self, step: int, now: float, *, evals_per_step: float, eval_estimate_s: float
+        self, step: int, now: float, *, ends_per_step: float, end_estimate_s: float
     ) -> int:
         """The total steps that leave time, from step ``step`` at ``now``, for each further
-        step, the evaluations due on the way (``evals_per_step`` of them per step) and one
-        final evaluation. Never fewer than ``step``: out of time, the run ends where it is.
+        step, the epoch ends on the way (``ends_per_step`` of them per step) and one
+        final epoch end. Never fewer than ``step``: out of time, the run ends where it is.
 
         Raises:
             ValueError: no step has been timed yet.
         """
         if self.step_s is None:
             raise ValueError("steps_that_fit needs a measured step time")
-        eval_s = self.eval_s if self.eval_s is not None else eval_estimate_s
-        left = self.deadline - now - eval_s - WRITE_MARGIN_S
-        per_step = self.step_s + eval_s * evals_per_step
+        epoch_end_s = self.epoch_end_s if self.epoch_end_s is not None else end_estimate_s
+        left = self.deadline - now - epoch_end_s - WRITE_MARGIN_S
+        per_step = self.step_s + epoch_end_s * ends_per_step
         return step + max(0, math.floor(left / per_step))
 
     def out_of_time(self, now: float) -> bool:
-        """Whether one more step would leave too little time for the final evaluation and
-        the writes before the deadline (unmeasured times count as 0)."""
-        ahead = (self.step_s or 0.0) + (self.eval_s or 0.0) + WRITE_MARGIN_S
+        """Whether one more step would leave too little time for the final epoch end before
+        the deadline (unmeasured times count as 0)."""
+        ahead = (self.step_s or 0.0) + (self.epoch_end_s or 0.0) + WRITE_MARGIN_S
         return now + ahead >= self.deadline
 
 
@@ -68,8 +72,9 @@ class BudgetKeeper:
 
     Args:
         budget: the deadline, and what has been measured so far.
-        evals_per_step: evaluations due per optimiser step (0 without validation).
-        eval_images: images per evaluation, for its estimate until one is timed.
+        ends_per_step: epoch ends per optimiser step (1 / steps per epoch).
+        eval_images: images per evaluation (0 without one), for the estimate of an epoch
+            end until one is timed.
         batch_size: images per step and process.
         agree: the main process's value of an int on every process (``Processes.agree``),
             so that every process stops at the same step.
@@ -80,14 +85,14 @@ class BudgetKeeper:
         self,
         budget: TimeBudget,
         *,
-        evals_per_step: float,
+        ends_per_step: float,
         eval_images: int,
         batch_size: int,
         agree: Callable[[int], int],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.budget = budget
-        self.evals_per_step = evals_per_step
+        self.ends_per_step = ends_per_step
         self.eval_images = eval_images
         self.batch_size = batch_size
         self.agree = agree
@@ -116,30 +121,32 @@ class BudgetKeeper:
             total = step
         return total
 
-    def after_evaluation(self, step: int, seconds: float | None) -> int | None:
-        """Note an evaluation's duration (None on processes that did not evaluate); the
-        first one re-plans. Returns the new total when it changes, else None."""
-        first = seconds is not None and self.budget.eval_s is None
+    def after_epoch_end(self, step: int, seconds: float | None) -> int | None:
+        """Note an epoch end's duration (None where it was not timed: other processes, or
+        an epoch end without its evaluation); the first one timed re-plans. Returns the new
+        total when it changes, else None."""
+        first = seconds is not None and self.budget.epoch_end_s is None
         if not self.agree(int(first)):
             return None
         if seconds is not None:
-            self.budget.eval_s = seconds
+            self.budget.epoch_end_s = seconds
         return self.plan(step, self.clock()) if self.budget.step_s is not None else None
 
     def plan(self, step: int, now: float) -> int:
         """The total that fits, agreed by every process, and logged."""
         assert self.budget.step_s is not None
-        estimate = self.eval_images * self.budget.step_s / self.batch_size * INFERENCE_SHARE
+        per_image = self.budget.step_s / self.batch_size
+        estimate = self.eval_images * per_image * INFERENCE_SHARE + WRITES_ESTIMATE_S
         total = self.agree(
             self.budget.steps_that_fit(
-                step, now, evals_per_step=self.evals_per_step, eval_estimate_s=estimate
+                step, now, ends_per_step=self.ends_per_step, end_estimate_s=estimate
             )
         )
-        measured = self.budget.eval_s is not None
+        measured = self.budget.epoch_end_s is not None
         logger.info(
-            "time budget: %.2f s per step, %.1f s per evaluation%s: %d steps in all",
+            "time budget: %.2f s per step, %.1f s per epoch end%s: %d steps in all",
             self.budget.step_s,
-            self.budget.eval_s if measured else estimate,
+            self.budget.epoch_end_s if measured else estimate,
             "" if measured else " (estimated)",
             total,
         )

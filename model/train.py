@@ -307,13 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer = build_trainer(args, started)
         if trainer.processes.is_main:
+            length = f"{args.minutes:g} minutes" if args.minutes else f"{trainer.plan.total} steps"
             logger.info(
-                "training %s on %s: %d images, classes %s, %d steps (%d per epoch)",
+                "training %s on %s: %d images, classes %s, %s (%d steps per epoch)",
                 trainer.network.architecture,
                 args.data,
                 len(trainer.data),
                 trainer.class_names,
-                trainer.plan.total,
+                length,
                 trainer.plan.per_epoch,
             )
         trainer.run()

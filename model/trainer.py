@@ -157,13 +157,12 @@ class Trainer:
         self.best_map = -1.0  # no evaluation yet
 
     def _keeper(self, budget: TimeBudget) -> BudgetKeeper:
-        evals_per_step, eval_images = 0.0, 0
+        eval_images = 0
         if self.validation is not None and self.plan.eval_every > 0:
-            evals_per_step = 1.0 / (self.plan.eval_every * self.plan.per_epoch)
             eval_images = len(self.validation.dataset)  # type: ignore[arg-type]
         return BudgetKeeper(
             budget,
-            evals_per_step=evals_per_step,
+            ends_per_step=1.0 / self.plan.per_epoch,
             eval_images=eval_images,
             batch_size=self.data.batch_size,
             agree=self.processes.agree,
@@ -311,15 +310,15 @@ class Trainer:
 
     def _end_of_epoch(self, epoch: int, bar: tqdm) -> None:
         """Checkpoint, evaluate when due, keep the best, save the state (main process)."""
-        evaluated_in = None
+        began, timed = time.monotonic(), False
         if self.processes.is_main:
             recipe = {**self.recipe, "step": self.step, "epoch": epoch}
             self._save(self.files.checkpoint, recipe)
             due = self.plan.eval_every > 0 and epoch % self.plan.eval_every == 0
+            # An epoch end is timed for the budget when it is a full one (with evaluation).
+            timed = self.validation is None or due
             if self.validation is not None and due:
-                began = time.monotonic()
                 report = self.evaluate()
-                evaluated_in = time.monotonic() - began
                 self._log(
                     {
                         "step": self.step,
@@ -338,10 +337,11 @@ class Trainer:
                     self._save(self.files.best, {**recipe, "val_map50": report.map50})
             save_training_state(self.files.state, self.state())
             self._plot()
+        took = time.monotonic() - began if timed else None
         self.processes.barrier()
         if self.keeper is not None:
             if self.step < self.plan.total:
-                self._set_total(self.keeper.after_evaluation(self.step, evaluated_in), bar)
+                self._set_total(self.keeper.after_epoch_end(self.step, took), bar)
             self.keeper.restart_clock()
 
     def _set_total(self, total: int | None, bar: tqdm) -> None:

@@ -5,27 +5,33 @@ import time
 
 import pytest
 
-from model.budget import CALIBRATION_STEPS, WRITE_MARGIN_S, BudgetKeeper, TimeBudget
+from model.budget import (
+    CALIBRATION_STEPS,
+    WRITE_MARGIN_S,
+    WRITES_ESTIMATE_S,
+    BudgetKeeper,
+    TimeBudget,
+)
 from model.train import main
 
 
 def test_steps_that_fit_golden():
-    # 100 s deadline, at 10 s after step 10: 100 - 10 - 4 (final evaluation) - 2 (writes)
-    # = 84 s; each step 0.5 s plus an 8th of a 4 s evaluation = 1 s: 84 more steps.
+    # 100 s deadline, at 10 s after step 10: 100 - 10 - 4 (final epoch end) - 2 (margin)
+    # = 84 s; each step 0.5 s plus an 8th of a 4 s epoch end = 1 s: 84 more steps.
     assert WRITE_MARGIN_S == 2.0
-    budget = TimeBudget(deadline=100.0, step_s=0.5, eval_s=4.0)
-    assert budget.steps_that_fit(10, 10.0, evals_per_step=0.125, eval_estimate_s=99.0) == 94
-    # Until an evaluation is timed, the estimate stands in for it.
-    budget.eval_s = None
-    assert budget.steps_that_fit(10, 10.0, evals_per_step=0.125, eval_estimate_s=4.0) == 94
+    budget = TimeBudget(deadline=100.0, step_s=0.5, epoch_end_s=4.0)
+    assert budget.steps_that_fit(10, 10.0, ends_per_step=0.125, end_estimate_s=99.0) == 94
+    # Until an epoch end is timed, the estimate stands in for it.
+    budget.epoch_end_s = None
+    assert budget.steps_that_fit(10, 10.0, ends_per_step=0.125, end_estimate_s=4.0) == 94
     # Past the point of no return, the run ends where it is, never earlier.
-    assert budget.steps_that_fit(10, 99.0, evals_per_step=0.0, eval_estimate_s=0.0) == 10
+    assert budget.steps_that_fit(10, 99.0, ends_per_step=0.0, end_estimate_s=0.0) == 10
     with pytest.raises(ValueError, match="measured step time"):
-        TimeBudget(deadline=1.0).steps_that_fit(0, 0.0, evals_per_step=0, eval_estimate_s=0)
+        TimeBudget(deadline=1.0).steps_that_fit(0, 0.0, ends_per_step=0, end_estimate_s=0)
 
 
-def test_out_of_time_keeps_room_for_the_final_evaluation():
-    budget = TimeBudget(deadline=100.0, step_s=1.0, eval_s=10.0)
+def test_out_of_time_keeps_room_for_the_final_epoch_end():
+    budget = TimeBudget(deadline=100.0, step_s=1.0, epoch_end_s=10.0)
     assert not budget.out_of_time(86.9)
     assert budget.out_of_time(87.0)  # 87 + 1 (one more step) + 10 + 2
 
@@ -39,29 +45,31 @@ class _Clock:
         return self.now
 
 
-def test_keeper_plans_after_calibration_then_again_after_the_first_evaluation():
+def test_keeper_plans_after_calibration_then_again_after_the_first_epoch_end():
     clock = _Clock(tick=0.5)  # every step takes 0.5 s
     budget = TimeBudget(deadline=200.0)
     keeper = BudgetKeeper(
-        budget, evals_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v, clock=clock
+        budget, ends_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v, clock=clock
     )
     totals = [keeper.after_step(step) for step in range(1, CALIBRATION_STEPS + 1)]
     assert totals[:-1] == [None] * (CALIBRATION_STEPS - 1)
     assert budget.step_s == pytest.approx(0.5)
-    # At step 10 the clock reads 5.5 s: (200 - 5.5 - 0 - 2) / 0.5 = 385 more steps.
-    assert totals[-1] == CALIBRATION_STEPS + 385
+    # At step 10 the clock reads 5.5 s; no evaluation, so an epoch end is estimated at the
+    # writes' 1 s: (200 - 5.5 - 1 - 2) / 0.5 = 383 more steps.
+    assert WRITES_ESTIMATE_S == 1.0
+    assert totals[-1] == CALIBRATION_STEPS + 383
     assert keeper.after_step(11) is None  # planned once; re-planned only by an evaluation
-    total = keeper.after_evaluation(11, seconds=20.0)
+    total = keeper.after_epoch_end(11, seconds=20.0)
     # clock 6.5 s: (200 - 6.5 - 20 - 2) / 0.5 = 343 more steps
-    assert budget.eval_s == 20.0 and total == 11 + 343
-    assert keeper.after_evaluation(12, seconds=20.0) is None  # only the first re-plans
+    assert budget.epoch_end_s == 20.0 and total == 11 + 343
+    assert keeper.after_epoch_end(12, seconds=20.0) is None  # only the first re-plans
 
 
 def test_keeper_stops_the_run_when_time_is_up():
     clock = _Clock(tick=4.0)
     budget = TimeBudget(deadline=20.0)
     keeper = BudgetKeeper(
-        budget, evals_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v, clock=clock
+        budget, ends_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v, clock=clock
     )
     # Steps end at 8, 12, 16 and 20 s (the keeper read 4 s when made): 16 + 2 < 20, so the
     # run ends at step 4, where 20 + 2 >= 20.
@@ -70,7 +78,7 @@ def test_keeper_stops_the_run_when_time_is_up():
 
 def test_minutes_trains_what_fits_and_fits_the_schedule_to_it(tmp_path):
     out = tmp_path / "run.safetensors"
-    minutes = 0.3  # 18 s, start-up included
+    minutes = 0.2  # 12 s, start-up included
     started = time.monotonic()
     code = main(
         [
