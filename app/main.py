@@ -55,6 +55,9 @@ def load_detector(settings: Settings) -> Detector:
         return Detector.load(settings.weights, device=device, precision=settings.precision)
     except CheckpointError as exc:
         raise SettingsError(f"{weights}: {exc}") from None
+    except (FileNotFoundError, ValueError) as exc:  # int8 without its artifact, or on a GPU
+        precision = f"invalid setting SSD_PRECISION={settings.precision!r}"
+        raise SettingsError(f"{precision}: {exc}") from None
 
 
 def create_app(settings: Settings | None = None, detector: Detector | None = None) -> FastAPI:

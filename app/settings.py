@@ -30,9 +30,10 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         default="auto",
-        description="auto: bf16 (else fp16) on a GPU; on the CPU bf16 if it has AVX-512 BF16",
+        description="auto: bf16 (else fp16) on a GPU; on the CPU bf16 if it has AVX-512 BF16; "
+        "int8: the CPU network quantized by model.quantize, found beside the weights",
     )
     max_batch_size: int = Field(default=8, ge=1, le=256, description="images per forward pass")
     max_wait_ms: float = Field(

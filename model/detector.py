@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from model.checkpoint import load_checkpoint
+from model.int8 import QuantizableSSD, load_int8
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
 from model.preprocessing import PIXEL_MEAN, ImageLike, preprocess, to_rgb_tensor
-from model.runtime import Runtime
+from model.runtime import INT8, Runtime
 from model.ssd import SSD
 
 
@@ -26,14 +27,15 @@ class Detector:
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
         precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast (bf16 is fast on
             CPUs with AVX-512 BF16; fp16 is meant for GPUs), or ``"auto"`` (see
-            ``model.runtime.resolve_precision``).
+            ``model.runtime.resolve_precision``), or ``"int8"`` for a network quantized by
+            ``model.quantize`` (CPU only; ``Detector.load`` finds it beside the checkpoint).
         pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
         nms_iou, top_k: post-processing settings (paper defaults 0.45 and 400).
     """
 
     def __init__(
         self,
-        network: SSD,
+        network: SSD | QuantizableSSD,
         class_names: Sequence[str],
         *,
         device: str | torch.device = "cpu",
@@ -48,6 +50,12 @@ class Detector:
                 f"{len(class_names)} class names were given"
             )
         self.runtime = Runtime.resolve(device, precision)
+        if (self.runtime.precision == INT8) == isinstance(network, SSD):
+            raise ValueError(
+                f"precision {self.runtime.precision!r} does not fit a {type(network).__name__}: "
+                "int8 runs a network quantized by model.quantize (Detector.load(path, "
+                "precision='int8')), and only int8 does"
+            )
         self.device = self.runtime.device
         self.precision = self.runtime.precision
         self.class_names = list(class_names)
@@ -65,10 +73,16 @@ class Detector:
         device: str | torch.device = "auto",
         precision: str = "fp32",
     ) -> Detector:
-        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``."""
-        checkpoint = load_checkpoint(path)
+        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``; for
+        ``precision="int8"``, with its quantized network from the artifact beside it
+        (``model.quantize.int8_artifact_path``; FileNotFoundError naming it when absent)."""
+        if precision == INT8:
+            network, checkpoint = load_int8(path)
+        else:
+            checkpoint = load_checkpoint(path)
+            network = checkpoint.network
         return cls(
-            checkpoint.network,
+            network,
             checkpoint.class_names,
             device=device,
             precision=precision,

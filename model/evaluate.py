@@ -29,7 +29,7 @@ from model.boxes import xyxy_to_xywh
 from model.curves import plot_precision_recall
 from model.data import SPLITS, load_dataset
 from model.detector import Detector
-from model.runtime import PRECISIONS
+from model.runtime import INT8, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS))
+    parser.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), INT8])
     return parser.parse_args(argv)
 
 

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 # Precisions by name. bf16 and fp16 run under autocast: weights stay fp32, and the operations
 # autocast lists (convolutions, matrix products) compute in the reduced type.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# INT8 is not an autocast type: it is a separately quantized network (model.quantize), run on
+# the CPU in eager mode with fp32 inputs and outputs, so it computes with no autocast.
+INT8 = "int8"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -55,9 +58,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision == INT8:
+        if device.type != "cpu":
+            raise ValueError(f"precision int8 runs on the CPU only, got device {str(device)!r}")
+        return precision
     if precision not in PRECISIONS:
         raise ValueError(
-            f"precision must be auto or one of {sorted(PRECISIONS)}, got {precision!r}"
+            f"precision must be auto, int8 or one of {sorted(PRECISIONS)}, got {precision!r}"
         )
     return precision
 
@@ -82,8 +89,8 @@ class Runtime:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype autocast computes in (float32 for fp32, where no autocast runs)."""
-        return PRECISIONS[self.precision]
+        """The dtype autocast computes in (float32 for fp32 and int8, where no autocast runs)."""
+        return PRECISIONS.get(self.precision, torch.float32)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -101,7 +108,7 @@ class Runtime:
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """The context the forward pass runs in: autocast to the reduced type, or nothing."""
-        if self.precision == "fp32":
+        if self.precision in ("fp32", INT8):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 

@@ -1,0 +1,135 @@
+"""Post-training static INT8 quantization of a checkpoint: the ``model.int8`` artifact.
+
+Calibrates activation ranges on train-split images of ``--data``, scores fp32 and the
+rebuilt int8 network on the test split of ``--guard-data`` (mAP@0.5, the accuracy guard), and
+writes the artifact beside the checkpoint (``model.int8.int8_artifact_path``) with both
+figures in its metadata.
+
+Command::
+
+    python -m model.quantize --weights weights/ssd300_shapes.safetensors \
+        --data synthetic [--calibration 256] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.checkpoint import load_checkpoint
+from model.data import load_dataset
+from model.detector import Detector
+from model.evaluate import evaluate
+from model.int8 import (
+    ARTIFACT_SUFFIX,
+    QuantizableSSD,
+    activation_qparams,
+    int8_artifact_path,
+    prepare_observed,
+    rebuild,
+    save_int8,
+    torch_ao_quiet,
+)
+from model.preprocessing import PIXEL_MEAN, preprocess
+from model.ssd import SSD
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def quantize_network(network: SSD, batches: Iterable[Tensor]) -> QuantizableSSD:
+    """Calibrate on ``batches`` (each Tensor[N, 3, S, S], prepared as ``Detector.prepare``
+    makes them) and convert: a quantized network with the ``SSD.forward`` contract.
+
+    Raises:
+        ValueError: ``batches`` was empty.
+    """
+    prepared = prepare_observed(network)
+    seen = 0
+    for batch in batches:
+        prepared(batch.contiguous(memory_format=torch.channels_last))
+        seen += int(batch.shape[0])
+    if seen == 0:
+        raise ValueError("calibration needs at least one image, got none")
+    with torch_ao_quiet():
+        return torch.ao.quantization.convert(prepared)
+
+
+def calibration_batches(
+    data: str, count: int, batch_size: int, input_size: int, mean: Sequence[float]
+) -> Iterator[Tensor]:
+    """Prepared Tensors[n, 3, S, S] of the first ``count`` images of ``data``'s train split
+    (fewer if it is smaller), ``batch_size`` at a time."""
+    dataset = load_dataset(data, split="train")
+    count = min(count, len(dataset))
+    for start in range(0, count, batch_size):
+        images = [dataset[i][0] for i in range(start, min(start + batch_size, count))]
+        yield preprocess(images, input_size, tuple(mean))
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model.quantize", description=__doc__)
+    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.safetensors)")
+    parser.add_argument(
+        "--data", required=True, help="voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
+    )
+    parser.add_argument(
+        "--calibration", type=int, default=256, help="train-split images to calibrate on"
+    )
+    parser.add_argument("--guard-data", default="synthetic:500", help="scored on its test split")
+    parser.add_argument("--out", type=Path, help=f"default: beside --weights, *{ARTIFACT_SUFFIX}")
+    parser.add_argument("--batch-size", type=int, default=8)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = args.out or int8_artifact_path(args.weights)
+    try:
+        if not args.weights.is_file():
+            raise FileNotFoundError(f"no checkpoint at {args.weights}")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"no folder {out.parent} to write {out.name} into")
+        if args.calibration < 1:
+            raise ValueError(f"--calibration must be >= 1, got {args.calibration}")
+        loaded = load_checkpoint(args.weights)
+        mean = loaded.normalization.get("mean", PIXEL_MEAN)
+        network = loaded.network.float().eval()
+        batches = calibration_batches(
+            args.data, args.calibration, args.batch_size, network.input_size, mean
+        )
+        quantized = quantize_network(network, batches)
+        calibrated = min(args.calibration, len(load_dataset(args.data, split="train")))
+        params = activation_qparams(quantized)
+        # The guard scores the network as loading will rebuild it from the stored parameters.
+        rebuilt = rebuild(network, params)
+        fp32 = Detector.load(args.weights, device="cpu", precision="fp32")
+        int8 = Detector(
+            rebuilt, loaded.class_names, device="cpu", precision="int8", pixel_mean=mean
+        )
+        guard = {}
+        for name, detector in (("fp32", fp32), ("int8", int8)):
+            report, _ = evaluate(detector, args.guard_data, split="test")
+            guard[name] = report.map50
+            log.info("%s mAP@0.5 on %s test: %.4f", name, args.guard_data, report.map50)
+        info = {
+            "calibration": {"data": args.data, "split": "train", "images": calibrated},
+            "guard": {"data": args.guard_data, "split": "test", "map50": guard},
+        }
+        save_int8(out, params, args.weights, info)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: fp32 mAP@0.5 {guard['fp32']:.4f}, int8 {guard['int8']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
