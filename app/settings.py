@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
-        description="auto: bf16 (else fp16) on a GPU; on the CPU bf16 if it has AVX-512 BF16",
+        description="auto: the fastest precision measured on the model at start-up "
+        "(model/autotune.py); fp32, bf16, fp16 force one",
     )
     max_batch_size: int = Field(default=8, ge=1, le=256, description="images per forward pass")
     max_wait_ms: float = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -10,11 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model.autotune import BATCH_SIZE, PrecisionChoice, candidates, choose_precision
 from model.checkpoint import load_checkpoint
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
 from model.preprocessing import PIXEL_MEAN, ImageLike, preprocess, to_rgb_tensor
 from model.runtime import Runtime
 from model.ssd import SSD
+
+log = logging.getLogger("model.detector")
 
 
 class Detector:
@@ -24,9 +28,11 @@ class Detector:
         network: an ``SSD`` (from a builder or a checkpoint).
         class_names: names of the foreground classes, for class ids 1..C-1.
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
-        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast (bf16 is fast on
-            CPUs with AVX-512 BF16; fp16 is meant for GPUs), or ``"auto"`` (see
-            ``model.runtime.resolve_precision``).
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast, or ``"auto"``:
+            time each precision this device offers on this network, here, and keep the
+            fastest that passes the accuracy guard (``model.autotune``; about 1.5 s for the
+            shipped model, a few seconds for a full-width SSD300 on 2 CPU cores;
+            logged; ``precision_choice`` keeps the figures).
         pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
         nms_iou, top_k: post-processing settings (paper defaults 0.45 and 400).
     """
@@ -47,9 +53,11 @@ class Detector:
                 f"the network has {network.num_classes - 1} foreground classes but "
                 f"{len(class_names)} class names were given"
             )
-        self.runtime = Runtime.resolve(device, precision)
+        # Resolved here, not at warm-up: the precision is then fixed for the object's life,
+        # and whoever reports it (/model, ssd_model_info) can read it as soon as it exists.
+        measure = precision == "auto"
+        self.runtime = Runtime.resolve(device, "fp32" if measure else precision)
         self.device = self.runtime.device
-        self.precision = self.runtime.precision
         self.class_names = list(class_names)
         self.input_size = network.input_size
         self.pixel_mean = tuple(float(m) for m in pixel_mean)
@@ -57,15 +65,22 @@ class Detector:
         self.top_k = top_k
         self.network: nn.Module = self.runtime.place(network).eval()
         self._default_boxes: Tensor = network.get_buffer("default_boxes").to(self.device)
+        self.precision_choice: PrecisionChoice | None = None
+        if measure:
+            self.precision_choice = self._measure_precision()
+            self.runtime = Runtime(self.device, self.precision_choice.precision)
+            log.info("%s", self.precision_choice.summary())
+        self.precision = self.runtime.precision
 
     @classmethod
     def load(
         cls,
         path: str | os.PathLike[str],
         device: str | torch.device = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
     ) -> Detector:
-        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``."""
+        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``; ``precision``
+        as for the constructor (``auto``, the service's default too, measures)."""
         checkpoint = load_checkpoint(path)
         return cls(
             checkpoint.network,
@@ -160,6 +175,23 @@ class Detector:
         side = self.input_size
         inputs, size = self.prepare(torch.zeros((3, side, side), dtype=torch.uint8))
         self.run_batch([inputs], [size], [0.0], [1])
+
+    @torch.inference_mode()
+    def _measure_precision(self) -> PrecisionChoice:
+        """Time the candidate precisions on a fixed batch of noise images (seeded, so every
+        start measures the same inputs); see ``model.autotune.choose_precision``."""
+        generator = torch.Generator().manual_seed(0)
+        side = self.input_size
+        pixels = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+        inputs = torch.stack([self.prepare(pixels)[0]] * BATCH_SIZE)
+
+        def forward(name: str, batch: Tensor) -> Tensor:
+            runtime = Runtime(self.device, name)
+            with runtime.autocast():
+                _, conf = self.network(runtime.inputs(batch))
+            return conf.float().cpu()  # the copy waits for a GPU to finish
+
+        return choose_precision(forward, inputs, candidates(self.device))
 
     def prepare(self, image: ImageLike) -> tuple[Tensor, tuple[int, int]]:
         """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
