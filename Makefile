@@ -11,7 +11,7 @@ PIP_INSTALL := pip install --quiet -c requirements.lock
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test test-deploy lint run clean
+.PHONY: install test test-deploy lint run bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test-deploy: install
 # One uvicorn worker: one copy of the model. See README.md, "Service", for more processes.
 run: install
 	$(PY) -m app --host $(HOST) --port $(PORT)
+
+# Issue #12's comparison in one run: torchvision's SSD300, our Detector per precision, the
+# service under 1, 8 and 32 clients; prints a table, writes bench/results/<machine>-<date>.json.
+bench: install
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -101,7 +101,9 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         try:
             await batcher.warm_up()
             service.ready = True
-            log.info("serving %s %s on %s", ref.name, ref.version, model.device)
+            log.info(
+                "serving %s %s on %s in %s", ref.name, ref.version, model.device, model.precision
+            )
             yield
         finally:
             service.draining = True

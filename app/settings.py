@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         default="auto",
-        description="auto: bf16 (else fp16) on a GPU; on the CPU bf16 if it has AVX-512 BF16; "
-        "int8: the CPU network quantized by model.quantize, found beside the weights",
+        description="auto: the fastest precision measured on the model at start-up "
+        "(model/autotune.py), int8 among them when its artifact is beside the weights; "
+        "fp32, bf16, fp16, int8 force one",
     )
     max_batch_size: int = Field(default=8, ge=1, le=256, description="images per forward pass")
     max_wait_ms: float = Field(

@@ -58,8 +58,16 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _start(weights: Path, args: argparse.Namespace) -> ServerProcess:
-    """``python -m app`` serving ``weights`` with the benchmark's settings, ready.
+def start_server(
+    weights: Path,
+    *,
+    precision: str = "auto",
+    max_batch_size: int = 8,
+    max_wait_ms: float = 10.0,
+    clients: int = 32,
+    threads: int = 1,
+) -> ServerProcess:
+    """``python -m app`` serving ``weights`` on the CPU with these settings, ready.
 
     The server's stdout is its JSON access log, a line per request: not wanted here, so it is
     discarded. Its warnings and errors go to stderr, which stays.
@@ -67,12 +75,12 @@ def _start(weights: Path, args: argparse.Namespace) -> ServerProcess:
     env = {
         "SSD_WEIGHTS": str(weights.resolve()),  # the server runs from the repository root
         "SSD_DEVICE": "cpu",
-        "SSD_PRECISION": args.precision,
-        "SSD_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "SSD_MAX_WAIT_MS": str(args.max_wait_ms),
-        "SSD_MAX_QUEUE": str(max(64, 2 * args.clients)),
+        "SSD_PRECISION": precision,
+        "SSD_MAX_BATCH_SIZE": str(max_batch_size),
+        "SSD_MAX_WAIT_MS": str(max_wait_ms),
+        "SSD_MAX_QUEUE": str(max(64, 2 * clients)),
         "SSD_REQUEST_TIMEOUT_S": "300",
-        "OMP_NUM_THREADS": str(args.threads),
+        "OMP_NUM_THREADS": str(threads),
     }
     server = ServerProcess(env)
     try:
@@ -81,8 +89,11 @@ def _start(weights: Path, args: argparse.Namespace) -> ServerProcess:
         raise SystemExit(str(exc)) from None
 
 
-async def _load(url: str, images: list[bytes], clients: int, total: int) -> tuple[float, list]:
-    """Elapsed seconds and per-request latencies for ``total`` requests by ``clients``."""
+async def run_clients(
+    url: str, images: list[bytes], clients: int, total: int
+) -> tuple[float, list[float]]:
+    """Elapsed seconds and per-request latencies (seconds) for ``total`` POST /detect requests
+    of JPEG ``images`` (cycled) by ``clients`` concurrent clients, one request at a time each."""
     latencies: list[float] = []
     counter = iter(range(total))
 
@@ -126,11 +137,18 @@ def main() -> None:
             print(f"{DEFAULT_WEIGHTS} not found: using a random SSD300 of width 0.25")
         images = _images()
 
-        server = _start(weights, args)
+        server = start_server(
+            weights,
+            precision=args.precision,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            clients=args.clients,
+            threads=args.threads,
+        )
         url = server.url
         try:
             before = httpx.get(url + "/metrics").text
-            elapsed, latencies = asyncio.run(_load(url, images, args.clients, args.requests))
+            elapsed, latencies = asyncio.run(run_clients(url, images, args.clients, args.requests))
             after = httpx.get(url + "/metrics").text
         finally:
             server.stop()

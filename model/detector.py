@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -10,12 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model.autotune import BATCH_SIZE, PrecisionChoice, candidates, choose_precision
 from model.checkpoint import load_checkpoint
-from model.int8 import QuantizableSSD, load_int8
+from model.int8 import QuantizableSSD, int8_artifact_for, load_int8
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
 from model.preprocessing import PIXEL_MEAN, ImageLike, preprocess, to_rgb_tensor
 from model.runtime import INT8, Runtime
 from model.ssd import SSD
+
+log = logging.getLogger("model.detector")
 
 
 class Detector:
@@ -25,10 +29,14 @@ class Detector:
         network: an ``SSD`` (from a builder or a checkpoint).
         class_names: names of the foreground classes, for class ids 1..C-1.
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
-        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast (bf16 is fast on
-            CPUs with AVX-512 BF16; fp16 is meant for GPUs), or ``"auto"`` (see
-            ``model.runtime.resolve_precision``), or ``"int8"`` for a network quantized by
-            ``model.quantize`` (CPU only; ``Detector.load`` finds it beside the checkpoint).
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast, or ``"int8"``
+            for a ``network`` quantized by ``model.quantize`` (CPU only; ``Detector.load``
+            finds it beside the checkpoint), or ``"auto"``: time each precision this device
+            offers on this network, here, and keep the fastest that passes the accuracy guard
+            (``model.autotune``; about 1.5 s for the shipped model, a few seconds for a
+            full-width SSD300 on 2 CPU cores; logged; ``precision_choice`` keeps the figures).
+        int8_network: with ``"auto"`` on the CPU, ``network`` quantized by ``model.quantize``,
+            which then competes as the ``int8`` candidate.
         pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
         nms_iou, top_k: post-processing settings (paper defaults 0.45 and 400).
     """
@@ -43,13 +51,17 @@ class Detector:
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         nms_iou: float = NMS_IOU,
         top_k: int = TOP_K,
+        int8_network: QuantizableSSD | None = None,
     ) -> None:
         if len(class_names) != network.num_classes - 1:
             raise ValueError(
                 f"the network has {network.num_classes - 1} foreground classes but "
                 f"{len(class_names)} class names were given"
             )
-        self.runtime = Runtime.resolve(device, precision)
+        # Resolved here, not at warm-up: the precision is then fixed for the object's life,
+        # and whoever reports it (/model, ssd_model_info) can read it as soon as it exists.
+        measure = precision == "auto"
+        self.runtime = Runtime.resolve(device, "fp32" if measure else precision)
         if (self.runtime.precision == INT8) == isinstance(network, SSD):
             raise ValueError(
                 f"precision {self.runtime.precision!r} does not fit a {type(network).__name__}: "
@@ -57,7 +69,6 @@ class Detector:
                 "precision='int8')), and only int8 does"
             )
         self.device = self.runtime.device
-        self.precision = self.runtime.precision
         self.class_names = list(class_names)
         self.input_size = network.input_size
         self.pixel_mean = tuple(float(m) for m in pixel_mean)
@@ -65,27 +76,46 @@ class Detector:
         self.top_k = top_k
         self.network: nn.Module = self.runtime.place(network).eval()
         self._default_boxes: Tensor = network.get_buffer("default_boxes").to(self.device)
+        self.precision_choice: PrecisionChoice | None = None
+        if measure:
+            quantized = None
+            if int8_network is not None and self.device.type == "cpu":
+                quantized = self.runtime.place(int8_network).eval()
+            self.precision_choice = self._measure_precision(quantized)
+            self.runtime = Runtime(self.device, self.precision_choice.precision)
+            if self.runtime.precision == INT8:
+                assert quantized is not None
+                self.network = quantized
+            log.info("%s", self.precision_choice.summary())
+        self.precision = self.runtime.precision
 
     @classmethod
     def load(
         cls,
         path: str | os.PathLike[str],
         device: str | torch.device = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
     ) -> Detector:
-        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``; for
-        ``precision="int8"``, with its quantized network from the artifact beside it
-        (``model.quantize.int8_artifact_path``; FileNotFoundError naming it when absent)."""
+        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``; ``precision``
+        as for the constructor (``auto``, the service's default too, measures). ``int8``
+        reads the quantized network from the artifact beside the checkpoint
+        (``model.int8.int8_artifact_path``; FileNotFoundError naming it when absent), and
+        ``auto`` on the CPU lets it compete when it is there."""
+        int8_network = None
         if precision == INT8:
             network, checkpoint = load_int8(path)
         else:
             checkpoint = load_checkpoint(path)
             network = checkpoint.network
+            on_cpu = Runtime.resolve(device, "fp32").device.type == "cpu"
+            if precision == "auto" and on_cpu and int8_artifact_for(path) is not None:
+                int8_network, _ = load_int8(path)
         return cls(
             network,
             checkpoint.class_names,
             device=device,
             precision=precision,
+            int8_network=int8_network,
             pixel_mean=checkpoint.normalization.get("mean", PIXEL_MEAN),
         )
 
@@ -174,6 +204,26 @@ class Detector:
         side = self.input_size
         inputs, size = self.prepare(torch.zeros((3, side, side), dtype=torch.uint8))
         self.run_batch([inputs], [size], [0.0], [1])
+
+    @torch.inference_mode()
+    def _measure_precision(self, quantized: nn.Module | None) -> PrecisionChoice:
+        """Time the candidate precisions on a fixed batch of noise images (seeded, so every
+        start measures the same inputs), int8 among them when ``quantized`` is given; see
+        ``model.autotune.choose_precision``."""
+        generator = torch.Generator().manual_seed(0)
+        side = self.input_size
+        pixels = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+        inputs = torch.stack([self.prepare(pixels)[0]] * BATCH_SIZE)
+
+        def forward(name: str, batch: Tensor) -> Tensor:
+            runtime = Runtime(self.device, name)
+            network = quantized if name == INT8 else self.network
+            with runtime.autocast():
+                _, conf = network(runtime.inputs(batch))
+            return conf.float().cpu()  # the copy waits for a GPU to finish
+
+        names = candidates(self.device) + ([INT8] if quantized is not None else [])
+        return choose_precision(forward, inputs, names)
 
     def prepare(self, image: ImageLike) -> tuple[Tensor, tuple[int, int]]:
         """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).

@@ -48,8 +48,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a GPU that has it, else fp16; on the CPU bf16 where the CPU does bf16
-    natively, else fp32. Other names are checked and returned as they are.
+    """``auto`` by the device alone, with nothing measured (what training uses): bf16 on a GPU
+    that has it, else fp16; on the CPU bf16 where the CPU does bf16 natively, else fp32. The
+    ``Detector`` resolves ``auto`` by timing instead (``model.autotune``). Other names are
+    checked and returned as they are.
 
     Raises:
         ValueError: ``precision`` is neither ``auto`` nor a key of ``PRECISIONS``.

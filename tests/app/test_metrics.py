@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.metrics import batch_size_buckets
-from model.runtime import cpu_has_fast_bf16
+from model import Detector
 from tests.app.support import Server, encode, free_port, metric, shapes_image
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -27,7 +27,9 @@ def test_batch_size_buckets_double_up_to_the_maximum() -> None:
 
 
 @pytest.mark.anyio
-async def test_exposition_has_the_fixed_names(client: httpx.AsyncClient) -> None:
+async def test_exposition_has_the_fixed_names(
+    client: httpx.AsyncClient, tiny_detector: Detector
+) -> None:
     (
         await client.post(
             "/detect?score_threshold=0",
@@ -70,7 +72,7 @@ async def test_exposition_has_the_fixed_names(client: httpx.AsyncClient) -> None
         "disconnected",
     ):
         assert f'ssd_rejected_total{{reason="{reason}"}}' in text
-    precision = "bf16" if cpu_has_fast_bf16() else "fp32"  # SSD_PRECISION=auto
+    precision = tiny_detector.precision  # SSD_PRECISION=auto: what it measured fastest
     assert metric(text, "ssd_model_info", name="tiny", device="cpu", precision=precision) == 1
     assert metric(text, "ssd_queue_capacity") == 64  # SSD_MAX_QUEUE of the test server
     assert "process_cpu_seconds_total" in text  # the client library's process metrics

@@ -7,14 +7,15 @@ each image must get are then known in its own pixels.
 """
 
 import math
+import time
 
 import pytest
 import torch
 from PIL import Image
 
-from model import Detector, ssd300_vgg16
+from model import Detector, autotune, ssd300_vgg16
 from model.checkpoint import save_checkpoint
-from model.runtime import cpu_has_fast_bf16, resolve_precision
+from model.runtime import resolve_precision
 
 NAMES = ["circle", "square"]
 SHRINK = 0.1
@@ -143,12 +144,32 @@ def test_prepare_forward_decode_equals_predict():
     assert torch.equal(staged.boxes, direct.boxes) and staged.labels == direct.labels
 
 
-def test_auto_precision():
-    cpu = torch.device("cpu")
-    assert resolve_precision("fp16", cpu) == "fp16"
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+def test_auto_precision_is_the_fastest_measured_candidate():
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
     detector = Detector(_known_network(), NAMES, precision="auto")
-    assert detector.precision in ("bf16", "fp32")
+    choice = detector.precision_choice
+    assert choice is not None and detector.precision == choice.precision
+    assert set(choice.images_per_s) == set(autotune.candidates(torch.device("cpu")))
+    passing = {k: v for k, v in choice.images_per_s.items() if k not in choice.rejected}
+    assert choice.precision == max(passing, key=passing.__getitem__)
+    assert all(rate > 0 for rate in choice.images_per_s.values())
+    assert detector.runtime.precision == choice.precision
+    assert Detector(_known_network(), NAMES, precision="bf16").precision_choice is None
+
+
+def test_the_accuracy_guard_rejects_a_faster_precision_that_is_wrong():
+    def forward(name: str, batch: torch.Tensor) -> torch.Tensor:
+        scores = torch.zeros(len(batch), 4, 3)
+        if name == "bf16":
+            scores[..., 0] = 10.0  # every box turned into background
+            return scores
+        time.sleep(0.002)  # fp32 is the slower one here
+        return scores
+
+    choice = autotune.choose_precision(forward, torch.zeros(1, 3, 8, 8), ["fp32", "bf16"])
+    assert choice.rejected == ("bf16",) and choice.precision == "fp32"
+    assert choice.images_per_s["bf16"] > choice.images_per_s["fp32"]
+    assert "rejected by the accuracy guard: bf16; chose fp32" in choice.summary()
 
 
 def test_run_batch_with_per_image_settings_equals_separate_predicts():

@@ -12,6 +12,7 @@ from model.checkpoint import save_checkpoint
 from model.data.synthetic import SyntheticShapes
 from model.evaluate import predict_dataset, score
 from model.int8 import (
+    QuantizableSSD,
     activation_qparams,
     int8_artifact_for,
     int8_artifact_path,
@@ -49,7 +50,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def calibrated(tiny):
     """The tiny network quantized on 8 images, and the fp32 network."""
-    network = Detector.load(tiny, device="cpu").network.float().eval()
+    network = Detector.load(tiny, device="cpu", precision="fp32").network.float().eval()
     return quantize_network(network, _images(8).split(4)), network
 
 
@@ -165,3 +166,20 @@ def test_shipped_artifact_meets_the_guard():
         detections, truths = predict_dataset(detector, samples, batch_size=16)
         measured[precision] = score(detections, truths, detector.class_names).map50
     assert measured["fp32"] - measured["int8"] <= GUARD, measured
+
+
+def test_auto_lets_the_int8_artifact_compete_when_it_is_there(calibrated, tiny, tmp_path):
+    quantized, _ = calibrated
+    checkpoint = tmp_path / "copy.safetensors"
+    checkpoint.write_bytes(tiny.read_bytes())
+    # Without an artifact beside the checkpoint, int8 is no candidate.
+    plain = Detector.load(checkpoint, device="cpu", precision="auto")
+    assert "int8" not in plain.precision_choice.images_per_s
+    # With one, it is timed and guarded like the others, and its network runs when chosen.
+    save_int8(int8_artifact_path(checkpoint), activation_qparams(quantized), checkpoint, {})
+    detector = Detector.load(checkpoint, device="cpu", precision="auto")
+    choice = detector.precision_choice
+    assert "int8" in choice.images_per_s and "int8" in choice.score_error
+    passing = {k: v for k, v in choice.images_per_s.items() if k not in choice.rejected}
+    assert detector.precision == max(passing, key=passing.get)
+    assert isinstance(detector.network, QuantizableSSD) == (detector.precision == "int8")

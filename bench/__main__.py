@@ -1,0 +1,226 @@
+"""``python -m bench`` (``make bench``): the whole comparison of issue #12 in one run, one table.
+
+(a) torchvision's ``ssd300_vgg16`` (weights=None, the same number of classes) through its own
+eager pipeline; (b) our ``Detector`` from JPEG bytes to detections, for every precision
+``auto`` may choose here and for ``auto`` itself; (c) the service end to end (``python -m
+app``) under concurrent clients posting the same JPEGs. (a) and (b) are timed at batch 1 and
+8 and decode the JPEGs with PIL inside the timed call. Prints the table and the ratios (b)/(a)
+and (c)/(b), writes everything with the machine's description to
+``bench/results/<machine>-<date>.json``, and never fails on a time.
+
+    .venv/bin/python -m bench [--quick] [--shipped] [--width 1.0] [--out PATH]
+
+By default (b) and (c) run a full-width SSD300 (width 1.0, the shipped model's architecture
+otherwise) with random weights, saved as a temporary checkpoint: speed does not depend on the
+weights' values. ``--shipped`` runs ``weights/ssd300_shapes.safetensors`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import io
+import json
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from app.settings import DEFAULT_WEIGHTS
+from bench import machine
+from bench.service import run_clients, start_server
+from bench.timing import median_seconds
+from model import Detector, autotune, ssd300_vgg16
+from model.checkpoint import read_metadata, save_checkpoint
+from model.data.synthetic import CLASS_NAMES
+
+JPEGS = Path("../shared/datasets/raccoon/JPEGImages")  # real photos, 0.3-1 megapixel
+RESULTS = Path("bench/results")
+JPEG_COUNT = 16  # distinct images cycled through by every part
+BATCHES = (1, 8)  # issue #12: batch 1 and 8; 8 is also the service's SSD_MAX_BATCH_SIZE
+CONCURRENCY = (1, 8, 32)  # issue #12: clients at once
+# Requests per level: 4 per client, and at least 32 so the percentiles rest on some data.
+REQUESTS_PER_CLIENT, MIN_REQUESTS = 4, 32
+
+
+def read_jpegs(folder: Path, count: int) -> list[bytes]:
+    """The first ``count`` JPEG files of ``folder`` (sorted by name), as bytes.
+
+    Raises:
+        SystemExit: the folder is missing or holds no JPEG, with a message naming it.
+    """
+    files = sorted(folder.glob("*.jpg"))[:count]
+    if not files:
+        raise SystemExit(f"no JPEG images in {folder}: the benchmark needs real photos there")
+    return [path.read_bytes() for path in files]
+
+
+def torchvision_rates(
+    jpegs: list[bytes], num_classes: int, batches: tuple[int, ...], repeats: int
+) -> dict[int, float]:
+    """(a) images/s of torchvision's SSD300 (random weights) per batch size, bytes in."""
+    model = torchvision.models.detection.ssd300_vgg16(
+        weights=None, weights_backbone=None, num_classes=num_classes
+    ).eval()
+    rates = {}
+    for size in batches:
+
+        @torch.inference_mode()
+        def run(batch: list[bytes] = jpegs[:size]) -> None:
+            images = [pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in batch]
+            model([image.float() / 255 for image in images])  # its transform normalises
+
+        rates[size] = size / median_seconds(run, repeats=repeats, warmup=1)
+    return rates
+
+
+def detector_rates(
+    weights: Path, jpegs: list[bytes], batches: tuple[int, ...], repeats: int
+) -> tuple[dict[str, dict[int, float]], autotune.PrecisionChoice | None]:
+    """(b) images/s of ``Detector.predict`` from bytes, per precision and batch size.
+
+    Every precision ``auto`` may choose on the CPU is forced in turn, then ``auto`` itself;
+    returns the rates (``{precision: {batch: images/s}}``) and what ``auto`` measured.
+    """
+    rates: dict[str, dict[int, float]] = {}
+    choice = None
+    for precision in [*autotune.candidates(torch.device("cpu")), "auto"]:
+        detector = Detector.load(weights, device="cpu", precision=precision)
+        choice = detector.precision_choice or choice
+        rates[precision] = {}
+        for size in batches:
+
+            def run(batch: list[bytes] = jpegs[:size], detector: Detector = detector) -> None:
+                detector.predict([Image.open(io.BytesIO(data)) for data in batch])
+
+            rates[precision][size] = size / median_seconds(run, repeats=repeats, warmup=1)
+    return rates, choice
+
+
+def service_rates(
+    weights: Path,
+    jpegs: list[bytes],
+    levels: tuple[int, ...],
+    max_batch: int,
+    threads: int,
+    min_requests: int = MIN_REQUESTS,
+) -> dict[int, dict[str, float]]:
+    """(c) images/s and latency percentiles (ms) of ``python -m app`` (SSD_PRECISION=auto,
+    batches of at most ``max_batch``) under each number of concurrent clients in ``levels``."""
+    server = start_server(weights, max_batch_size=max_batch, clients=max(levels), threads=threads)
+    results = {}
+    try:
+        for clients in levels:
+            total = max(min_requests, REQUESTS_PER_CLIENT * clients)
+            elapsed, latencies = asyncio.run(run_clients(server.url, jpegs, clients, total))
+            cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+            results[clients] = {
+                "images_per_s": total / elapsed,
+                "p50_ms": cuts[49] * 1000,
+                "p95_ms": cuts[94] * 1000,
+                "p99_ms": cuts[98] * 1000,
+                "requests": total,
+            }
+    finally:
+        server.stop()
+    return results
+
+
+def ratios(report: dict) -> dict[str, float]:
+    """(b)/(a) per batch size for ``auto``, and (c)/(b) per concurrency against ``auto`` at
+    the service's largest batch (the most the service can batch)."""
+    model, ours, service = report["torchvision"], report["detector"]["auto"], report["service"]
+    out = {f"detector_auto/torchvision@batch{b}": ours[b] / model[b] for b in model}
+    largest = max(ours)
+    for clients, row in service.items():
+        out[f"service@{clients}/detector_auto@batch{largest}"] = row["images_per_s"] / ours[largest]
+    return out
+
+
+def print_table(report: dict) -> None:
+    """The report as one table of images/s and latencies, then the ratios."""
+    info = report["machine"]
+    print(f"{info['cpu_model']}, {info['torch_threads']} torch threads, torch {info['torch']}")
+    print(f"model: {report['model']}; auto chose {report['auto_choice']}")
+    print(f"{'pipeline':<44} {'images/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for size, rate in report["torchvision"].items():
+        print(f"{'(a) torchvision ssd300_vgg16, batch ' + str(size):<44} {rate:9.2f}")
+    for precision, rates in report["detector"].items():
+        for size, rate in rates.items():
+            print(f"{f'(b) Detector {precision}, batch {size}':<44} {rate:9.2f}")
+    for clients, row in report["service"].items():
+        name = f"(c) service, {clients} clients"
+        print(
+            f"{name:<44} {row['images_per_s']:9.2f} {row['p50_ms']:8.0f} "
+            f"{row['p95_ms']:8.0f} {row['p99_ms']:8.0f}"
+        )
+    for name, value in report["ratios"].items():
+        print(f"  {name:<50} {value:.2f}x")
+
+
+def _network_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[Path, str]:
+    """The checkpoint (b) and (c) run, and a description of it."""
+    if args.shipped:
+        return DEFAULT_WEIGHTS, f"{DEFAULT_WEIGHTS} (shipped)"
+    config = read_metadata(DEFAULT_WEIGHTS)["architecture"] if DEFAULT_WEIGHTS.is_file() else {}
+    preset, batch_norm = config.get("preset", "fine"), config.get("batch_norm", True)
+    classes = len(CLASS_NAMES) + 1
+    network = ssd300_vgg16(classes, width=args.width, batch_norm=batch_norm, preset=preset)
+    path = folder / "random.safetensors"
+    save_checkpoint(path, network.eval(), CLASS_NAMES)
+    return path, f"SSD300 width {args.width}, random weights ({preset}, batch_norm={batch_norm})"
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke test: batch 1, 1 client")
+    parser.add_argument("--shipped", action="store_true", help=f"(b), (c) on {DEFAULT_WEIGHTS}")
+    parser.add_argument("--width", type=float, default=1.0, help="of the random SSD300")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
+    parser.add_argument("--jpegs", type=Path, default=JPEGS)
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file to write")
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Run (a), (b) and (c), print the table, write the JSON."""
+    args = _parse_args()
+    torch.set_num_threads(args.threads)
+    batches = (1,) if args.quick else BATCHES
+    repeats = 1 if args.quick else args.repeats
+    levels = (1,) if args.quick else CONCURRENCY
+    jpegs = read_jpegs(args.jpegs, JPEG_COUNT)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, description = _network_checkpoint(args, Path(tmp))
+        report: dict = {"machine": machine.describe(), "model": description}
+        report["command"] = "python -m bench " + " ".join(sys.argv[1:])
+        report["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        report["torchvision"] = torchvision_rates(jpegs, len(CLASS_NAMES) + 1, batches, repeats)
+        report["detector"], choice = detector_rates(weights, jpegs, batches, repeats)
+        report["auto_choice"] = choice.summary() if choice else "nothing to choose"
+        report["service"] = service_rates(
+            weights, jpegs, levels, max(batches), args.threads, 4 if args.quick else MIN_REQUESTS
+        )
+    report["ratios"] = ratios(report)
+    print_table(report)
+    out = args.out or RESULTS / f"{_machine_name()}-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _machine_name() -> str:
+    """The host name, reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", machine.describe()["hostname"] or "machine")
+
+
+if __name__ == "__main__":
+    main()
