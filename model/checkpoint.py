@@ -97,10 +97,10 @@ def save_checkpoint(
         "normalization": json.dumps({"mean": list(PIXEL_MEAN), "size": architecture.size}),
         "recipe": json.dumps(recipe or {}),
     }
-    _write_atomically(Path(path), tensors, metadata)
+    write_atomically(Path(path), tensors, metadata)
 
 
-def _write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file and a rename, so a crash or a full
     disk never leaves half a file under ``path`` (the one place files are written)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -269,7 +269,7 @@ def save_training_state(path: str | os.PathLike[str], state: TrainingState) -> N
     fields = {name: getattr(state, name) for name in state.__dataclass_fields__}
     tree = _pack(fields, "", tensors)
     metadata = {"format": STATE_FORMAT, "state": json.dumps(tree)}
-    _write_atomically(Path(path), tensors, metadata)
+    write_atomically(Path(path), tensors, metadata)
 
 
 def load_training_state(path: str | os.PathLike[str]) -> TrainingState:

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint, write_atomically
 from model.ssd import SSD
 
 # PyTorch's quantized engine for x86 CPUs: fbgemm for large convolutions, oneDNN for small.
@@ -220,11 +220,7 @@ def save_int8(
         "checkpoint_sha256": file_sha256(checkpoint),
         "info": json.dumps(info, sort_keys=True),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata=metadata)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_atomically(Path(path), {k: v.contiguous() for k, v in params.items()}, metadata)
 
 
 def read_int8_info(path: str | os.PathLike[str]) -> dict[str, Any]:

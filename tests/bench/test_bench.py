@@ -27,7 +27,7 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path) -> None:
     assert {"machine", "model", "command", "date", "auto_choice"} <= set(report)
     assert report["machine"]["torch"] and report["machine"]["cpu_model"]
     assert set(report["torchvision"]) == {"1"}
-    assert set(report["detector"]) == {"fp32", "bf16", "auto"}
+    assert set(report["detector"]) == {"fp32", "bf16", "int8", "auto"}
     assert set(report["service"]["1"]) == {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "requests"}
     assert set(report["ratios"]) == {
         "detector_auto/torchvision@batch1",
