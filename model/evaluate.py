@@ -27,7 +27,7 @@ from tqdm import tqdm
 from model.average_precision import Detection, PRCurve, coco_metrics, voc_pr_curves
 from model.boxes import xyxy_to_xywh
 from model.curves import plot_precision_recall
-from model.data import SPLITS, load_dataset
+from model.data import SPEC_FORMS, SPLITS, load_dataset
 from model.detector import Detector
 from model.runtime import INT8, PRECISIONS
 
@@ -171,9 +171,7 @@ def evaluate(
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__)
     parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.safetensors)")
-    parser.add_argument(
-        "--data", required=True, help="voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
-    )
+    parser.add_argument("--data", required=True, help=SPEC_FORMS)
     parser.add_argument(
         "--split",
         default="all",

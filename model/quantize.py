@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import load_checkpoint
-from model.data import load_dataset
+from model.data import SPEC_FORMS, load_dataset
 from model.detector import Detector
 from model.evaluate import evaluate
 from model.int8 import (
@@ -76,9 +76,7 @@ def calibration_batches(
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.quantize", description=__doc__)
     parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.safetensors)")
-    parser.add_argument(
-        "--data", required=True, help="voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
-    )
+    parser.add_argument("--data", required=True, help=SPEC_FORMS)
     parser.add_argument(
         "--calibration", type=int, default=256, help="train-split images to calibrate on"
     )

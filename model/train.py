@@ -32,7 +32,7 @@ import torch
 
 from model.budget import TimeBudget
 from model.checkpoint import RunFiles, load_matching_weights, load_training_state
-from model.data import load_dataset
+from model.data import SPEC_FORMS, load_dataset
 from model.data.loader import AugmentedDataset
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
 from model.default_boxes import PRESETS
@@ -81,9 +81,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("data")
-    p.add_argument(
-        "--data", required=True, help="voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
-    )
+    p.add_argument("--data", required=True, help=SPEC_FORMS)
     p.add_argument("--val-data", help="validation data (default: the held-out part of --data)")
     p.add_argument("--classes", help="comma-separated class names (default: from the data)")
     p.add_argument("--val-fraction", type=float, default=0.1)

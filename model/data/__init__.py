@@ -24,6 +24,7 @@ from model.data.synthetic import SyntheticShapes
 from model.data.voc import VocDataset
 
 __all__ = [
+    "SPEC_FORMS",
     "SPLITS",
     "SYNTHETIC_EVAL_LENGTH",
     "SYNTHETIC_TRAIN_LENGTH",
@@ -34,6 +35,8 @@ __all__ = [
     "load_dataset",
 ]
 
+# The --data forms, as the command lines' help gives them (load_dataset says what each means).
+SPEC_FORMS = "voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
 # Default lengths of the synthetic dataset when the spec gives no N.
 SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_EVAL_LENGTH = 10_000, 500
 
