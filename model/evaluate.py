@@ -67,7 +67,7 @@ def check_classes(checkpoint_names: Sequence[str], data_names: Sequence[str], da
     if unknown:
         raise ValueError(
             f"the classes of {data} do not match the checkpoint's: {unknown} are not among the "
-            f"checkpoint's {list(checkpoint_names)}"
+            f"checkpoint's {list(checkpoint_names)} (--classes scores only some of them)"
         )
 
 
@@ -149,15 +149,23 @@ def evaluate(
     data: str,
     *,
     split: str = "all",
+    val_fraction: float = 0.1,
+    classes: Sequence[str] | None = None,
     batch_size: int = 8,
     workers: int = 0,
     progress: bool = False,
 ) -> tuple[EvaluationReport, list[dict[str, Any]]]:
-    """Evaluate ``detector`` on the dataset spec ``data``; returns the report and records."""
-    dataset = load_dataset(data, split=split)
+    """Evaluate ``detector`` on the dataset spec ``data`` (its ``split``; ``val_fraction`` as
+    in ``load_dataset``); returns the report and records. ``classes`` keeps only the objects of
+    those classes (as ``model.train --classes`` does), for a checkpoint trained on them."""
+    dataset = load_dataset(
+        data, split=split, val_fraction=val_fraction, classes=list(classes) if classes else None
+    )
     check_classes(detector.class_names, dataset.class_names, data)
     if list(dataset.class_names) != detector.class_names:  # a subset, in another order
-        dataset = load_dataset(data, split=split, classes=detector.class_names)
+        dataset = load_dataset(
+            data, split=split, val_fraction=val_fraction, classes=detector.class_names
+        )
     detections, truths = predict_dataset(
         detector, dataset, batch_size=batch_size, workers=workers, progress=progress
     )
@@ -177,6 +185,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="all",
         choices=SPLITS,
         help="which part of --data (default: every image)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="the part held out as 'val' where --data has no split files (as in training)",
+    )
+    parser.add_argument(
+        "--classes",
+        help="comma-separated class names to score, the others' objects left out (as in "
+        "training with --classes; default: every class of --data)",
     )
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     parser.add_argument("--save-detections", type=Path, help="write every detection here")
@@ -201,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             detector,
             args.data,
             split=args.split,
+            val_fraction=args.val_fraction,
+            classes=args.classes.split(",") if args.classes else None,
             batch_size=args.batch_size,
             workers=args.workers,
             progress=sys.stderr.isatty(),

@@ -54,14 +54,16 @@ def load_dataset(
     Specs:
         ``voc:PATH[:SPLIT]``  Pascal VOC, see model.data.voc (SPLIT names
             ImageSets/Main/SPLIT.txt)
-        ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.data.coco (every image,
-            any split)
+        ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.data.coco ("all" and
+            "test": every image; "train" and "val" split the file as a VOC folder without
+            split files)
         ``synthetic[:N]``  procedural shapes, see model.data.synthetic; N samples, by default
             SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
             ("val" has its own stream; "test" and "all" share the test stream)
 
     ``split`` is one of SPLITS ("train", "val", "test", "all"); ``val_fraction`` is the part
-    of a VOC folder without split files held out for "val"; ``classes`` fixes the class list.
+    of a VOC folder without split files (or of a COCO file) held out for "val"; ``classes``
+    fixes the class list.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -80,7 +82,9 @@ def load_dataset(
         )
     if kind == "coco" and ":" in rest:
         images_dir, annotations = rest.rsplit(":", 1)
-        return CocoDataset(images_dir, annotations, classes=classes)
+        return CocoDataset(
+            images_dir, annotations, classes=classes, split=split, val_fraction=val_fraction
+        )
     if kind == "synthetic":
         if classes is not None and list(classes) != SyntheticShapes.class_names:
             raise ValueError(

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from model.boxes import clip_and_sanitize
+from model.data.seeding import Purpose, text_key, torch_seed
 from model.preprocessing import to_rgb_tensor
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,25 @@ class DetectionDataset(Dataset):
 # Per-object target keys, the box first; a crowd region's keys likewise.
 _OBJECT_KEYS = ("boxes", "labels", "difficult", "areas")
 _CROWD_KEYS = ("crowd_boxes", "crowd_labels", "crowd_areas")
+
+
+def holdout(stems: list[str], val_fraction: float) -> set[str]:
+    """The stems (image ids or file names) held out for validation: a deterministic
+    ``val_fraction`` of them.
+
+    Stems are ordered by the first word of their own stream in ``model.data.seeding``
+    (key ``(0, HOLDOUT, text_key(stem))``: stable across runs, machines and Python versions,
+    and each stem's place independent of the others) and the first ``round(n * val_fraction)``
+    are taken, at least one and at most n - 1 when there are two or more and the fraction is
+    positive. A larger fraction therefore holds out a superset.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(len(stems) * val_fraction)
+    if val_fraction > 0 and len(stems) >= 2:
+        n_val = min(max(n_val, 1), len(stems) - 1)
+    ordered = sorted(stems, key=lambda s: (torch_seed(0, Purpose.HOLDOUT, text_key(s)), s))
+    return set(ordered[:n_val])
 
 
 def _box_tensor(boxes: list[list[float]]) -> Tensor:

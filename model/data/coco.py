@@ -14,22 +14,26 @@ from typing import Any
 import torch
 
 from model.boxes import xywh_to_xyxy
-from model.data.base import DetectionDataset, Record, image_size
+from model.data.base import SPLITS, DetectionDataset, Record, holdout, image_size
 
 
 class CocoDataset(DetectionDataset):
     """COCO-style JSON detection annotations (``images``, ``annotations``, ``categories``).
 
-    Every image of the file is used, with or without objects: COCO ships its splits as
-    separate files. Boxes are ``[x, y, width, height]`` in pixel-edge coordinates, turned into
-    xyxy. Categories, sorted by id, become labels 1..C-1 with their names kept, all of the
-    file's categories whether used or not; ``label_to_category_id`` and
-    ``category_id_to_label`` map between the two. With ``classes`` fixed, categories are
-    matched by name and annotations of other categories are skipped and counted.
-    ``iscrowd`` annotations are never training boxes; they go to ``target["crowd_boxes"]`` and
-    ``target["crowd_labels"]``. Each annotation's ``area`` (the segmentation's area in square
-    pixels, which COCOeval uses for small/medium/large) goes to ``target["areas"]`` or
-    ``target["crowd_areas"]``; the clipped box's area stands in when the field is missing.
+    Which images: "all" and "test" take every image of the file, with or without objects (COCO
+    ships its splits as separate files); "train" and "val" split one file as a VOC folder
+    without split files is split: "val" takes the deterministic ``holdout`` of the file names,
+    ``val_fraction`` of them, and "train" the rest.
+
+    Boxes are ``[x, y, width, height]`` in pixel-edge coordinates, turned into xyxy. Categories,
+    sorted by id, become labels 1..C-1 with their names kept, all of the file's categories
+    whether used or not; ``label_to_category_id`` and ``category_id_to_label`` map between the
+    two. With ``classes`` fixed, categories are matched by name and annotations of other
+    categories are skipped and counted. ``iscrowd`` annotations are never training boxes; they
+    go to ``target["crowd_boxes"]`` and ``target["crowd_labels"]``. Each annotation's ``area``
+    (the segmentation's area in square pixels, which COCOeval uses for small/medium/large) goes
+    to ``target["areas"]`` or ``target["crowd_areas"]``; the clipped box's area stands in when
+    the field is missing.
     """
 
     def __init__(
@@ -38,6 +42,8 @@ class CocoDataset(DetectionDataset):
         annotations: str | Path,
         *,
         classes: list[str] | None = None,
+        split: str = "all",
+        val_fraction: float = 0.1,
     ) -> None:
         images_dir, annotations = Path(images_dir), Path(annotations)
         if not images_dir.is_dir():
@@ -56,7 +62,17 @@ class CocoDataset(DetectionDataset):
             c["id"]: label_of_name[c["name"]] for c in categories if c["name"] in label_of_name
         }
         self.label_to_category_id = {v: k for k, v in self.category_id_to_label.items()}
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        other_split: list[Any] = []  # ids of the images the other part of the file takes
+        if split in ("train", "val"):
+            held_out = holdout([str(image.get("file_name", "")) for image in images], val_fraction)
+            ours = [(str(i.get("file_name", "")) in held_out) == (split == "val") for i in images]
+            other_split = [i.get("id") for i, mine in zip(images, ours, strict=True) if not mine]
+            images = [i for i, mine in zip(images, ours, strict=True) if mine]
         by_id = self._index_images(images, images_dir)
+        # The other part's annotations are skipped without being counted as bad data.
+        by_id.update(dict.fromkeys(other_split))
         self._index_objects(data.get("annotations", []), by_id)
         self._finish_index()
 

@@ -115,6 +115,17 @@ def test_classes_that_do_not_match_are_an_error(raccoon, tmp_path):
     assert "do not match" in result.stderr and "raccoon" in result.stderr
 
 
+def test_a_checkpoint_of_some_classes_scores_those_on_a_held_out_coco_part(coco128, tmp_path):
+    # A "person" detector (as model.train --classes person makes) on coco128's held-out
+    # quarter: --classes leaves the other 79 classes' objects out instead of refusing them.
+    detector = Detector(ssd300_vgg16(2, width=0.125), ["person"], device="cpu", precision="fp32")
+    data = f"coco:{coco128 / 'images'}:{coco128 / 'annotations' / 'instances.json'}"
+    with pytest.raises(ValueError, match=r"--classes scores only some of them"):
+        evaluate(detector, data, split="val", val_fraction=0.25)
+    report, _ = evaluate(detector, data, split="val", val_fraction=0.25, classes=["person"])
+    assert report.num_images == 32 and list(report.per_class) == ["person"]
+
+
 def test_a_missing_checkpoint_is_named(tmp_path):
     result = subprocess.run(
         [

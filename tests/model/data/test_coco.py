@@ -15,7 +15,7 @@ def _coco_spec(coco128: Path) -> str:
 
 
 def test_coco128_classes_crowd_and_empty_images(coco128):
-    dataset = load_dataset(_coco_spec(coco128), split="train")
+    dataset = load_dataset(_coco_spec(coco128), split="all")
     assert isinstance(dataset, CocoDataset)
     assert len(dataset.class_names) == 80  # all categories, though only 71 are used
     assert len(dataset) == 128  # including the two images without objects
@@ -24,6 +24,27 @@ def test_coco128_classes_crowd_and_empty_images(coco128):
     assert sum(len(t["crowd_boxes"]) for t in targets) == 10
     assert sum(len(t["boxes"]) == 0 and len(t["crowd_boxes"]) == 0 for t in targets) == 2
     assert set(dataset.report().values()) == {0}
+
+
+def test_one_coco_file_splits_into_train_and_a_held_out_val(coco128):
+    spec = _coco_spec(coco128)
+    names = {
+        split: [load_dataset(spec, split=split).records[i].file_name for i in range(n)]
+        for split, n in (("train", 115), ("val", 13), ("test", 128))
+    }
+    for split in ("train", "val"):
+        part = load_dataset(spec, split=split)
+        assert len(part) == len(names[split])
+        # The other part's annotations are not counted as bad data.
+        assert set(part.report().values()) == {0}
+    # round(128 * 0.1) = 13 held out; the two parts are disjoint and make up the file.
+    assert not set(names["train"]) & set(names["val"])
+    assert sorted(names["train"] + names["val"]) == sorted(names["test"])
+    assert [r.file_name for r in load_dataset(spec, split="val").records] == names["val"]
+    # A larger fraction holds out a superset (the same ordering as a VOC folder's holdout).
+    wider = load_dataset(spec, split="val", val_fraction=0.25)
+    assert len(wider) == 32 and set(names["val"]) < {r.file_name for r in wider.records}
+    assert len(load_dataset(spec, split="train", val_fraction=0.0)) == 128
 
 
 def test_coco128_crowd_labels_and_areas_match_the_json(coco128):
@@ -50,7 +71,7 @@ def test_coco128_crowd_labels_and_areas_match_the_json(coco128):
 
 
 def test_coco128_category_mapping_round_trip(coco128):
-    dataset = load_dataset(_coco_spec(coco128), split="val")
+    dataset = load_dataset(_coco_spec(coco128), split="test")
     assert sorted(dataset.label_to_category_id) == list(range(1, 81))
     for label, category_id in dataset.label_to_category_id.items():
         assert dataset.category_id_to_label[category_id] == label
@@ -87,7 +108,7 @@ def test_coco_bad_data_and_a_wrong_image_size(tmp_path):
         ],
     }
     (tmp_path / "ann.json").write_text(json.dumps(annotations))
-    dataset = load_dataset(f"coco:{tmp_path}:{tmp_path / 'ann.json'}", split="train")
+    dataset = load_dataset(f"coco:{tmp_path}:{tmp_path / 'ann.json'}", split="all")
     assert dataset.class_names == ["car", "cup"]  # category-id order: 3, then 7
     assert dataset.category_id_to_label == {3: 1, 7: 2}
     _, target = dataset[0]

@@ -18,7 +18,7 @@ _SNIPPET = """
 import json
 from model.data.loader import epoch_batches
 from model.data.seeding import Purpose, numpy_generator, torch_seed
-from model.data.voc import holdout
+from model.data.base import holdout
 print(json.dumps({
     "torch_seed": torch_seed(7, Purpose.AUGMENTATION, 3, 12345),
     "numpy": numpy_generator(7, Purpose.SYNTHETIC_VAL, 99).integers(0, 2**31, 5).tolist(),

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from model.data import load_dataset
-from model.data.voc import VocDataset, holdout
+from model.data.base import holdout
+from model.data.voc import VocDataset
 from tests.model.data.support import check_sample, count_boxes, write_image
 
 # Real data: raccoon ------------------------------------------------------------------------
