@@ -1,9 +1,10 @@
 """A wall-clock budget for training (``python -m model.train --minutes N``).
 
-The run starts on a provisional plan; after a few timed steps, and again once an epoch's end
-(checkpoint, evaluation, training state, curves) has been timed, the total is set to the steps
-that fit before the deadline with the epoch ends on the way and one final one
-(``steps_that_fit``). The learning-rate curve
+The run starts on a provisional plan; after a few timed steps, and again after every timed
+epoch end (one with its evaluation, or every epoch end of a run without validation: checkpoint,
+evaluation, training state, curves), the total is set to the steps that fit before the
+deadline with the timed epoch ends on the way and one final one (``steps_that_fit``). The
+epoch ends in between (writes only) count as part of the steps around them. The learning-rate curve
 (``model.schedule.LrCurve``) is stretched or shrunk with it, so a cosine schedule still ends
 at the end of the time.
 """
@@ -68,11 +69,12 @@ class TimeBudget:
 
 class BudgetKeeper:
     """Follows a ``TimeBudget`` through a run: times each step, plans the total once enough
-    steps are timed and again once an evaluation is, and ends the run when time is up.
+    steps are timed and again after every timed epoch end, and ends the run when time is up.
 
     Args:
         budget: the deadline, and what has been measured so far.
-        ends_per_step: epoch ends per optimiser step (1 / steps per epoch).
+        ends_per_step: timed epoch ends per optimiser step (1 / steps between evaluations;
+            1 / steps per epoch without validation).
         eval_images: images per evaluation (0 without one), for the estimate of an epoch
             end until one is timed.
         batch_size: images per step and process.
@@ -122,11 +124,9 @@ class BudgetKeeper:
         return total
 
     def after_epoch_end(self, step: int, seconds: float | None) -> int | None:
-        """Note an epoch end's duration (None where it was not timed: other processes, or
-        an epoch end without its evaluation); the first one timed re-plans. Returns the new
-        total when it changes, else None."""
-        first = seconds is not None and self.budget.epoch_end_s is None
-        if not self.agree(int(first)):
+        """Note a timed epoch end's duration (None on the other processes) and re-plan with
+        it and the latest step time. Returns the new total when it changes, else None."""
+        if not self.agree(int(seconds is not None)):
             return None
         if seconds is not None:
             self.budget.epoch_end_s = seconds

@@ -247,7 +247,7 @@ class TrainingState:
     ``network``, ``optimizer``, ``scheduler`` and ``scaler`` are the parts' ``state_dict()``s;
     ``step`` counts optimiser steps taken; ``best_map`` is the best validation mAP@0.5 so far
     (-1 before the first evaluation); ``rng`` is ``torch.get_rng_state()``; ``architecture``
-    is ``Architecture.to_dict()``.
+    is ``Architecture.to_dict()``; ``ema`` is the weights' moving average (``--ema``), if any.
     """
 
     network: dict[str, Tensor]
@@ -260,6 +260,7 @@ class TrainingState:
     class_names: list[str]
     architecture: dict[str, Any] | None
     recipe: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Tensor] | None = None
 
 
 def save_training_state(path: str | os.PathLike[str], state: TrainingState) -> None:

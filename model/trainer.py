@@ -12,20 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.budget import BudgetKeeper, TimeBudget
 from model.checkpoint import RunFiles, TrainingState, save_checkpoint, save_training_state
 from model.curves import plot_training
-from model.data.loader import collate, epoch_batches
+from model.data.loader import RunBatches, collate
 from model.detector import Detector
 from model.distributed import Processes
 from model.evaluate import EvaluationReport, predict_dataset, score
@@ -61,13 +62,16 @@ class StepPlan:
 class Optimisation:
     """The optimiser, its learning-rate schedule (stepped once per optimiser step), the loss
     scaler (``Runtime.grad_scaler``) and an optional cap on the gradient's global L2 norm.
-    ``curve`` is the schedule's ``LrCurve``, when it has one: a time budget stretches it."""
+    ``curve`` is the schedule's ``LrCurve``, when it has one: a time budget stretches it.
+    ``ema_decay`` keeps an exponential moving average of the weights (BatchNorm statistics
+    included), updated after every step; the average is what is evaluated and saved."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     clip_grad_norm: float | None = None
     curve: LrCurve | None = None
+    ema_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,21 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def batches(self, epoch: int, offset: int, processes: Processes) -> Iterable[Batch]:
-        """This process's batches of ``epoch``, from its ``offset``-th batch on."""
-        order = epoch_batches(
+    def batches(self, start_step: int, processes: Processes) -> Iterator[Batch]:
+        """This process's batches from the run's step ``start_step`` on, epoch after epoch
+        without end, read by one set of loader processes for the whole run."""
+        order = RunBatches(
             len(self),
             self.batch_size,
             seed=self.seed,
-            epoch=epoch,
             rank=processes.rank,
             world=processes.world,
-        )[offset:]
-        return DataLoader(
+            start_step=start_step,
+        )
+        loader = DataLoader(
             self.dataset, batch_sampler=order, collate_fn=collate, num_workers=self.workers
         )
+        return iter(loader)
 
 
 @dataclass(frozen=True)
@@ -153,16 +159,24 @@ class Trainer:
         self.validation = validation
         self.recipe = recipe or {}
         self.keeper = None if budget is None else self._keeper(budget)
+        self.averaged: AveragedModel | None = None
+        if optimisation.ema_decay:
+            self.averaged = AveragedModel(
+                network,
+                multi_avg_fn=get_ema_multi_avg_fn(optimisation.ema_decay),
+                use_buffers=True,
+            )
         self.step = 0
         self.best_map = -1.0  # no evaluation yet
 
     def _keeper(self, budget: TimeBudget) -> BudgetKeeper:
-        eval_images = 0
+        eval_images, timed_every = 0, 1  # epochs between timed epoch ends
         if self.validation is not None and self.plan.eval_every > 0:
             eval_images = len(self.validation.dataset)  # type: ignore[arg-type]
+            timed_every = self.plan.eval_every
         return BudgetKeeper(
             budget,
-            ends_per_step=1.0 / self.plan.per_epoch,
+            ends_per_step=1.0 / (self.plan.per_epoch * timed_every),
             eval_images=eval_images,
             batch_size=self.data.batch_size,
             agree=self.processes.agree,
@@ -183,20 +197,18 @@ class Trainer:
         images_seen, started = 0, time.perf_counter()
         if self.keeper is not None:
             self.keeper.restart_clock()
+        batches = self.data.batches(self.step, self.processes)
         while self.step < self.plan.total:
-            epoch, offset = divmod(self.step, self.plan.per_epoch)
-            for images, boxes, labels in self.data.batches(epoch, offset, self.processes):
-                terms = self.train_step(images, boxes, labels)
-                self.step += 1
-                images_seen += images.shape[0] * self.processes.world
-                bar.update(1)
-                if self.keeper is not None:
-                    self._set_total(self.keeper.after_step(self.step), bar)
-                if self.step % self.plan.log_every == 0 or self.step == self.plan.total:
-                    rate = images_seen / (time.perf_counter() - started)
-                    self._log_step(bar, epoch + 1, terms, rate)
-                if self.step in (self.plan.stop_at, self.plan.total):
-                    break
+            images, boxes, labels = next(batches)
+            terms = self.train_step(images, boxes, labels)
+            self.step += 1
+            images_seen += images.shape[0] * self.processes.world
+            bar.update(1)
+            if self.keeper is not None:
+                self._set_total(self.keeper.after_step(self.step), bar)
+            if self.step % self.plan.log_every == 0 or self.step == self.plan.total:
+                rate = images_seen / (time.perf_counter() - started)
+                self._log_step(bar, (self.step - 1) // self.plan.per_epoch + 1, terms, rate)
             epoch_done = self.step % self.plan.per_epoch == 0
             if epoch_done or self.step == self.plan.total:
                 self._end_of_epoch(self.step // self.plan.per_epoch, bar)
@@ -205,6 +217,7 @@ class Trainer:
                     save_training_state(self.files.state, self.state())
                     self._plot()
                 break
+        del batches  # stops the loader processes
         bar.close()
         self.processes.barrier()
         return self.step
@@ -242,7 +255,17 @@ class Trainer:
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.network)
         return values.tolist()
+
+    @property
+    def result(self) -> SSD:
+        """The weights the run produces: the moving average when there is one, else the
+        network as trained. These are evaluated and written to the checkpoints."""
+        if self.averaged is not None:
+            return self.averaged.module  # type: ignore[return-value]
+        return self.network
 
     def evaluate(self) -> EvaluationReport:
         """mAP of the current weights on the validation data (the main process only)."""
@@ -250,7 +273,7 @@ class Trainer:
             raise RuntimeError("this run has no validation data")
         runtime = self.processes.runtime
         detector = Detector(
-            self.network, self.class_names, device=runtime.device, precision=runtime.precision
+            self.result, self.class_names, device=runtime.device, precision=runtime.precision
         )
         try:
             detections, truths = predict_dataset(
@@ -278,6 +301,7 @@ class Trainer:
             class_names=self.class_names,
             architecture=architecture.to_dict() if architecture else None,
             recipe=self.recipe,
+            ema=None if self.averaged is None else self.averaged.state_dict(),
         )
 
     def restore(self, state: TrainingState, source: Path) -> None:
@@ -299,6 +323,10 @@ class Trainer:
             )
         opt = self.optimisation
         self.network.load_state_dict(state.network)
+        if self.averaged is not None:
+            if state.ema is None:
+                raise ValueError(f"{source}: was trained without --ema, so it has no average")
+            self.averaged.load_state_dict(state.ema)
         opt.optimizer.load_state_dict(state.optimizer)
         opt.scheduler.load_state_dict(state.scheduler)
         opt.scaler.load_state_dict(state.scaler)
@@ -310,13 +338,14 @@ class Trainer:
 
     def _end_of_epoch(self, epoch: int, bar: tqdm) -> None:
         """Checkpoint, evaluate when due, keep the best, save the state (main process)."""
-        began, timed = time.monotonic(), False
+        began = time.monotonic()
+        due = self.plan.eval_every > 0 and epoch % self.plan.eval_every == 0
+        # The budget times the full epoch ends (with evaluation, or all of them in a run
+        # without validation); the others count as part of the next step's time.
+        timed = self.validation is None or due
         if self.processes.is_main:
             recipe = {**self.recipe, "step": self.step, "epoch": epoch}
             self._save(self.files.checkpoint, recipe)
-            due = self.plan.eval_every > 0 and epoch % self.plan.eval_every == 0
-            # An epoch end is timed for the budget when it is a full one (with evaluation).
-            timed = self.validation is None or due
             if self.validation is not None and due:
                 report = self.evaluate()
                 self._log(
@@ -337,9 +366,9 @@ class Trainer:
                     self._save(self.files.best, {**recipe, "val_map50": report.map50})
             save_training_state(self.files.state, self.state())
             self._plot()
-        took = time.monotonic() - began if timed else None
+        took = time.monotonic() - began if timed and self.processes.is_main else None
         self.processes.barrier()
-        if self.keeper is not None:
+        if self.keeper is not None and timed:
             if self.step < self.plan.total:
                 self._set_total(self.keeper.after_epoch_end(self.step, took), bar)
             self.keeper.restart_clock()
@@ -369,7 +398,7 @@ class Trainer:
 
     def _save(self, path: Path, recipe: dict[str, Any]) -> None:
         save_checkpoint(
-            path, self.network, self.class_names, recipe=recipe, dtype=self.files.save_dtype
+            path, self.result, self.class_names, recipe=recipe, dtype=self.files.save_dtype
         )
 
     def _log_step(self, bar: tqdm, epoch: int, terms: list[float], rate: float) -> None:

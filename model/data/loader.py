@@ -7,6 +7,8 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -65,3 +67,37 @@ def epoch_batches(
         chunk = order[s * per_step : (s + 1) * per_step][rank::world]
         batches.append([(epoch, int(i)) for i in chunk])
     return batches
+
+
+class RunBatches:
+    """The batch sampler of a whole run: ``epoch_batches`` of each epoch in turn, from
+    ``start_step`` on, without end (the trainer stops taking batches).
+
+    One ``DataLoader`` over it serves every epoch, so its worker processes start once per run
+    rather than once per epoch, and they prepare the next epoch's first batches while the
+    trainer evaluates. Batch ``k`` of the stream is the run's step ``start_step + k``, the
+    batch an uninterrupted run takes at that step.
+    """
+
+    def __init__(
+        self, length: int, batch_size: int, *, seed: int, rank: int, world: int, start_step: int
+    ) -> None:
+        self.per_epoch = length // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"{length} samples make no batch of {batch_size} x {world}")
+        self.length, self.batch_size = length, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset = divmod(self.start_step, self.per_epoch)
+        while True:
+            yield from epoch_batches(
+                self.length,
+                self.batch_size,
+                seed=self.seed,
+                epoch=epoch,
+                rank=self.rank,
+                world=self.world,
+            )[offset:]
+            epoch, offset = epoch + 1, 0

@@ -45,7 +45,7 @@ class _Clock:
         return self.now
 
 
-def test_keeper_plans_after_calibration_then_again_after_the_first_epoch_end():
+def test_keeper_plans_after_calibration_then_again_after_every_timed_epoch_end():
     clock = _Clock(tick=0.5)  # every step takes 0.5 s
     budget = TimeBudget(deadline=200.0)
     keeper = BudgetKeeper(
@@ -62,7 +62,13 @@ def test_keeper_plans_after_calibration_then_again_after_the_first_epoch_end():
     total = keeper.after_epoch_end(11, seconds=20.0)
     # clock 6.5 s: (200 - 6.5 - 20 - 2) / 0.5 = 343 more steps
     assert budget.epoch_end_s == 20.0 and total == 11 + 343
-    assert keeper.after_epoch_end(12, seconds=20.0) is None  # only the first re-plans
+    # Each timed end re-plans with the latest figures. The trainer restarts the clock after
+    # a timed end (reads 7.0 s); step 12 ends at 7.5 s (0.5 s); the plan reads 8.0 s and an
+    # end of 10 s leaves (200 - 8 - 10 - 2) / 0.5 = 360 more steps.
+    keeper.restart_clock()
+    assert keeper.after_step(12) is None
+    assert keeper.after_epoch_end(12, seconds=10.0) == 12 + 360
+    assert keeper.after_epoch_end(12, seconds=None) is None  # not timed: no new plan
 
 
 def test_keeper_stops_the_run_when_time_is_up():

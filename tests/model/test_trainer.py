@@ -17,7 +17,9 @@ from model.loss import MultiBoxLoss
 from model.trainer import Optimisation, StepPlan, Trainer, TrainingData
 
 
-def _trainer(out: Path, *, total: int, stop_at: int | None = None) -> Trainer:
+def _trainer(
+    out: Path, *, total: int, stop_at: int | None = None, ema: float | None = None
+) -> Trainer:
     torch.manual_seed(0)
     processes = Processes.start("cpu", "fp32")
     train_set = load_dataset("synthetic:8", split="train")
@@ -28,7 +30,9 @@ def _trainer(out: Path, *, total: int, stop_at: int | None = None) -> Trainer:
     return Trainer(
         network,
         loss=MultiBoxLoss(network.default_boxes),
-        optimisation=Optimisation(optimizer, halving, processes.runtime.grad_scaler()),
+        optimisation=Optimisation(
+            optimizer, halving, processes.runtime.grad_scaler(), ema_decay=ema
+        ),
         data=TrainingData(
             AugmentedDataset(train_set, EvalTransform(300), seed=0), batch_size=2, seed=0, workers=0
         ),
@@ -74,3 +78,49 @@ def test_restore_refuses_another_run(tmp_path):
 def test_evaluate_needs_validation_data(tmp_path):
     with pytest.raises(RuntimeError, match="no validation data"):
         _trainer(tmp_path / "b.safetensors", total=1).evaluate()
+
+
+def _weights(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Float parameters and buffers (BatchNorm statistics included), copied."""
+    return {k: v.detach().clone() for k, v in network.state_dict().items() if v.is_floating_point()}
+
+
+def test_moving_average_follows_its_formula_and_is_what_is_saved(tmp_path):
+    out = tmp_path / "ema.safetensors"
+    trainer = _trainer(out, total=4, ema=0.75)
+    batches = trainer.data.batches(0, trainer.processes)
+    expected = None
+    for _ in range(3):
+        trainer.train_step(*next(batches))
+        now = _weights(trainer.network)
+        # The first update copies the weights; then average = 0.75 average + 0.25 weights.
+        expected = now if expected is None else {k: 0.75 * expected[k] + 0.25 * now[k] for k in now}
+    averaged = _weights(trainer.result)
+    assert averaged.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(averaged[key], expected[key])
+    assert not torch.equal(averaged["stages.0.0.weight"], now["stages.0.0.weight"])
+    assert trainer.result is not trainer.network
+
+    # The checkpoint an epoch's end writes holds the average, not the trained weights; the
+    # training state holds both, and a restored run carries the average on.
+    trainer = _trainer(out, total=4, ema=0.75)
+    trainer.run()
+    saved = _weights(load_checkpoint(out).network)
+    for key, value in _weights(trainer.result).items():
+        torch.testing.assert_close(saved[key], value)
+    state = load_training_state(trainer.files.state)
+    resumed = _trainer(out, total=4, ema=0.75)
+    resumed.restore(state, trainer.files.state)
+    for key, value in _weights(trainer.result).items():
+        torch.testing.assert_close(_weights(resumed.result)[key], value)
+    for key, value in _weights(trainer.network).items():
+        torch.testing.assert_close(_weights(resumed.network)[key], value)
+
+
+def test_a_state_without_an_average_cannot_resume_with_one(tmp_path):
+    plain = _trainer(tmp_path / "plain.safetensors", total=1)
+    with pytest.raises(ValueError, match=r"plain.state.safetensors: was trained without --ema"):
+        _trainer(tmp_path / "plain.safetensors", total=1, ema=0.9).restore(
+            plain.state(), plain.files.state
+        )

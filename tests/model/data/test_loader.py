@@ -1,6 +1,9 @@
+import itertools
+
+import pytest
 import torch
 
-from model.data.loader import AugmentedDataset, collate, epoch_batches
+from model.data.loader import AugmentedDataset, RunBatches, collate, epoch_batches
 from model.data.synthetic import SyntheticShapes
 from model.data.transforms import EvalTransform, TrainTransform
 
@@ -26,3 +29,19 @@ def test_collate_keeps_targets_per_image():
     images, boxes, labels = collate([data[(0, 0)], data[(0, 1)]])
     assert images.shape == (2, 3, 300, 300)
     assert [b.shape[0] for b in boxes] == [lab.shape[0] for lab in labels]
+
+
+def test_run_batches_go_on_epoch_after_epoch_from_any_step():
+    # 10 samples in batches of 3: 3 batches an epoch, the last sample of each epoch dropped.
+    epochs = [epoch_batches(10, 3, seed=1, epoch=e, rank=0, world=1) for e in range(4)]
+    every_step = [batch for epoch in epochs for batch in epoch]
+    stream = RunBatches(10, 3, seed=1, rank=0, world=1, start_step=4)
+    # Step 4 is the second batch of epoch 1; the stream crosses into epochs 2 and 3.
+    assert list(itertools.islice(stream, 7)) == every_step[4:11]
+    assert [key[0] for key in every_step[4]] == [1, 1, 1]
+    assert (
+        list(itertools.islice(RunBatches(10, 3, seed=1, rank=0, world=1, start_step=0), 3))
+        == (epochs[0])
+    )
+    with pytest.raises(ValueError, match="make no batch of 3 x 2"):
+        RunBatches(5, 3, seed=1, rank=0, world=2, start_step=0)
