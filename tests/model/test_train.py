@@ -14,7 +14,7 @@ from model import Detector, ssd300_vgg16
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.evaluate import evaluate
-from model.train import main
+from model.train import RECIPES, _datasets, _parse_args, main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1"]
@@ -277,6 +277,9 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     args = ["--data", "synthetic:8", "--out", str(out), "--batch-size", "4", *TINY]
     assert main([*args, "--init", str(missing)]) == 2
     assert f"{missing}: no such checkpoint file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--ema", "1.5"])
+    assert "--ema must be between 0 and 1, got 1.5" in capsys.readouterr().err
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
@@ -316,3 +319,25 @@ def test_two_process_ddp_on_cpu(tmp_path):
     checkpoint = load_checkpoint(out)
     assert checkpoint.recipe["world_size"] == 2
     assert [r["step"] for r in _log(out)] == [1, 2]
+
+
+def test_recipe_sets_defaults_and_flags_given_still_win():
+    base = ["--data", "synthetic:8", "--out", "x.safetensors"]
+    plain = _parse_args(base)
+    assert (plain.batch_norm, plain.width, plain.ema, plain.recipe) == (False, 1.0, None, None)
+    for name, values in RECIPES.items():
+        assert set(values) <= set(vars(plain)), "a recipe names only real flags"
+        chosen = _parse_args([*base, "--recipe", name])
+        assert {k: getattr(chosen, k) for k in values} == values
+    args = _parse_args([*base, "--recipe", "small-scratch", "--lr", "0.01", "--width", "0.5"])
+    assert (args.lr, args.width, args.batch_norm, args.eval_every) == (0.01, 0.5, True, 5)
+
+
+def test_val_data_leaves_all_of_data_for_training(tmp_path):
+    folder = f"voc:{_shapes_folder(tmp_path / 'shapes')}"
+    held = _datasets(_parse_args(["--data", folder, "--out", "x.safetensors"]))
+    assert (len(held[0]), len(held[1].dataset)) == (3, 1)  # round(4 * 0.1) -> at least one
+    given = _datasets(
+        _parse_args(["--data", folder, "--val-data", folder, "--out", "x.safetensors"])
+    )
+    assert (len(given[0]), len(given[1].dataset)) == (4, 1)
