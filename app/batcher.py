@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -143,9 +144,11 @@ class Batcher:
 
     async def warm_up(self) -> None:
         """Run the model's warm-up on the inference thread, so the first request is not the
-        slow one (nothing is recorded in the metrics)."""
+        slow one (nothing is recorded in the metrics). Up to ``max_batch_size``: on a GPU the
+        model then captures the forward pass of every batch size the batcher can form."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.detector.warm_up)
+        warm_up = functools.partial(self.detector.warm_up, self.max_batch_size)
+        await loop.run_in_executor(self._executor, warm_up)
 
     async def submit(
         self,

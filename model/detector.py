@@ -12,7 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from model.autotune import BATCH_SIZE, PrecisionChoice, candidates, choose_precision
+from model.buckets import bucket_for
 from model.checkpoint import load_checkpoint
+from model.cuda_graphs import BucketedForward, capture_cuda_graph
+from model.decoding import decode_images
 from model.int8 import QuantizableSSD, int8_artifact_for, load_int8
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
 from model.preprocessing import PIXEL_MEAN, ImageLike, preprocess, to_rgb_tensor
@@ -86,8 +89,13 @@ class Detector:
             if self.runtime.precision == INT8:
                 assert quantized is not None
                 self.network = quantized
+            else:  # the layout follows the precision (channels_last for fp16/bf16 on a GPU)
+                self.network = self.runtime.place(self.network)
             log.info("%s", self.precision_choice.summary())
         self.precision = self.runtime.precision
+        # Made once the network and precision are final: a captured graph holds both.
+        capture = capture_cuda_graph if self.device.type == "cuda" else None
+        self._forward = BucketedForward(self._eager_forward, capture)
 
     @classmethod
     def load(
@@ -198,12 +206,22 @@ class Detector:
             raise RuntimeError(f"the model returned {len(detections)} results for {count} inputs")
         return BatchResult(detections, forward_s=forwarded - start, postprocess_s=done - forwarded)
 
-    def warm_up(self) -> None:
-        """Run one blank (black) image through ``run_batch``, so the first real batch does not
-        pay for the backend's first-call set-up. Call it on the thread that will run batches."""
+    def warm_up(self, max_batch_size: int = 1) -> None:
+        """Run a blank (black) image through ``run_batch``, so the first real batch does not
+        pay for the backend's first-call set-up. Call it on the thread that will run batches.
+
+        Where the forward pass is captured (a GPU), a blank batch runs at every bucket up to
+        the one that holds ``max_batch_size``, so each bucket's CUDA graph is captured now and
+        not on the first request of that size.
+        """
         side = self.input_size
         inputs, size = self.prepare(torch.zeros((3, side, side), dtype=torch.uint8))
-        self.run_batch([inputs], [size], [0.0], [1])
+        counts = [1]
+        if self._forward.capturing:
+            top = bucket_for(max_batch_size, self._forward.buckets) or self._forward.buckets[-1]
+            counts = [bucket for bucket in self._forward.buckets if bucket <= top]
+        for count in counts:
+            self.run_batch([inputs] * count, [size] * count, [0.0] * count, [1] * count)
 
     @torch.inference_mode()
     def _measure_precision(self, quantized: nn.Module | None) -> PrecisionChoice:
@@ -234,11 +252,42 @@ class Detector:
         size = (int(rgb.shape[2]), int(rgb.shape[1]))
         return preprocess([rgb], self.input_size, self.pixel_mean)[0], size
 
+    def prepare_encoded(self, encoded: Sequence[bytes]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Encoded images (JPEG, PNG, WebP, BMP bytes) to network inputs on the device.
+
+        On a GPU the JPEGs are decoded there as one batch (nvJPEG), and resizing and mean
+        subtraction run there too, with ``preprocess`` as in ``prepare``; on the CPU the same
+        steps run on the CPU. Other formats, CMYK JPEGs and JPEGs the batch decoder refuses
+        are decoded by Pillow (``model.decoding``). Sizes are checked by no one here: bytes
+        from strangers are checked first (the service's ``app.intake.open_image``).
+
+        Returns:
+            float32 Tensor[N, 3, S, S] on the device, whose rows ``run_batch`` takes as its
+            inputs, and each image's (width, height) as displayed (EXIF orientation applied).
+
+        Raises:
+            ValueError: no images, or one that cannot be decoded (the message names its index).
+        """
+        if len(encoded) == 0:
+            raise ValueError("prepare_encoded needs at least one image, got none")
+        images = decode_images(encoded, self.device)
+        sizes = [(int(image.shape[2]), int(image.shape[1])) for image in images]
+        return preprocess(images, self.input_size, self.pixel_mean), sizes
+
     @torch.inference_mode()
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the network on prepared inputs Tensor[N, 3, S, S]; returns float32 (loc, conf)."""
-        with self.runtime.autocast():
-            loc, conf = self.network(self.runtime.inputs(inputs))
+        """Run the network on prepared inputs Tensor[N, 3, S, S]; returns float32 (loc, conf).
+
+        On a GPU the batch runs through the CUDA graph of its bucket, padded to the bucket's
+        size (``model.cuda_graphs``); eagerly on the CPU or where capture fails.
+        """
+        return self._forward(self.runtime.inputs(inputs))
+
+    def _eager_forward(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """The network on ``batch`` already on the device, in its layout: float32 (loc, conf).
+        No autocast cache: this is also the pass a CUDA graph captures."""
+        with self.runtime.autocast(cache=False):
+            loc, conf = self.network(batch)
         return loc.float(), conf.float()
 
     @torch.inference_mode()

@@ -75,9 +75,10 @@ def preprocess(images: list[Tensor], size: int, mean: tuple[float, ...] = PIXEL_
     """uint8 RGB Tensors[3, H, W] to the network input: float32 Tensor[N, 3, size, size].
 
     Each image is resized to ``size`` x ``size`` (bilinear, antialiased), and ``mean`` (RGB)
-    is subtracted from the 0-255 values.
+    is subtracted from the 0-255 values. The work runs where the images are (CPU or GPU; all
+    on one device).
     """
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images[0].device)[:, None, None]
     resized = [
         TF.resize(img, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         for img in images

@@ -97,22 +97,42 @@ class Runtime:
     @property
     def memory_format(self) -> torch.memory_format:
         """channels_last on the CPU, where oneDNN's convolutions are markedly faster on NHWC
-        tensors; the default layout elsewhere."""
-        return torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        tensors, and on a GPU computing in fp16/bf16, where cuDNN's tensor-core convolutions
+        take NHWC natively (NVIDIA's "Convolutional Layers User's Guide": NCHW tensors are
+        transposed around every such convolution); the default layout for fp32 on a GPU."""
+        if self.device.type == "cpu" or self.precision in ("fp16", "bf16"):
+            return torch.channels_last
+        return torch.contiguous_format
 
     def place(self, network: nn.Module) -> nn.Module:
         """Move ``network`` (in place, as ``nn.Module.to`` does) to the device and layout."""
         return network.to(self.device).to(memory_format=self.memory_format)
 
     def inputs(self, batch: Tensor) -> Tensor:
-        """A batch Tensor[N, C, H, W] on the device, in the network's memory layout."""
-        return batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        """A batch Tensor[N, C, H, W] on the device, in the network's memory layout; from the
+        CPU to a GPU through pinned memory (``staged``), so the copy does not block."""
+        on_device = self.staged(batch).to(self.device, non_blocking=True)
+        return on_device.contiguous(memory_format=self.memory_format)
 
-    def autocast(self) -> contextlib.AbstractContextManager[object]:
-        """The context the forward pass runs in: autocast to the reduced type, or nothing."""
+    def staged(self, batch: Tensor) -> Tensor:
+        """``batch`` in pinned (page-locked) host memory when it is a CPU tensor bound for a
+        GPU, so a ``non_blocking`` copy is truly asynchronous (from pageable memory CUDA
+        copies synchronously through a staging buffer); otherwise ``batch`` itself."""
+        if self.device.type != "cuda" or batch.device.type != "cpu" or batch.is_pinned():
+            return batch
+        return batch.pin_memory()
+
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager[object]:
+        """The context the forward pass runs in: autocast to the reduced type, or nothing.
+
+        ``cache=False`` turns off autocast's cache of weights cast to the reduced type: a
+        forward pass captured as a CUDA graph must cast inside the graph (the cache would hold
+        tensors freed when the context exits); inference, which uses each weight once per
+        pass, loses nothing by it.
+        """
         if self.precision in ("fp32", INT8):
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler for training: enabled for fp16 on a GPU, where small gradients would

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -17,7 +19,9 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
+from app.batcher import Batcher
 from app.main import create_app
+from app.metrics import Metrics
 from app.settings import Settings
 from model import Detector
 from tests.app.support import encode, in_process, metric, shapes_image
@@ -327,3 +331,22 @@ def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path, one_thre
         assert all(d["score"] > threshold - 1e-4 for d in got)
         assert [d["label"] for d in got] == alone.labels
         assert [d["score"] for d in got] == pytest.approx(alone.scores.tolist(), abs=1e-4)
+
+
+def test_warm_up_reaches_the_largest_batch_the_batcher_forms() -> None:
+    # On a GPU the model captures one forward pass per batch size at warm-up (model.cuda_graphs),
+    # so the batcher tells it the largest batch it will form; on the inference thread.
+    calls: list[tuple[int, str]] = []
+
+    class Recording:
+        def warm_up(self, max_batch_size: int = 1) -> None:
+            calls.append((max_batch_size, threading.current_thread().name))
+
+    async def scenario() -> None:
+        detector: Any = Recording()  # only warm_up is called
+        batcher = Batcher(detector, Metrics(16), max_batch_size=16, max_wait_s=0.0, max_queue=4)
+        await batcher.warm_up()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert len(calls) == 1 and calls[0][0] == 16 and calls[0][1].startswith("ssd-inference")
