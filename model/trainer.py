@@ -169,14 +169,24 @@ class Trainer:
         self.step = 0
         self.best_map = -1.0  # no evaluation yet
 
+    @property
+    def _evaluates(self) -> bool:
+        return self.validation is not None and self.plan.eval_every > 0
+
+    @property
+    def _timed_every(self) -> int:
+        """Epochs between the epoch ends the time budget times: the full ones, with their
+        evaluation; every one in a run that never evaluates. The others count as part of the
+        next step's time."""
+        return self.plan.eval_every if self._evaluates else 1
+
     def _keeper(self, budget: TimeBudget) -> BudgetKeeper:
-        eval_images, timed_every = 0, 1  # epochs between timed epoch ends
-        if self.validation is not None and self.plan.eval_every > 0:
-            eval_images = len(self.validation.dataset)  # type: ignore[arg-type]
-            timed_every = self.plan.eval_every
+        eval_images = 0
+        if self._evaluates:
+            eval_images = len(self.validation.dataset)  # type: ignore[union-attr,arg-type]
         return BudgetKeeper(
             budget,
-            ends_per_step=1.0 / (self.plan.per_epoch * timed_every),
+            ends_per_step=1.0 / (self.plan.per_epoch * self._timed_every),
             eval_images=eval_images,
             batch_size=self.data.batch_size,
             agree=self.processes.agree,
@@ -339,14 +349,11 @@ class Trainer:
     def _end_of_epoch(self, epoch: int, bar: tqdm) -> None:
         """Checkpoint, evaluate when due, keep the best, save the state (main process)."""
         began = time.monotonic()
-        due = self.plan.eval_every > 0 and epoch % self.plan.eval_every == 0
-        # The budget times the full epoch ends (with evaluation, or all of them in a run
-        # without validation); the others count as part of the next step's time.
-        timed = self.validation is None or due
+        timed = epoch % self._timed_every == 0
         if self.processes.is_main:
             recipe = {**self.recipe, "step": self.step, "epoch": epoch}
             self._save(self.files.checkpoint, recipe)
-            if self.validation is not None and due:
+            if self._evaluates and timed:
                 report = self.evaluate()
                 self._log(
                     {
