@@ -3,7 +3,9 @@
 The run starts on a provisional plan; after a few timed steps, and again after every timed
 epoch end (one with its evaluation, or every epoch end of a run without validation: checkpoint,
 evaluation, training state, curves), the total is set to the steps that fit before the
-deadline with the timed epoch ends on the way and one final one (``steps_that_fit``). The
+deadline with the timed epoch ends on the way and one final one (``steps_that_fit``). Between
+those, a plan that the latest step times say would run past the deadline itself (its margin
+used up) is made again at once, so that a run that slows down still ends where its curve does. The
 epoch ends in between (writes only) count as part of the steps around them. The learning-rate curve
 (``model.schedule.LrCurve``) is stretched or shrunk with it, so a cosine schedule still ends
 at the end of the time.
@@ -44,11 +46,18 @@ class TimeBudget:
     epoch_end_s: float | None = None
 
     def steps_that_fit(
-        self, step: int, now: float, *, ends_per_step: float, end_estimate_s: float
+        self,
+        step: int,
+        now: float,
+        *,
+        ends_per_step: float,
+        end_estimate_s: float,
+        margin_s: float = WRITE_MARGIN_S,
     ) -> int:
         """The total steps that leave time, from step ``step`` at ``now``, for each further
-        step, the epoch ends on the way (``ends_per_step`` of them per step) and one
-        final epoch end. Never fewer than ``step``: out of time, the run ends where it is.
+        step, the epoch ends on the way (``ends_per_step`` of them per step), one final
+        epoch end and ``margin_s``. Never fewer than ``step``: out of time, the run ends
+        where it is.
 
         Raises:
             ValueError: no step has been timed yet.
@@ -56,7 +65,7 @@ class TimeBudget:
         if self.step_s is None:
             raise ValueError("steps_that_fit needs a measured step time")
         epoch_end_s = self.epoch_end_s if self.epoch_end_s is not None else end_estimate_s
-        left = self.deadline - now - epoch_end_s - WRITE_MARGIN_S
+        left = self.deadline - now - epoch_end_s - margin_s
         per_step = self.step_s + epoch_end_s * ends_per_step
         return step + max(0, math.floor(left / per_step))
 
@@ -106,22 +115,42 @@ class BudgetKeeper:
         """Leave the time since the last step (evaluation, checkpoints) out of the next."""
         self._last = self.clock()
 
-    def after_step(self, step: int) -> int | None:
-        """Note a step's end; returns the new total when it changes, else None."""
+    def after_step(self, step: int, total: int) -> int | None:
+        """Note a step's end in a run planned for ``total`` steps; returns the new total when
+        it changes, else None."""
         now = self.clock()
         self._seconds.append(now - self._last)
         self._last = now
-        total = None
+        new_total = None
         if len(self._seconds) >= CALIBRATION_STEPS:
             # The latest steps: the rate drifts (workers, caches) more than it is noisy.
             recent = self._seconds[UNTIMED_STEPS:][-5 * CALIBRATION_STEPS :]
             first_plan = self.budget.step_s is None
             self.budget.step_s = sum(recent) / len(recent)
-            if first_plan:
-                total = self.plan(step, now)
+            if first_plan or self.agree(int(self._overruns(step, now, total))):
+                new_total = self.plan(step, now)
         if self.agree(int(self.budget.out_of_time(now))):
-            total = step
-        return total
+            new_total = step
+        return new_total
+
+    def _overruns(self, step: int, now: float, total: int) -> bool:
+        """Whether ``total`` steps at the latest step time would end past the deadline, the
+        margin for noise used up (re-planning leaves the margin again, so noise alone does
+        not re-plan at every step)."""
+        fits = self.budget.steps_that_fit(
+            step,
+            now,
+            ends_per_step=self.ends_per_step,
+            end_estimate_s=self._end_estimate(),
+            margin_s=0.0,
+        )
+        return fits < total
+
+    def _end_estimate(self) -> float:
+        """Seconds of an epoch end until one is timed: its evaluation and its writes."""
+        assert self.budget.step_s is not None
+        per_image = self.budget.step_s / self.batch_size
+        return self.eval_images * per_image * INFERENCE_SHARE + WRITES_ESTIMATE_S
 
     def after_epoch_end(self, step: int, seconds: float | None) -> int | None:
         """Note a timed epoch end's duration (None on the other processes) and re-plan with
@@ -135,8 +164,7 @@ class BudgetKeeper:
     def plan(self, step: int, now: float) -> int:
         """The total that fits, agreed by every process, and logged."""
         assert self.budget.step_s is not None
-        per_image = self.budget.step_s / self.batch_size
-        estimate = self.eval_images * per_image * INFERENCE_SHARE + WRITES_ESTIMATE_S
+        estimate = self._end_estimate()
         total = self.agree(
             self.budget.steps_that_fit(
                 step, now, ends_per_step=self.ends_per_step, end_estimate_s=estimate

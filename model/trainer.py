@@ -215,7 +215,7 @@ class Trainer:
             images_seen += images.shape[0] * self.processes.world
             bar.update(1)
             if self.keeper is not None:
-                self._set_total(self.keeper.after_step(self.step), bar)
+                self._set_total(self.keeper.after_step(self.step, self.plan.total), bar)
             if self.step % self.plan.log_every == 0 or self.step == self.plan.total:
                 rate = images_seen / (time.perf_counter() - started)
                 self._log_step(bar, (self.step - 1) // self.plan.per_epoch + 1, terms, rate)
