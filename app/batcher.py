@@ -1,7 +1,9 @@
 """Dynamic batching: requests queue up, and one forward pass answers a whole batch.
 
-A batch is formed when ``max_batch_size`` images wait, or when the oldest has waited
-``max_wait_s``, whichever comes first. The model batches and unbatches
+A batch is formed when ``max_batch_size`` images wait, when the oldest has waited
+``max_wait_s``, or when no other request is on its way to the queue (each request announces
+itself with ``reserve`` as soon as it arrives), whichever comes first: waiting for company
+that is not coming only adds latency, as with a single client. The model batches and unbatches
 (``Detector.run_batch``): the batcher holds jobs, futures and timings, never tensors. A batch
 runs on one dedicated thread, so the event loop keeps accepting requests while it runs, and
 the next batch fills up in the meantime. The queue is bounded; a full queue is refused at once
@@ -95,6 +97,7 @@ class Batcher:
         self.max_queue = max_queue
         self._pending: deque[_Entry] = deque()
         self._reserved = 0  # places held by requests still decoding (see ``reserve``)
+        self._on_the_way = 0  # requests announced by ``reserve`` and not yet submitted
         self._arrived = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -118,9 +121,11 @@ class Batcher:
                 f"{self._reserved} more being decoded); retry later"
             )
 
-    def reserve(self, count: int) -> Reservation:
-        """Hold ``count`` places in the queue for images about to be decoded, so a request the
-        queue cannot take is refused before it pays for decoding. ``submit`` takes the places
+    def reserve(self, count: int = 0) -> Reservation:
+        """Announce a request on its way to ``submit`` and hold ``count`` places in the queue
+        for its images (more with ``Reservation.hold`` once they are counted), so a request
+        the queue cannot take is refused before it pays for decoding. Until it submits or
+        leaves, a batch may wait (up to ``max_wait_s``) for it. ``submit`` takes the places
         over; leaving the ``with`` block without submitting gives them back.
 
         Raises:
@@ -128,7 +133,15 @@ class Batcher:
         """
         self.check_capacity(count)
         self._reserved += count
+        self._on_the_way += 1
         return Reservation(self, count)
+
+    def _returned(self, places: int) -> None:
+        """A reservation's ``places`` given back, its request no longer on the way."""
+        self._reserved -= places
+        self._on_the_way -= 1
+        if self._on_the_way == 0:
+            self._arrived.set()  # a batch waiting for this request need wait no longer
 
     async def start(self) -> None:
         """Start the batching loop (call from the event loop that will submit)."""
@@ -245,7 +258,8 @@ class Batcher:
                 await self._arrived.wait()
                 continue
             due = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
-            if len(self._pending) >= self.max_batch_size or due <= 0 or self._stopping:
+            full = len(self._pending) >= self.max_batch_size
+            if full or due <= 0 or self._on_the_way == 0 or self._stopping:
                 break
             self._arrived.clear()
             try:
@@ -294,16 +308,30 @@ class Batcher:
 
 
 class Reservation:
-    """Places held in a ``Batcher``'s queue (see ``Batcher.reserve``)."""
+    """A request on its way to a ``Batcher``'s queue and the places it holds there (see
+    ``Batcher.reserve``)."""
 
     def __init__(self, batcher: Batcher, count: int) -> None:
         self._batcher = batcher
         self._count = count
+        self._open = True
+
+    def hold(self, count: int) -> None:
+        """Hold ``count`` more places.
+
+        Raises:
+            OverloadedError: the places are not free.
+        """
+        self._batcher.check_capacity(count)
+        self._batcher._reserved += count
+        self._count += count
 
     def release(self) -> None:
-        """Give the places back (once; later calls do nothing)."""
-        self._batcher._reserved -= self._count
-        self._count = 0
+        """Give the places back and end the announcement (once; later calls do nothing)."""
+        if self._open:
+            self._open = False
+            self._batcher._returned(self._count)
+            self._count = 0
 
     def __enter__(self) -> Reservation:
         return self

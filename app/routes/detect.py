@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.batcher import Job
+from app.batcher import Job, Reservation
 from app.errors import (
     ClientDisconnectedError,
     InvalidImageError,
@@ -60,10 +60,14 @@ async def detect(
     """Detect objects in one image: multipart field `image`, or the raw body as image/*."""
     arrived = time.monotonic()
     service.check_accepting()
-    service.batcher.check_capacity(1)
-    body = await read_body(request, service.body_limits, service.cut_uploads)
-    images = await form_images(request, body, "image", 1) if is_multipart(request) else [body]
-    [result] = await _detect(service, request, images, arrived, score_threshold, max_detections)
+    with service.batcher.reserve() as reservation:  # from now on a batch may wait for it
+        service.batcher.check_capacity(1)
+        body = await read_body(request, service.body_limits, service.cut_uploads)
+        multipart = is_multipart(request)
+        images = await form_images(request, body, "image", 1) if multipart else [body]
+        [result] = await _detect(
+            service, request, reservation, images, arrived, score_threshold, max_detections
+        )
     return result
 
 
@@ -77,21 +81,26 @@ async def detect_batch(
     """Detect objects in several images (multipart fields `images`); results in that order."""
     arrived = time.monotonic()
     service.check_accepting()
-    service.batcher.check_capacity(1)
-    body = await read_body(request, service.body_limits, service.cut_uploads)
-    if not is_multipart(request):
-        raise UnsupportedTypeError("send multipart/form-data with one or more files in `images`")
-    cap = service.settings.max_images_per_request
-    images = await form_images(request, body, "images", cap)
-    results = await _detect(
-        service, request, images, arrived, score_threshold, max_detections, numbered=True
-    )
+    with service.batcher.reserve() as reservation:  # from now on a batch may wait for it
+        service.batcher.check_capacity(1)
+        body = await read_body(request, service.body_limits, service.cut_uploads)
+        if not is_multipart(request):
+            raise UnsupportedTypeError(
+                "send multipart/form-data with one or more files in `images`"
+            )
+        cap = service.settings.max_images_per_request
+        images = await form_images(request, body, "images", cap)
+        results = await _detect(
+            service, request, reservation, images, arrived, score_threshold, max_detections,
+            numbered=True,
+        )  # fmt: skip
     return BatchResponse(results=results)
 
 
 async def _detect(
     service: Service,
     request: Request,
+    reservation: Reservation,
     images: list[bytes],
     arrived: float,
     score_threshold: float | None,
@@ -99,8 +108,9 @@ async def _detect(
     *,
     numbered: bool = False,
 ) -> list[DetectResponse]:
-    """Reserve queue places, decode the images on the decode pool, run them as queued jobs,
-    build the responses; all by the request's deadline."""
+    """Hold queue places for the images in the request's ``reservation``, decode them on
+    the decode pool, run them as queued jobs, build the responses; all by the request's
+    deadline."""
     settings = service.settings
     threshold = settings.score_threshold if score_threshold is None else score_threshold
     cap = settings.max_detections if max_detections is None else max_detections
@@ -124,14 +134,14 @@ async def _detect(
                 raise
             raise type(exc)(f"images[{index}]: {exc.message}") from None
 
-    with service.batcher.reserve(len(images)) as reservation:
-        jobs = await asyncio.gather(*(prepare(i, data) for i, data in enumerate(images)))
-        request.state.image_sizes = [job.size for job in jobs]  # for the access log
-        batch_sizes: list[int] = []
-        request.state.batch_sizes = batch_sizes
-        detections = await service.batcher.submit(
-            jobs, deadline, request.is_disconnected, reservation, batch_sizes
-        )
+    reservation.hold(len(images))
+    jobs = await asyncio.gather(*(prepare(i, data) for i, data in enumerate(images)))
+    request.state.image_sizes = [job.size for job in jobs]  # for the access log
+    batch_sizes: list[int] = []
+    request.state.batch_sizes = batch_sizes
+    detections = await service.batcher.submit(
+        jobs, deadline, request.is_disconnected, reservation, batch_sizes
+    )
     if await request.is_disconnected():
         raise ClientDisconnectedError("the client went away before its answer was sent")
     return [

@@ -1,10 +1,16 @@
-"""Dynamic batching (``app/batcher.py``): batches under concurrency, a full queue, deadlines,
-disconnected clients, failures inside a batch, and per-request thresholds within one forward
-pass. All in process (the app factory over httpx's ASGI transport)."""
+"""Dynamic batching (``app/batcher.py``): batches under concurrency, a lone request that does
+not wait for company, a full queue, deadlines, disconnected clients, failures inside a batch,
+and per-request thresholds within one forward pass. All in process (the app factory over
+httpx's ASGI transport).
+
+A request waits in the queue for its batch only while another is on its way (announced, its
+upload or decoding not done). The tests that need a request to sit in the queue keep one on
+its way: an upload that stalls part-way (``_on_its_way``), as a slow client's would."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
@@ -72,9 +78,10 @@ async def test_concurrent_clients_are_batched(client: httpx.AsyncClient) -> None
 async def queued(
     tiny_weights: Path, tiny_detector: Detector, one_thread: None, anyio_backend: str
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """An app with a queue of one image, batches formed after 1.5 s unless 8 images wait: a
-    request sits in the queue long enough for the next to find it full, or for its client to
-    leave. Gives the app and a client calling it in process."""
+    """An app with a queue of one image, batches formed after 1.5 s unless 8 images wait or
+    nothing more is on its way: with a stalled upload on its way, a request sits in the queue
+    long enough for the next to find it full, or for its client to leave. Gives the app and
+    a client calling it in process."""
     settings = _settings(
         tiny_weights,
         max_queue=1,
@@ -107,16 +114,17 @@ def _depth_is(client: httpx.AsyncClient, depth: int) -> Callable[[], Awaitable[b
 async def test_full_queue_gives_503_and_nothing_else_breaks(
     queued: tuple[FastAPI, httpx.AsyncClient],
 ) -> None:
-    _, client = queued
+    app, client = queued
     text = (await client.get("/metrics")).text
     before = metric(text, "ssd_rejected_total", reason="overloaded")
     decodes = metric(text, "ssd_stage_duration_seconds_count", stage="decode")
-    first_task = asyncio.create_task(
-        client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
-    )
-    await _wait_for(_depth_is(client, 1))
-    second = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
-    first = await first_task
+    async with _on_its_way(app):
+        first_task = asyncio.create_task(
+            client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+        )
+        await _wait_for(_depth_is(client, 1))
+        second = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+        first = await first_task
     assert second.status_code == 503
     # Refused before it cost a decode: only the queued request's image was decoded.
     text = (await client.get("/metrics")).text
@@ -151,10 +159,13 @@ async def test_refused_requests_are_refused_before_they_cost_a_decode(
     assert await decodes() == before + 1
 
 
-async def _post_then_hang_up(app: FastAPI, body: bytes, hang_up: asyncio.Event) -> list[dict]:
+async def _post_then_hang_up(
+    app: FastAPI, body: bytes, hang_up: asyncio.Event, *, sent_of: int | None = None
+) -> list[dict]:
     """POST ``body`` to /detect straight through the ASGI interface, as a server would pass it
     on, and report the client gone (``http.disconnect``) once ``hang_up`` is set; returns the
-    messages the app sent."""
+    messages the app sent. With ``sent_of``, the request announces a body of that many bytes
+    and stalls after ``body`` until it hangs up."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -168,7 +179,7 @@ async def _post_then_hang_up(app: FastAPI, body: bytes, hang_up: asyncio.Event) 
         "headers": [
             (b"host", b"app"),
             (b"content-type", b"image/png"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", str(sent_of or len(body)).encode()),
         ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 80),
@@ -180,7 +191,7 @@ async def _post_then_hang_up(app: FastAPI, body: bytes, hang_up: asyncio.Event) 
         nonlocal body_sent
         if not body_sent:
             body_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": sent_of is not None}
         if not hang_up.is_set():  # a server's receive blocks until the client goes away
             await hang_up.wait()
         return {"type": "http.disconnect"}
@@ -192,6 +203,43 @@ async def _post_then_hang_up(app: FastAPI, body: bytes, hang_up: asyncio.Event) 
     return sent
 
 
+@contextlib.asynccontextmanager
+async def _on_its_way(app: FastAPI) -> AsyncIterator[None]:
+    """A request on its way to the queue for the ``with`` block: its upload stalls after a
+    few bytes of a PNG, until it hangs up at the end (and is answered nothing)."""
+    hang_up = asyncio.Event()
+    request = asyncio.create_task(_post_then_hang_up(app, PNG[:8], hang_up, sent_of=len(PNG)))
+    await _wait_for(lambda: _on_the_way(app, 1))
+    try:
+        yield
+    finally:
+        hang_up.set()
+        await request
+
+
+async def _on_the_way(app: FastAPI, count: int) -> bool:
+    return app.state.service.batcher._on_the_way == count
+
+
+@pytest.mark.anyio
+async def test_a_lone_request_does_not_wait_for_company(
+    queued: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    # Batches wait up to 1.5 s for more images, but with nothing else on its way a request
+    # runs at once; with a stalled upload on its way, the same request waits its 1.5 s.
+    app, client = queued
+    started = time.monotonic()
+    alone = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+    alone_s = time.monotonic() - started
+    async with _on_its_way(app):
+        started = time.monotonic()
+        waited = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
+        waited_s = time.monotonic() - started
+    assert alone.status_code == waited.status_code == 200
+    assert waited_s >= 1.5 > alone_s, (alone_s, waited_s)
+    assert await _on_the_way(app, 0)  # the stalled request's hang-up ended its announcement
+
+
 @pytest.mark.anyio
 async def test_disconnected_client_is_dropped(queued: tuple[FastAPI, httpx.AsyncClient]) -> None:
     app, client = queued
@@ -201,22 +249,26 @@ async def test_disconnected_client_is_dropped(queued: tuple[FastAPI, httpx.Async
         metric(text, "ssd_images_total"),
     )
     hang_up = asyncio.Event()
-    request = asyncio.create_task(_post_then_hang_up(app, PNG, hang_up))
-    # Queued, waiting for its batch (1.5 s): hang up now.
-    await _wait_for(_depth_is(client, 1))
-    hang_up.set()
-    end = time.monotonic() + 10
-    while True:
+    async with _on_its_way(app):
+        request = asyncio.create_task(_post_then_hang_up(app, PNG, hang_up))
+        # Queued, waiting for its batch (1.5 s): hang up now.
+        await _wait_for(_depth_is(client, 1))
+        hang_up.set()
+        end = time.monotonic() + 10
+        while True:
+            text = (await client.get("/metrics")).text
+            if metric(text, "ssd_rejected_total", reason="disconnected") != dropped:
+                break
+            assert time.monotonic() < end, "the disconnected request was not dropped"
+            await asyncio.sleep(0.1)
+        await request
         text = (await client.get("/metrics")).text
-        if metric(text, "ssd_rejected_total", reason="disconnected") != dropped:
-            break
-        assert time.monotonic() < end, "the disconnected request was not dropped"
-        await asyncio.sleep(0.1)
-    await request
+        assert metric(text, "ssd_rejected_total", reason="disconnected") == dropped + 1
+        assert metric(text, "ssd_images_total") == images  # it never reached the model
+        assert metric(text, "ssd_queue_depth") == 0
+    # The stalled upload's hang-up counts too: a client gone before its answer.
     text = (await client.get("/metrics")).text
-    assert metric(text, "ssd_rejected_total", reason="disconnected") == dropped + 1
-    assert metric(text, "ssd_images_total") == images  # it never reached the model
-    assert metric(text, "ssd_queue_depth") == 0
+    assert metric(text, "ssd_rejected_total", reason="disconnected") == dropped + 2
 
 
 # ---- deadlines, failures, per-request parameters -------------------------------------------
@@ -230,7 +282,7 @@ def test_passed_deadline_gives_504(tiny_weights: Path, one_thread: None) -> None
     app = create_app(_settings(tiny_weights, request_timeout_s=0.2, max_wait_ms=3000))
 
     async def scenario() -> tuple[httpx.Response, str]:
-        async with in_process(app) as client:
+        async with in_process(app) as client, _on_its_way(app):  # the batch waits 3 s for it
             response = await client.post(
                 "/detect", content=PNG, headers={"Content-Type": "image/png"}
             )
@@ -292,7 +344,8 @@ def test_failure_inside_a_batch_answers_every_request(
         assert "Traceback" not in response.text
     assert [r.status_code for r in healthy] == [200, 200]
     assert [r.status_code for r in after] == [200] * 4
-    assert metric(text, "ssd_batch_size_count") == 1  # only the good batch is recorded
+    # Only the good images are recorded (in one batch or more, as they reach the queue).
+    assert metric(text, "ssd_batch_size_sum") == 4
     assert metric(text, "ssd_requests_total", route="/detect", status="500") == 4
 
 

@@ -19,16 +19,20 @@ PNG = encode(shapes_image((320, 240)), "PNG")
 
 
 def test_sigterm_drains(tiny_weights: Path, tmp_path: Path) -> None:
-    # The request waits 2.5 s for its batch; SIGTERM comes while it waits, and the server
-    # stops listening 1 s after it (SSD_DRAIN_S), so the request is still in flight then.
+    # The request waits 2.5 s for its batch, since an upload that stalls is on its way too;
+    # SIGTERM comes while it waits, and the server stops listening 1 s after it
+    # (SSD_DRAIN_S), so the request is still in flight then.
     env = {
         "SSD_WEIGHTS": str(tiny_weights),
         "SSD_DEVICE": "cpu",
         "SSD_MAX_WAIT_MS": "2500",
         "SSD_DRAIN_S": "1",
+        "SSD_MIN_BODY_RATE": "1",  # the stalled upload is not cut for slowness
     }
     server = Server(env, tmp_path / "uvicorn.log").wait_ready()
     try:
+        stalled = connect(server)
+        stalled.sendall(head(content_length=100_000) + b"abc")
 
         async def scenario() -> dict[str, httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -66,6 +70,7 @@ def test_sigterm_drains(tiny_weights: Path, tmp_path: Path) -> None:
         assert in_flight.json()["image"] == {"width": 320, "height": 240}
         # uvicorn re-raises the captured SIGTERM after a clean shutdown.
         assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        stalled.close()
         assert "Traceback" not in server.output()
     finally:
         server.stop()
