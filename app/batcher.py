@@ -3,10 +3,14 @@
 A batch is formed when ``max_batch_size`` images wait, when the oldest has waited
 ``max_wait_s``, or when no other request is on its way to the queue (each request announces
 itself with ``reserve`` as soon as it arrives), whichever comes first: waiting for company
-that is not coming only adds latency, as with a single client. The model batches and unbatches
-(``Detector.run_batch``): the batcher holds jobs, futures and timings, never tensors. A batch
-runs on one dedicated thread, so the event loop keeps accepting requests while it runs, and
-the next batch fills up in the meantime. The queue is bounded; a full queue is refused at once
+that is not coming only adds latency, as with a single client. A batch runs on one dedicated
+thread, so the event loop keeps accepting requests while it runs, and the next batch fills up
+in the meantime. When the next batch is full before the current one is done, it is staged at
+once on a second thread (``Detector.stage``: stacked, and on a GPU copied to the device on a
+stream of its own), so that it is ready when the model is free; a batch that is not full is
+formed only once the model is free, since until then more images can still join it. The
+model batches and unbatches: the batcher holds jobs, futures, timings and the opaque staged
+batch, never tensors it looks into. The queue is bounded; a full queue is refused at once
 (503).
 
 Before a batch runs, images whose client has gone away or whose deadline has passed are
@@ -33,7 +37,7 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from model import Detections, Detector
-from model.detector import ModelInput
+from model.detector import ModelInput, StagedBatch
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +105,11 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        # One thread: one batch at a time on the one model copy.
+        self._in_hand = 0  # batches formed and not yet done: staging, staged, or running
+        self._handoff: asyncio.Queue[tuple[list[_Entry], StagedBatch] | None] = asyncio.Queue(1)
+        # One thread: one batch at a time on the one model copy; and one to stage the next.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-staging")
         metrics.queue_depth.set_function(lambda: self.queue_depth)
         metrics.queue_capacity.set(max_queue)
 
@@ -154,6 +161,7 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        self._stager.shutdown(wait=True)
 
     async def warm_up(self) -> None:
         """Run the model's warm-up on the inference thread, so the first request is not the
@@ -219,35 +227,65 @@ class Batcher:
                         self._pending.remove(entry)
 
     async def _loop(self) -> None:
+        """Form batches and stage them; the runner (a task of its own) runs them in turn."""
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            batch = await self._drop_gone(batch)
-            if not batch:
-                continue
-            started = time.monotonic()
-            for entry in batch:
-                self.metrics.stage_duration.labels(stage="queue").observe(started - entry.enqueued)
-            jobs = [entry.job for entry in batch]
+        runner = asyncio.create_task(self._run_batches(), name="ssd-batch-runner")
+        try:
+            while (batch := await self._next_batch()) is not None:
+                batch = await self._drop_gone(batch)
+                if not batch:
+                    continue
+                self._in_hand += 1
+                inputs = [entry.job.inputs for entry in batch]
+                try:
+                    staged = await loop.run_in_executor(self._stager, self.detector.stage, inputs)
+                except Exception as exc:
+                    self._failed(batch, exc)
+                    self._in_hand -= 1
+                    continue
+                await self._handoff.put((batch, staged))  # waits while one is staged already
+        finally:
+            await self._handoff.put(None)
+            await runner
+
+    async def _run_batches(self) -> None:
+        """Run the staged batches one at a time on the inference thread; answer their jobs."""
+        loop = asyncio.get_running_loop()
+        while (item := await self._handoff.get()) is not None:
+            batch, staged = item
             try:
-                results = await loop.run_in_executor(self._executor, self._infer, jobs)
-            except Exception as exc:
-                log.exception("a batch of %d images failed", len(batch))
+                if all(entry.future.done() for entry in batch):
+                    continue  # every request gave up while its batch was staged
+                started = time.monotonic()
                 for entry in batch:
+                    waited = started - entry.enqueued
+                    self.metrics.stage_duration.labels(stage="queue").observe(waited)
+                run = functools.partial(self._infer, [entry.job for entry in batch], staged)
+                try:
+                    results = await loop.run_in_executor(self._executor, run)
+                except Exception as exc:
+                    self._failed(batch, exc)
+                    continue
+                for entry, result in zip(batch, results, strict=True):
+                    entry.batch_size = len(batch)
                     if not entry.future.done():
-                        entry.future.set_exception(
-                            InferenceFailedError(f"the batch this image was in failed: {exc!r}")
-                        )
-                continue
-            for entry, result in zip(batch, results, strict=True):
-                entry.batch_size = len(batch)
-                if not entry.future.done():
-                    entry.future.set_result(result)
+                        entry.future.set_result(result)
+            finally:
+                self._in_hand -= 1
+                self._arrived.set()  # the model is free: a batch that is not full may go
+
+    def _failed(self, batch: list[_Entry], exc: Exception) -> None:
+        """Answer every job of a batch that failed with ``InferenceFailedError``."""
+        log.error("a batch of %d images failed", len(batch), exc_info=exc)
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(
+                    InferenceFailedError(f"the batch this image was in failed: {exc!r}")
+                )
 
     async def _next_batch(self) -> list[_Entry] | None:
-        """Wait until a batch is due; None once stopping with nothing left."""
+        """Wait until a batch is due; None once stopping with nothing left. A full batch is
+        due at once; one that is not, only while no batch is in hand (the model is free)."""
         while True:
             while self._pending and self._pending[0].future.done():
                 self._pending.popleft()
@@ -259,11 +297,12 @@ class Batcher:
                 continue
             due = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
             full = len(self._pending) >= self.max_batch_size
-            if full or due <= 0 or self._on_the_way == 0 or self._stopping:
+            free = self._in_hand == 0
+            if full or self._stopping or (free and (due <= 0 or self._on_the_way == 0)):
                 break
             self._arrived.clear()
-            try:
-                async with asyncio.timeout(due):
+            try:  # woken by an arrival, a request no longer on its way, or the model free
+                async with asyncio.timeout(due if free else None):
                     await self._arrived.wait()
             except TimeoutError:
                 pass
@@ -284,10 +323,10 @@ class Batcher:
             kept.append(entry)
         return kept
 
-    def _infer(self, jobs: list[Job]) -> list[Detections]:
-        """One batch through the model, its metrics recorded (runs on the worker thread)."""
-        batch = self.detector.run_batch(
-            [job.inputs for job in jobs],
+    def _infer(self, jobs: list[Job], staged: StagedBatch) -> list[Detections]:
+        """One staged batch through the model, its metrics recorded (on the worker thread)."""
+        batch = self.detector.run_staged(
+            staged,
             [job.size for job in jobs],
             [job.score_threshold for job in jobs],
             [job.max_detections for job in jobs],

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,7 @@ class Detector:
         # Made once the network and precision are final: a captured graph holds both.
         capture = capture_cuda_graph if self.device.type == "cuda" else None
         self._forward = BucketedForward(self._eager_forward, capture)
+        self._copy_stream: torch.cuda.Stream | None = None  # made by the first ``stage``
 
     @classmethod
     def load(
@@ -197,8 +198,64 @@ class Detector:
             )
         if count == 0:
             return BatchResult([], 0.0, 0.0)
+        staged = self.stage(inputs)
+        result = self.run_staged(staged, sizes, score_thresholds, max_detections)
+        return replace(result, forward_s=staged.seconds + result.forward_s)
+
+    @torch.inference_mode()
+    def stage(self, inputs: Sequence[ModelInput]) -> StagedBatch:
+        """The part of ``run_batch`` before the forward pass: prepared images stacked into one
+        batch on the device, in the network's dtype-ready layout. A server stages the next
+        batch on a thread of its own while the current one runs (``app.batcher``).
+
+        On a GPU the copy runs on a CUDA stream of its own, from pinned memory, and the
+        batch's forward pass waits for it through an event, not for the whole device.
+
+        Raises:
+            ValueError: no inputs.
+        """
+        if len(inputs) == 0:
+            raise ValueError("stage needs at least one input, got none")
+        started = time.perf_counter()
+        batch = torch.stack(list(inputs))  # N x Tensor[3, S, S] -> [N, 3, S, S]
+        if self.device.type != "cuda":
+            return StagedBatch(self.runtime.inputs(batch), None, time.perf_counter() - started)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = self.runtime.inputs(batch)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return StagedBatch(on_device, ready, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def run_staged(
+        self,
+        staged: StagedBatch,
+        sizes: Sequence[tuple[int, int]],
+        score_thresholds: Sequence[float],
+        max_detections: Sequence[int],
+    ) -> BatchResult:
+        """``run_batch`` from a batch ``stage`` made: one forward pass, then decoding.
+
+        Raises:
+            ValueError: the batch and the three sequences differ in length.
+            RuntimeError: the model gave a number of results other than the batch's.
+        """
+        count = staged.tensor.shape[0]
+        lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
+        if len(set(lengths)) != 1:
+            raise ValueError(
+                "run_staged needs one size, threshold and cap per image of the batch; got "
+                f"{count} images, {lengths[1]} sizes, {lengths[2]} score_thresholds and "
+                f"{lengths[3]} max_detections"
+            )
         start = time.perf_counter()
-        loc, conf = self.forward(torch.stack(list(inputs)))  # N x Tensor[3, S, S] -> [N, 3, S, S]
+        if staged.ready is not None:  # the copy stream's work, before this stream's reads
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(staged.ready)
+            staged.tensor.record_stream(current)  # freed only once this stream is done
+        loc, conf = self._forward(staged.tensor)
         forwarded = time.perf_counter()
         detections = self.decode(loc, conf, sizes, score_thresholds, max_detections)
         done = time.perf_counter()
@@ -352,9 +409,21 @@ ModelInput = Tensor
 
 
 @dataclass(frozen=True)
+class StagedBatch:
+    """A batch ``Detector.stage`` made for ``Detector.run_staged``: Tensor[N, 3, S, S] on the
+    device in the network's layout; on a GPU the event its copy recorded (else None); and the
+    host seconds staging took."""
+
+    tensor: Tensor
+    ready: torch.cuda.Event | None
+    seconds: float
+
+
+@dataclass(frozen=True)
 class BatchResult:
     """What ``Detector.run_batch`` gives: one ``Detections`` per input, in order, and the
-    wall-clock seconds of the batch's forward pass and of its decoding (post-processing)."""
+    wall-clock seconds of the batch's forward pass (with its staging, in ``run_batch``) and of
+    its decoding (post-processing)."""
 
     detections: list[Detections]
     forward_s: float

@@ -25,7 +25,7 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
-from app.batcher import Batcher
+from app.batcher import Batcher, Job
 from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
@@ -302,10 +302,10 @@ class FaultyDetector(Detector):
     fail_forward = False
     short_decode = False
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_staged(self, *args, **kwargs):
         if self.fail_forward:
             raise RuntimeError("injected forward failure")
-        return super().forward(inputs)
+        return super().run_staged(*args, **kwargs)
 
     def decode(self, *args, **kwargs):
         results = super().decode(*args, **kwargs)
@@ -384,6 +384,75 @@ def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path, one_thre
         assert all(d["score"] > threshold - 1e-4 for d in got)
         assert [d["label"] for d in got] == alone.labels
         assert [d["score"] for d in got] == pytest.approx(alone.scores.tolist(), abs=1e-4)
+
+
+class GatedDetector(Detector):
+    """A real Detector that logs when it stages and runs batches, and whose first batch runs
+    only once ``release`` is set: the batch after it is formed while it runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.log: list[tuple[str, int, str]] = []
+
+    def stage(self, inputs):
+        self.log.append(("stage", len(inputs), threading.current_thread().name))
+        return super().stage(inputs)
+
+    def run_staged(self, staged, *args, **kwargs):
+        count = staged.tensor.shape[0]
+        self.log.append(("run", count, threading.current_thread().name))
+        assert self.release.wait(timeout=30)
+        result = super().run_staged(staged, *args, **kwargs)
+        self.log.append(("done", count, threading.current_thread().name))
+        return result
+
+
+def test_a_full_batch_is_staged_while_the_one_before_runs(
+    tiny_weights: Path, one_thread: None
+) -> None:
+    detector = GatedDetector.load(tiny_weights, device="cpu")
+    inputs, size = detector.prepare(Image.open(io.BytesIO(PNG)))
+
+    def jobs(count: int) -> list[Job]:
+        return [Job(inputs, size, 0.3, 10)] * count
+
+    async def scenario() -> list[list[int]]:
+        batcher = Batcher(detector, Metrics(8), max_batch_size=2, max_wait_s=0.0, max_queue=8)
+        await batcher.start()
+        deadline = time.monotonic() + 60
+        sizes: list[list[int]] = [[], [], []]
+        first = asyncio.create_task(batcher.submit(jobs(2), deadline, batch_sizes=sizes[0]))
+        await _until(lambda: ("run", 2, "ssd-inference_0") in detector.log)
+        # The model is busy: a full batch is staged now; a partial one waits for the model.
+        second = asyncio.create_task(batcher.submit(jobs(2), deadline, batch_sizes=sizes[1]))
+        third = asyncio.create_task(batcher.submit(jobs(1), deadline, batch_sizes=sizes[2]))
+        await _until(lambda: len(detector.log) == 3)
+        detector.release.set()
+        await asyncio.gather(first, second, third)
+        await batcher.stop()
+        return sizes
+
+    sizes = asyncio.run(scenario())
+    assert sizes == [[2, 2], [2, 2], [1]]
+    assert detector.log == [
+        ("stage", 2, "ssd-staging_0"),
+        ("run", 2, "ssd-inference_0"),
+        ("stage", 2, "ssd-staging_0"),  # the second batch, staged while the first runs
+        ("done", 2, "ssd-inference_0"),
+        ("run", 2, "ssd-inference_0"),
+        ("done", 2, "ssd-inference_0"),
+        ("stage", 1, "ssd-staging_0"),  # the partial batch, formed once the model was free
+        ("run", 1, "ssd-inference_0"),
+        ("done", 1, "ssd-inference_0"),
+    ]
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 def test_warm_up_reaches_the_largest_batch_the_batcher_forms() -> None:

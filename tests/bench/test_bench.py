@@ -31,6 +31,7 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path) -> None:
     assert set(report["service"]["1"]) == {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "requests"}
     assert set(report["ratios"]) == {
         "detector_auto/torchvision@batch1",
+        "detector_auto/fastest_forced@batch1",
         "service@1/detector_auto@batch1",
     }
     figures = [report["torchvision"], report["detector"], report["service"], report["ratios"]]

@@ -206,6 +206,28 @@ def test_run_batch_refuses_mismatched_lengths_naming_them():
     assert detector.run_batch([], [], [], []).detections == []
 
 
+def test_stage_then_run_staged_equals_run_batch_and_checks_lengths():
+    # The batcher stages the next batch on a thread of its own while the current one runs
+    # (app.batcher): the two halves give what run_batch gives in one call.
+    torch.manual_seed(0)
+    detector = Detector(ssd300_vgg16(3, width=0.125).eval(), NAMES)
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8, generator=g) for _ in "ab"]
+    prepared = [detector.prepare(image) for image in images]
+    inputs, sizes = [i for i, _ in prepared], [s for _, s in prepared]
+    staged = detector.stage(inputs)
+    assert staged.tensor.shape == (2, 3, 300, 300) and staged.ready is None  # no GPU, no event
+    assert staged.tensor.is_contiguous(memory_format=detector.runtime.memory_format)
+    halves = detector.run_staged(staged, sizes, [0.0, 0.2], [5, 3]).detections
+    whole = detector.run_batch(inputs, sizes, [0.0, 0.2], [5, 3]).detections
+    for got, expected in zip(halves, whole, strict=True):
+        assert torch.equal(got.boxes, expected.boxes) and got.labels == expected.labels
+    with pytest.raises(ValueError, match="2 images, 1 sizes, 2 score_thresholds and 2 max_"):
+        detector.run_staged(staged, sizes[:1], [0.1, 0.1], [1, 1])
+    with pytest.raises(ValueError, match="at least one input"):
+        detector.stage([])
+
+
 def test_run_batch_checks_one_result_per_input():
     class Short(Detector):
         def decode(self, *args, **kwargs):
