@@ -210,7 +210,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--shipped", action="store_true", help=f"(b), (c) on {DEFAULT_WEIGHTS}")
     parser.add_argument("--width", type=float, default=1.0, help="of the random SSD300")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per figure")
     parser.add_argument("--jpegs", type=Path, default=JPEGS)
     parser.add_argument("--out", type=Path, default=None, help="the JSON file to write")
     return parser.parse_args()
