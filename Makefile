@@ -42,7 +42,7 @@ run: install
 	$(PY) -m app --host $(HOST) --port $(PORT)
 
 # Issue #12's comparison in one run: torchvision's SSD300, our Detector per precision, the
-# service under 1, 8 and 32 clients; prints a table, writes bench/results/<machine>-<date>.json.
+# service under 1, 8, 16 and 32 clients; prints a table, writes bench/results/<machine>-<date>.json.
 bench: install
 	$(PY) -m bench
 
