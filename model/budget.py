@@ -5,7 +5,8 @@ epoch end (one with its evaluation, or every epoch end of a run without validati
 evaluation, training state, curves), the total is set to the steps that fit before the
 deadline with the timed epoch ends on the way and one final one (``steps_that_fit``). Between
 those, a plan that the latest step times say would run past the deadline itself (its margin
-used up) is made again at once, so that a run that slows down still ends where its curve does. The
+used up) by more than 1 % of the steps left is made again at once, so that a run that slows
+down still ends where its curve does. The
 epoch ends in between (writes only) count as part of the steps around them. The learning-rate curve
 (``model.schedule.LrCurve``) is stretched or shrunk with it, so a cosine schedule still ends
 at the end of the time.
@@ -31,6 +32,8 @@ UNTIMED_STEPS = 2
 INFERENCE_SHARE = 1 / 3
 # Seconds kept back at the end, beyond the final epoch end, for the noise in the estimates.
 WRITE_MARGIN_S = 2.0
+# The share of the steps left that a plan may overrun the deadline by before it is made again.
+OVERRUN_SLACK = 0.01
 # Writing a checkpoint, the training state and the curves, until an epoch end is timed.
 WRITES_ESTIMATE_S = 1.0
 
@@ -134,9 +137,11 @@ class BudgetKeeper:
         return new_total
 
     def _overruns(self, step: int, now: float, total: int) -> bool:
-        """Whether ``total`` steps at the latest step time would end past the deadline, the
-        margin for noise used up (re-planning leaves the margin again, so noise alone does
-        not re-plan at every step)."""
+        """Whether ``total`` steps at the latest step time would end past the deadline itself
+        (the margin used up) by more than ``OVERRUN_SLACK`` of the steps left. A step time
+        that creeps up (caches, heat, a neighbour) then re-plans now and then, not at every
+        step; the steps it may still overrun by are cut at the end by ``out_of_time``, where
+        a cosine curve is flat (at 99 % of it the rate is 0.00025 of the base)."""
         fits = self.budget.steps_that_fit(
             step,
             now,
@@ -144,7 +149,7 @@ class BudgetKeeper:
             end_estimate_s=self._end_estimate(),
             margin_s=0.0,
         )
-        return fits < total
+        return total - fits > OVERRUN_SLACK * (total - step)
 
     def _end_estimate(self) -> float:
         """Seconds of an epoch end until one is timed: its evaluation and its writes."""

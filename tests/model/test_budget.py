@@ -7,6 +7,7 @@ import pytest
 
 from model.budget import (
     CALIBRATION_STEPS,
+    OVERRUN_SLACK,
     WRITE_MARGIN_S,
     WRITES_ESTIMATE_S,
     BudgetKeeper,
@@ -94,6 +95,16 @@ def test_keeper_replans_at_once_when_steps_slow_down_past_the_margin():
     # steps fit without the margin, 12 + 253 >= 253: within the margin, so no new plan.
     clock.tick = 0.5
     assert keeper.after_step(12, total) is None
+    # Step 13 takes 1.2 s (10.2 s; 8.7 s / 11 steps): (200 - 10.2 - 1) * 11 / 8.7 = 238.7,
+    # so 13 + 238 = 251 fit without the margin, 2 fewer than planned: within the slack of 1 %
+    # of the 240 steps left (2.4), so no new plan (a creeping step time re-plans now and then).
+    assert OVERRUN_SLACK == 0.01
+    clock.tick = 1.2
+    assert keeper.after_step(13, total) is None
+    # Step 14 takes 3 s (13.2 s; 11.7 s / 12 steps = 0.975 s): 14 + 190 = 204 fit, 49 short.
+    # Made again: (200 - 13.2 - 1 - 2) / 0.975 = 188.5, total 14 + 188.
+    clock.tick = 3.0
+    assert keeper.after_step(14, total) == 14 + 188
 
 
 def test_keeper_stops_the_run_when_time_is_up():
