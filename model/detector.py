@@ -189,13 +189,7 @@ class Detector:
             RuntimeError: the model gave a number of results other than the inputs'.
         """
         count = len(inputs)
-        lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
-        if len(set(lengths)) != 1:
-            raise ValueError(
-                "run_batch needs one size, threshold and cap per input; got "
-                f"{count} inputs, {lengths[1]} sizes, {lengths[2]} score_thresholds and "
-                f"{lengths[3]} max_detections"
-            )
+        _check_lengths("run_batch", (count, "inputs"), sizes, score_thresholds, max_detections)
         if count == 0:
             return BatchResult([], 0.0, 0.0)
         staged = self.stage(inputs)
@@ -243,13 +237,7 @@ class Detector:
             RuntimeError: the model gave a number of results other than the batch's.
         """
         count = staged.tensor.shape[0]
-        lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
-        if len(set(lengths)) != 1:
-            raise ValueError(
-                "run_staged needs one size, threshold and cap per image of the batch; got "
-                f"{count} images, {lengths[1]} sizes, {lengths[2]} score_thresholds and "
-                f"{lengths[3]} max_detections"
-            )
+        _check_lengths("run_staged", (count, "images"), sizes, score_thresholds, max_detections)
         start = time.perf_counter()
         if staged.ready is not None:  # the copy stream's work, before this stream's reads
             current = torch.cuda.current_stream(self.device)
@@ -406,6 +394,24 @@ def _per_image(value: float | Sequence[float], count: int, name: str) -> list:
 # What ``Detector.prepare`` makes of one image (float32 Tensor[3, S, S]) and ``run_batch``
 # takes back: callers that only queue it (the service's batcher) name it by this.
 ModelInput = Tensor
+
+
+def _check_lengths(
+    caller: str,
+    batch: tuple[int, str],
+    sizes: Sequence[object],
+    score_thresholds: Sequence[object],
+    max_detections: Sequence[object],
+) -> None:
+    """Raise ValueError, naming every length, unless the batch's (count, noun) and the three
+    per-image sequences agree."""
+    count, noun = batch
+    lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
+    if len(set(lengths)) != 1:
+        raise ValueError(
+            f"{caller} needs one size, threshold and cap per image; got {count} {noun}, "
+            f"{lengths[1]} sizes, {lengths[2]} score_thresholds and {lengths[3]} max_detections"
+        )
 
 
 @dataclass(frozen=True)
