@@ -124,15 +124,18 @@ class BudgetKeeper:
         now = self.clock()
         self._seconds.append(now - self._last)
         self._last = now
-        new_total = None
+        new_total, replan = None, False
         if len(self._seconds) >= CALIBRATION_STEPS:
             # The latest steps: the rate drifts (workers, caches) more than it is noisy.
             recent = self._seconds[UNTIMED_STEPS:][-5 * CALIBRATION_STEPS :]
             first_plan = self.budget.step_s is None
             self.budget.step_s = sum(recent) / len(recent)
-            if first_plan or self.agree(int(self._overruns(step, now, total))):
-                new_total = self.plan(step, now)
-        if self.agree(int(self.budget.out_of_time(now))):
+            replan = first_plan or self._overruns(step, now, total)
+        # One agreement per step for both decisions (a collective in a multi-process run).
+        decided = self.agree(int(replan) | int(self.budget.out_of_time(now)) << 1)
+        if decided & 1:
+            new_total = self.plan(step, now)
+        if decided & 2:
             new_total = step
         return new_total
 
