@@ -2,8 +2,9 @@
 
 Reads any ``--data`` form of ``model.data`` (``voc:PATH[:SPLIT]``, ``coco:IMAGES:JSON``,
 ``synthetic[:N]``), applies the paper's augmentation, minimises the MultiBox loss with SGD
-(momentum 0.9, weight decay 5e-4, as the authors) under a warm-up then step or cosine
-schedule, and writes a ``Detector`` checkpoint every epoch. Besides ``--out``:
+(momentum 0.9, weight decay 5e-4, as the authors; or AdamW with ``--optimizer adamw``) under
+a warm-up then step or cosine schedule, and writes a ``Detector`` checkpoint every epoch.
+Besides ``--out``:
 
 * ``<out stem>.state.safetensors``: model, optimiser, scheduler, step and RNG state, for
   ``--resume`` (safetensors with JSON metadata; nothing pickled);
@@ -34,6 +35,7 @@ from model.budget import TimeBudget
 from model.checkpoint import RunFiles, load_matching_weights, load_training_state
 from model.data import SPEC_FORMS, load_dataset
 from model.data.loader import AugmentedDataset
+from model.data.mosaic import Mosaic
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
 from model.default_boxes import PRESETS
 from model.distributed import Processes
@@ -55,6 +57,9 @@ logger = logging.getLogger("model.train")
 
 MOMENTUM = 0.9  # ssd_pascal.py solver_param
 WEIGHT_DECAY = 5e-4  # ssd_pascal.py solver_param
+# AdamW's decoupled weight decay: torch.optim.AdamW's default. Betas are its defaults too.
+ADAMW_WEIGHT_DECAY = 1e-2
+OPTIMIZERS = ("sgd", "adamw")
 # --minutes starts on a plan this many epochs long (a warm-up of --warmup-steps), until the
 # budget has timed some steps and sets the real length.
 _UNPLANNED_EPOCHS = 1000
@@ -99,6 +104,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--minutes must be positive, got {args.minutes}")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         parser.error(f"--ema must be between 0 and 1, got {args.ema}")
+    if not 0.0 <= args.mosaic <= 1.0:
+        parser.error(f"--mosaic must be between 0 and 1, got {args.mosaic}")
     return args
 
 
@@ -116,6 +123,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ignore-difficult", action="store_true", help="drop VOC difficult objects")
     p.add_argument("--max-zoom-out", type=float, default=4.0, help="zoom-out ratio (paper: 4)")
+    p.add_argument(
+        "--mosaic",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="make this share of the training samples mosaics of four images (YOLOv4; not "
+        "in the paper), then crop and flip them as photos (default 0: none)",
+    )
     p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -159,6 +174,13 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         "(the learning-rate schedule is fitted to them); the best checkpoint is kept",
     )
     p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=OPTIMIZERS,
+        help="sgd: the authors' (momentum 0.9, weight decay 5e-4); adamw: torch's AdamW "
+        "(weight decay 0.01)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
     p.add_argument("--warmup-steps", type=int, default=500)
@@ -226,13 +248,17 @@ def build_trainer(args: argparse.Namespace, started: float | None = None) -> Tra
         if args.augment
         else EvalTransform(args.size)
     )
+    mosaic = Mosaic(args.mosaic, args.size) if args.augment and args.mosaic > 0 else None
+    # A mosaic already shows its scenes at half size (zoomed out by 2): it is not zoomed out
+    # again, or its objects would shrink to an eighth.
+    mosaic_transform = TrainTransform(args.size, zoom_out=ZoomOut(prob=0.0))
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     trainer = Trainer(
         network,
         loss=MultiBoxLoss(network.default_boxes).to(processes.runtime.device),
         optimisation=_optimisation(args, network, plan.total, processes),
         data=TrainingData(
-            AugmentedDataset(train_set, transform, args.seed),
+            AugmentedDataset(train_set, transform, args.seed, mosaic, mosaic_transform),
             batch_size=args.batch_size,
             seed=args.seed,
             workers=args.workers,
@@ -323,10 +349,17 @@ def _plan(args: argparse.Namespace, images: int, world: int) -> StepPlan:
 def _optimisation(
     args: argparse.Namespace, network: SSD, total: int, processes: Processes
 ) -> Optimisation:
-    """SGD with the authors' momentum and weight decay, under a warm-up then ``--schedule``."""
-    optimizer = torch.optim.SGD(
-        network.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
-    )
+    """``--optimizer`` (SGD with the authors' momentum and weight decay, or AdamW) under a
+    warm-up then ``--schedule``."""
+    optimizer: torch.optim.Optimizer
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(
+            network.parameters(), lr=args.lr, weight_decay=ADAMW_WEIGHT_DECAY
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            network.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+        )
     curve = LrCurve(total=total, warmup_limit=args.warmup_steps, schedule=args.schedule)
     # Through a function, not the object: LambdaLR saves a callable object's attributes in the
     # state and a resumed run would get the old run's length back, while a resumed run follows

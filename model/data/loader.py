@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from model.data.mosaic import PIECES, Mosaic
 from model.data.seeding import Purpose, torch_seed
 from model.data.transforms import EvalTransform, TrainTransform
 
@@ -23,23 +24,46 @@ class AugmentedDataset(Dataset):
     The augmentation is seeded from the key (seed, AUGMENTATION, epoch, index),
     so a sample's crop and colours do not depend on the worker that makes it or on where a
     run was resumed.
+
+    With ``mosaic``, a share ``mosaic.prob`` of the samples are mosaics of the indexed image
+    and three others, drawn (with the mosaic's centre) from the key (seed, MOSAIC, epoch,
+    index), and go through ``mosaic_transform`` (default: ``transform``) instead.
     """
 
     def __init__(
-        self, dataset: Dataset, transform: TrainTransform | EvalTransform, seed: int
+        self,
+        dataset: Dataset,
+        transform: TrainTransform | EvalTransform,
+        seed: int,
+        mosaic: Mosaic | None = None,
+        mosaic_transform: TrainTransform | EvalTransform | None = None,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.mosaic = mosaic
+        self.mosaic_transform = mosaic_transform or transform
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         epoch, index = key
-        image, target = self.dataset[index]
         seed = torch_seed(self.seed, Purpose.AUGMENTATION, epoch, index)
-        return self.transform(image, target["boxes"], target["labels"], seed)
+        if self.mosaic is not None and self.mosaic.prob > 0.0:
+            generator = torch.Generator().manual_seed(
+                torch_seed(self.seed, Purpose.MOSAIC, epoch, index)
+            )
+            if torch.rand((), generator=generator).item() < self.mosaic.prob:
+                others = torch.randint(len(self), (PIECES - 1,), generator=generator)
+                samples = [self._raw(i) for i in (index, *others.tolist())]
+                mosaic = self.mosaic(samples, self.mosaic.draw_centre(generator))
+                return self.mosaic_transform(*mosaic, seed)
+        return self.transform(*self._raw(index), seed)
+
+    def _raw(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        image, target = self.dataset[index]
+        return image, target["boxes"], target["labels"]
 
 
 def collate(

@@ -35,6 +35,7 @@ class Purpose(IntEnum):
     AUGMENTATION = 3  # model.data.loader, key (seed, purpose, epoch, index)
     EPOCH_ORDER = 4  # model.data.loader, key (seed, purpose, epoch)
     HOLDOUT = 5  # model.data.voc, key (0, purpose, text_key(stem)): --seed plays no part
+    MOSAIC = 6  # model.data.loader, key (seed, purpose, epoch, index)
 
 
 def seed_sequence(seed: int, purpose: Purpose, *more: int) -> np.random.SeedSequence:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model import Detector, ssd300_vgg16
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.evaluate import evaluate
 from model.train import RECIPES, _datasets, _parse_args, main
@@ -92,7 +92,15 @@ def test_overfits_a_few_images(tmp_path):
     assert report.map50 >= 0.9, report.per_class
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    ("optimizer", "lr", "mosaic"),
+    [("sgd", "0.01", "0"), ("adamw", "0.002", "0.5")],
+    ids=["sgd", "adamw-mosaic"],
+)
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, optimizer, lr, mosaic):
+    # The optimiser's state (momentum; AdamW's moments and step counts) goes through the
+    # state file, and mosaics are drawn from the run's seed: a resumed run takes the very
+    # steps an uninterrupted one takes.
     common = [
         "--data",
         "synthetic:16",
@@ -100,8 +108,12 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         "6",
         "--batch-size",
         "4",
+        "--optimizer",
+        optimizer,
         "--lr",
-        "0.01",
+        lr,
+        "--mosaic",
+        mosaic,
         "--eval-every",
         "0",
         "--seed",
@@ -113,7 +125,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     split = tmp_path / "split.safetensors"
     assert main([*common, "--out", str(split), "--stop-at", "3"]) == 0
     state = tmp_path / "split.state.safetensors"
-    assert state.exists()
+    moments = [set(p) for p in load_training_state(state).optimizer["state"].values()]
+    assert moments and all(
+        p == ({"step", "exp_avg", "exp_avg_sq"} if optimizer == "adamw" else {"momentum_buffer"})
+        for p in moments
+    )
     assert main([*common, "--out", str(split), "--resume", str(state)]) == 0
     expected = {r["step"]: r["loss"] for r in _log(straight)}
     resumed = {r["step"]: r["loss"] for r in _log(split)}
@@ -280,6 +296,9 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--ema", "1.5"])
     assert "--ema must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--mosaic", "-0.1"])
+    assert "--mosaic must be between 0 and 1, got -0.1" in capsys.readouterr().err
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
