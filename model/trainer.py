@@ -349,7 +349,10 @@ class Trainer:
     def _end_of_epoch(self, epoch: int, bar: tqdm) -> None:
         """Checkpoint, evaluate when due, keep the best, save the state (main process)."""
         began = time.monotonic()
-        timed = epoch % self._timed_every == 0
+        # The run's last step always ends in a full, evaluated epoch end, due or not: under a
+        # decaying schedule its weights are often the best, and the time budget keeps time
+        # for it ("one final epoch end").
+        timed = epoch % self._timed_every == 0 or self.step == self.plan.total
         if self.processes.is_main:
             recipe = {**self.recipe, "step": self.step, "epoch": epoch}
             self._save(self.files.checkpoint, recipe)

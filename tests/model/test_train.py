@@ -178,6 +178,8 @@ def test_checkpoints_every_epoch_and_keeps_the_best(tmp_path):
                 "--out",
                 str(out),
                 "--epochs",
+                "3",
+                "--eval-every",
                 "2",
                 "--batch-size",
                 "4",
@@ -187,11 +189,12 @@ def test_checkpoints_every_epoch_and_keeps_the_best(tmp_path):
         == 0
     )
     evaluations = [r for r in _log(out) if "val_map50" in r]
-    assert [r["epoch"] for r in evaluations] == [1, 2]
+    # Due at epoch 2; the last epoch (3) is evaluated too, so that its weights can be the best.
+    assert [r["epoch"] for r in evaluations] == [2, 3]
     best = load_checkpoint(tmp_path / "m.best.safetensors")
     assert best.recipe["val_map50"] == max(r["val_map50"] for r in evaluations)
     final = load_checkpoint(out)
-    assert final.recipe["step"] == 4 and final.recipe["data"] == "synthetic:8"
+    assert final.recipe["step"] == 6 and final.recipe["data"] == "synthetic:8"
     assert final.class_names == SyntheticShapes.class_names
 
 
