@@ -250,10 +250,12 @@ def build_trainer(args: argparse.Namespace, started: float | None = None) -> Tra
         if args.augment
         else EvalTransform(args.size)
     )
-    mosaic = Mosaic(args.mosaic, args.size) if args.augment and args.mosaic > 0 else None
-    # A mosaic already shows its scenes at half size (zoomed out by 2): it is not zoomed out
-    # again, or its objects would shrink to an eighth.
-    mosaic_transform = TrainTransform(args.size, zoom_out=ZoomOut(prob=0.0))
+    mosaic, mosaic_transform = None, None
+    if args.augment and args.mosaic > 0:
+        mosaic = Mosaic(args.mosaic, args.size)
+        # A mosaic already shows its scenes at half size (zoomed out by 2): it is not zoomed
+        # out again, or its objects would shrink to an eighth.
+        mosaic_transform = TrainTransform(args.size, zoom_out=ZoomOut(prob=0.0))
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     trainer = Trainer(
         network,
