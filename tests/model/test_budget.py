@@ -1,4 +1,5 @@
-"""The time budget: golden plans by hand, the keeper on a fake clock, and --minutes end to end."""
+"""The time budget: golden plans by hand, the keeper on a fake clock, and --minutes end to end
+(with --recipe small-scratch, the command the README leads with)."""
 
 import json
 import time
@@ -13,6 +14,7 @@ from model.budget import (
     BudgetKeeper,
     TimeBudget,
 )
+from model.checkpoint import load_checkpoint, load_training_state
 from model.train import main
 
 
@@ -118,7 +120,7 @@ def test_keeper_stops_the_run_when_time_is_up():
     assert [keeper.after_step(s, 100) for s in (1, 2, 3, 4)] == [None, None, None, 4]
 
 
-def test_minutes_trains_what_fits_and_fits_the_schedule_to_it(tmp_path):
+def test_minutes_with_the_recipe_trains_what_fits_and_fits_the_schedule_to_it(tmp_path):
     out = tmp_path / "run.safetensors"
     minutes = 0.2  # 12 s, start-up included
     started = time.monotonic()
@@ -127,7 +129,7 @@ def test_minutes_trains_what_fits_and_fits_the_schedule_to_it(tmp_path):
             "--data", "synthetic:24", "--val-data", "synthetic:4", "--out", str(out),
             "--minutes", str(minutes), "--batch-size", "2", "--width", "0.125",
             "--batch-norm", "--workers", "0", "--log-every", "1", "--warmup-steps", "5",
-            "--lr", "0.01",
+            "--lr", "0.01", "--recipe", "small-scratch",
         ]
     )  # fmt: skip
     elapsed = time.monotonic() - started
@@ -144,5 +146,10 @@ def test_minutes_trains_what_fits_and_fits_the_schedule_to_it(tmp_path):
     assert steps[-1]["lr"] < 0.01 * 0.1
     assert any("val_map50" in r for r in records)
     assert out.with_suffix(".best.safetensors").is_file() and out.with_suffix(".png").is_file()
+    # The recipe's flags reached the run, and the ones given here won over it.
+    recipe = load_checkpoint(out).recipe
+    assert (recipe["ema"], recipe["mosaic"], recipe["clip_grad_norm"]) == (0.98, 0.5, 5.0)
+    assert (recipe["lr"], recipe["batch_size"], recipe["width"]) == (0.01, 2, 0.125)
+    assert load_training_state(out.with_suffix(".state.safetensors")).ema is not None
     # Ends near its budget: a generous bound that only a run ignoring it would break.
     assert elapsed < 60 * minutes + 40
