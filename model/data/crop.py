@@ -8,6 +8,8 @@ Tensor[G, 4] xyxy in absolute pixels, int64 labels Tensor[G].
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
@@ -66,6 +68,16 @@ class IoUCrop:
         self.trials = trials
         self.scale_range = scale_range
         self.aspect_range = aspect_range
+
+    @property
+    def smallest_side(self) -> float:
+        """The shortest side a patch can have, as a fraction of the image's side: a patch of
+        ``scale`` with aspect ``a`` is ``scale * sqrt(a)`` wide and ``scale / sqrt(a)`` high,
+        ``a`` clamped as ``_random_patches`` does, least at the smallest scale."""
+        scale = self.scale_range[0]
+        widest = min(self.aspect_range[1], 1.0 / scale**2)
+        narrowest = max(self.aspect_range[0], scale**2)
+        return min(scale * math.sqrt(narrowest), scale / math.sqrt(widest))
 
     def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample:
         """Crop; boxes come back in absolute pixels of the patch."""

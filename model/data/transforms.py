@@ -3,7 +3,10 @@
 The steps and their defaults follow the authors' Caffe configuration (``ssd_pascal.py``:
 ``distort_param``, ``expand_param``, ``batch_sampler``, ``emit_constraint``) and run in the
 order of their data layer: photometric distortion, zoom-out ("expand"), IoU-constrained crop
-("batch sampler"), then horizontal flip and the resize to the network size.
+("batch sampler"), then horizontal flip and the resize to the network size. Before them,
+``Shrink`` brings a photo larger than any crop can use (a phone's 12 megapixels) down to what
+the smallest crop needs, so that no step works on, or zooms out, pixels the network never
+sees.
 
 Zoom-out and flip are torchvision's v2 ``RandomZoomOut`` and ``RandomHorizontalFlip``, which
 do what the authors do. ``PhotometricDistort`` (here) and ``IoUCrop`` (``model.data.crop``)
@@ -29,6 +32,7 @@ epoch and the index with ``model.data.seeding``) and the caller's RNG is left as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -236,6 +240,32 @@ class ZoomOut(v2.RandomZoomOut):
         super().__init__(fill=list(fill), side_range=(1.0, max_ratio), p=prob)
 
 
+class Shrink:
+    """Downscale (bilinear, antialiased, aspect ratio kept) an image whose shorter side
+    exceeds ``short_side`` pixels to that side, boxes with it; other images pass unchanged.
+
+    ``TrainTransform`` sets ``short_side`` so that the smallest patch its crop can take still
+    spans the network's size in both directions, so shrinking changes the cost and not what
+    the network is shown: without it a 4000 x 3000 photo would be distorted at full size and
+    zoomed out onto a canvas of up to 192 megapixels (576 MB) in every data-loader worker.
+    """
+
+    def __init__(self, short_side: int) -> None:
+        if short_side < 1:
+            raise ValueError(f"short_side must be a positive number of pixels, got {short_side}")
+        self.short_side = short_side
+
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> Sample:
+        height, width = image.shape[-2:]
+        if min(height, width) <= self.short_side:
+            return image, boxes, labels
+        factor = self.short_side / min(height, width)
+        size = [round(height * factor), round(width * factor)]
+        image = TF.resize(image, size, antialias=True)
+        scale = torch.tensor([size[1] / width, size[0] / height] * 2, dtype=torch.float32)
+        return image, boxes * scale, labels
+
+
 class Normalize:
     """The network input: ``preprocess``'s resize and mean subtraction; boxes made relative.
 
@@ -312,11 +342,13 @@ class TrainTransform(_Pipeline):
         flip: v2.RandomHorizontalFlip | None = None,
         mean: tuple[float, float, float] = PIXEL_MEAN,
     ) -> None:
+        crop = crop or IoUCrop()
         super().__init__(
             [
+                Shrink(math.ceil(size / crop.smallest_side)),
                 distort or PhotometricDistort(),
                 zoom_out or ZoomOut(fill=mean),
-                crop or IoUCrop(),
+                crop,
                 flip or v2.RandomHorizontalFlip(p=0.5),
                 Normalize(size, mean),
             ]

@@ -327,3 +327,34 @@ def test_bad_arguments_raise():
         IoUCrop(min_ious=(0.1, 1.2))
     with pytest.raises(ValueError, match=r"1\.5"):
         ZoomOut(prob=1.5)
+
+
+# ---------------------------------------------------------------- shrinking large photos
+
+
+def test_shrink_golden_size_and_boxes_and_small_images_untouched():
+    image = random_image(30, 40)
+    boxes = torch.tensor([[4.0, 3.0, 20.0, 30.0]])
+    labels = torch.tensor([1])
+    out_image, out_boxes, out_labels = transforms.Shrink(15)(image, boxes, labels)
+    # The shorter side 30 -> 15: everything halves, 40 x 30 -> 20 x 15.
+    assert out_image.shape == (3, 15, 20)
+    assert torch.equal(out_image, v2.functional.resize(image, [15, 20], antialias=True))
+    torch.testing.assert_close(out_boxes, torch.tensor([[2.0, 1.5, 10.0, 15.0]]))
+    assert out_labels is labels
+    same = transforms.Shrink(30)(image, boxes, labels)
+    assert same[0] is image and same[1] is boxes
+
+
+def test_train_transform_shrinks_a_phone_photo_to_what_its_smallest_crop_needs():
+    shrink, *_ = TrainTransform(300).steps
+    # The smallest crop is 0.3 * sqrt(0.5) of a side: a shorter side of 1415 keeps it at
+    # 300 pixels or more in both directions.
+    assert shrink.short_side == 1415 == -(-300 // IoUCrop().smallest_side)
+    assert TrainTransform(512).steps[0].short_side == 2414
+    photo = torch.full((3, 3000, 4000), 128, dtype=torch.uint8)
+    boxes = torch.tensor([[1000.0, 750.0, 3000.0, 2250.0]])
+    image, out_boxes, _ = TrainTransform(300, **_steps_off())(photo, boxes, torch.tensor([1]))
+    # Relative boxes do not move: shrinking scales the pixels and the boxes alike.
+    assert image.shape == (3, 300, 300)
+    torch.testing.assert_close(out_boxes, torch.tensor([[0.25, 0.25, 0.75, 0.75]]))
