@@ -351,8 +351,8 @@ def test_recipe_sets_defaults_and_flags_given_still_win():
         assert set(values) <= set(vars(plain)), "a recipe names only real flags"
         chosen = _parse_args([*base, "--recipe", name])
         assert {k: getattr(chosen, k) for k in values} == values
-    args = _parse_args([*base, "--recipe", "small-scratch", "--lr", "0.01", "--width", "0.5"])
-    assert (args.lr, args.width, args.batch_norm, args.eval_every) == (0.01, 0.5, True, 5)
+    args = _parse_args([*base, "--recipe", "small-scratch", "--lr", "0.03", "--width", "0.5"])
+    assert (args.lr, args.width, args.batch_norm, args.eval_every) == (0.03, 0.5, True, 5)
 
 
 def test_val_data_leaves_all_of_data_for_training(tmp_path):
