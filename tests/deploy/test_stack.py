@@ -143,10 +143,16 @@ def test_prometheus_evaluates_the_dashboard_queries(stack: Stack) -> None:
 
 def test_prometheus_loaded_the_alert_rules_and_evaluates_them(stack: Stack) -> None:
     expected = {rule["alert"] for rule in alert_rules()}
+
     # A scrape before the detector listened set up == 0 and may have left SSDDetectorDown
     # pending, rightly. Judge the rules by an evaluation that comes after a scrape that
     # succeeded: from then on nothing is wrong with this detector.
-    scraped = _wait_for(_detector_up_at(stack), SCRAPE_TIMEOUT_S, "a successful scrape")
+    def up_at() -> float | None:
+        """The time (Unix seconds) of an instant query that found the latest scrape good."""
+        result = stack.query('up{job="ssd-detector"} == 1')["result"]
+        return float(result[0]["value"][0]) if result else None
+
+    scraped = _wait_for(up_at, SCRAPE_TIMEOUT_S, "a successful scrape")
 
     def evaluated() -> list[dict[str, Any]] | None:
         response = httpx.get(stack.prometheus + "/api/v1/rules", timeout=10).json()
@@ -160,17 +166,6 @@ def test_prometheus_loaded_the_alert_rules_and_evaluates_them(stack: Stack) -> N
     assert all(rule["health"] == "ok" for rule in rules), rules
     # Nothing is wrong with this detector, so nothing fires or is about to.
     assert all(rule["state"] == "inactive" for rule in rules), rules
-
-
-def _detector_up_at(stack: Stack) -> Callable[[], float | None]:
-    """A check: the time (Unix seconds) of an instant query that found the detector's latest
-    scrape successful, or None while it is not."""
-
-    def check() -> float | None:
-        result = stack.query('up{job="ssd-detector"} == 1')["result"]
-        return float(result[0]["value"][0]) if result else None
-
-    return check
 
 
 def _unix_time(rfc3339: str) -> float:

@@ -346,15 +346,27 @@ def test_shrink_golden_size_and_boxes_and_small_images_untouched():
     assert same[0] is image and same[1] is boxes
 
 
-def test_train_transform_shrinks_a_phone_photo_to_what_its_smallest_crop_needs():
-    shrink, *_ = TrainTransform(300).steps
+def test_train_transform_shrinks_a_phone_photo_before_its_other_steps():
     # The smallest crop is 0.3 * sqrt(0.5) of a side: a shorter side of 1415 keeps it at
     # 300 pixels or more in both directions.
-    assert shrink.short_side == 1415 == -(-300 // IoUCrop().smallest_side)
+    assert TrainTransform(300).steps[0].short_side == 1415
     assert TrainTransform(512).steps[0].short_side == 2414
+    seen = []
+
+    class Recorded(PhotometricDistort):
+        """No change (every probability 0), but the image size the distortion is given."""
+
+        def __call__(self, image, boxes, labels):
+            seen.append(tuple(image.shape))
+            return super().__call__(image, boxes, labels)
+
+    distort = Recorded(0.0, 0.0, (1.0, 1.0), 0.0, (1.0, 1.0), 0.0, 0.0, 0.0)
     photo = torch.full((3, 3000, 4000), 128, dtype=torch.uint8)
     boxes = torch.tensor([[1000.0, 750.0, 3000.0, 2250.0]])
-    image, out_boxes, _ = TrainTransform(300, **_steps_off())(photo, boxes, torch.tensor([1]))
+    transform = TrainTransform(300, **_steps_off(distort=distort))
+    image, out_boxes, _ = transform(photo, boxes, torch.tensor([1]))
+    # 3000 x 4000 -> 1415 x round(4000 * 1415 / 3000) = 1415 x 1887 before the distortion.
+    assert seen == [(3, 1415, 1887)]
     # Relative boxes do not move: shrinking scales the pixels and the boxes alike.
     assert image.shape == (3, 300, 300)
     torch.testing.assert_close(out_boxes, torch.tensor([[0.25, 0.25, 0.75, 0.75]]))
