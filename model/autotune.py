@@ -2,13 +2,17 @@
 
 CPU flags do not say which precision is fastest: a CPU with AVX-512 BF16 but no AMX runs
 SSD300 under bf16 autocast at about 0.6x of fp32 (issue #12), so the choice is measured on
-this machine, on the network itself, once, when the ``Detector`` is built.
+this machine, on the network itself, once: inference passes when the ``Detector`` is built
+(``choose_precision``), whole training steps when ``model.train --precision auto`` starts
+(``choose_training_precision``).
 
 The candidates are interleaved (fp32, bf16, fp32, bf16, ...) and each one's median time is
 kept, so a burst of load from another process slows every candidate alike rather than the one
-that happened to run then. A reduced precision is kept only if its scores on the measured
-batch stay close to fp32's (``SCORE_TOLERANCE``); the offline guard, mAP@0.5 on the synthetic
-test split, is ``tests/model/test_precision_accuracy.py``.
+that happened to run then. A reduced precision is kept only if its results on the measured
+batch stay close to fp32's: for inference its class scores (``SCORE_TOLERANCE``), for a
+training step its loss terms (``LOSS_TOLERANCE``). The offline guard for inference, mAP@0.5
+on the synthetic test split, is ``tests/model/test_precision_accuracy.py``; for training,
+the README's measured runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from model.runtime import Runtime
+from model.ssd import SSD
 
 log = logging.getLogger("model.autotune")
 
@@ -47,22 +54,46 @@ BUDGET_S = 2.0  # issue #12: "a few batches, a second or two"
 # operation); 0.05 is room for that accumulated through the network, while a precision
 # that breaks the network (overflow, NaN) is far off.
 SCORE_TOLERANCE = 0.05
+# Largest relative difference in any loss term (total, loc, conf) of a training step between a
+# reduced precision and fp32. Class scores are no guard there: an untrained BatchNorm network
+# in training mode has logits of -14 to 10, and bf16 moved single probabilities among its
+# 70,000 by up to 0.3, yet its loss terms by under 1 % (recipe network, batch of 8), and it
+# trained as well as fp32 (README). Overflow or underflow is far off, or not finite.
+LOSS_TOLERANCE = 0.05
+
+# Spread of the noise images a training step is timed on: about that of mean-subtracted
+# 0-255 pixels (the ImageNet means are 104 to 124, so inputs span roughly -124..151).
+NOISE_STD = 50.0
 
 Forward = Callable[[str, Tensor], Tensor]
+Error = Callable[[Tensor, Tensor], float]
+
+
+def score_error(reference: Tensor, scores: Tensor) -> float:
+    """Largest class-probability difference (0..1) between two Tensor[N, A, K] of logits; a
+    NaN counts as 1."""
+    difference = scores.float().softmax(-1) - reference.float().softmax(-1)
+    return float(difference.abs().nan_to_num(nan=1.0).max())
+
+
+def loss_error(reference: Tensor, terms: Tensor) -> float:
+    """Largest relative difference between two Tensor[T] of loss terms (NaN where not finite,
+    which no tolerance passes)."""
+    return float(((terms.float() - reference.float()).abs() / reference.float().abs()).max())
 
 
 @dataclass(frozen=True)
 class PrecisionChoice:
     """What ``choose_precision`` measured and chose.
 
-    ``images_per_s`` holds each timed candidate's median rate; ``score_error`` each reduced
-    precision's largest class-probability difference from fp32; ``rejected`` the candidates
-    the accuracy guard turned down; ``seconds`` what the whole measurement cost.
+    ``images_per_s`` holds each timed candidate's median rate; ``error`` each reduced
+    precision's difference from fp32 (``score_error`` or ``loss_error``); ``rejected`` the
+    candidates the accuracy guard turned down; ``seconds`` what the whole measurement cost.
     """
 
     precision: str
     images_per_s: dict[str, float]
-    score_error: dict[str, float] = field(default_factory=dict)
+    error: dict[str, float] = field(default_factory=dict)
     rejected: tuple[str, ...] = ()
     seconds: float = 0.0
 
@@ -88,17 +119,20 @@ def choose_precision(
     *,
     budget_s: float = BUDGET_S,
     tolerance: float = SCORE_TOLERANCE,
+    error: Error = score_error,
 ) -> PrecisionChoice:
     """Time ``forward(name, inputs)`` for each of ``names`` and pick the fastest that passes.
 
     Args:
-        forward: runs the network on ``inputs`` in the named precision; returns the class
-            scores, float Tensor[N, A, K] of logits (synchronised: the values are read).
+        forward: runs the network on ``inputs`` in the named precision; returns what
+            ``error`` compares, by default the class scores, float Tensor[N, A, K] of logits
+            (synchronised: the values are read).
         inputs: a prepared batch Tensor[N, 3, S, S], as ``Detector.forward`` takes.
         names: candidate precisions, the reference (fp32) first.
         budget_s: after MIN_ROUNDS interleaved rounds, more rounds run while the time spent
             stays below this (seconds), up to MAX_ROUNDS.
-        tolerance: largest class-probability difference from the reference that passes.
+        tolerance: largest ``error`` from the reference that passes.
+        error: how far a candidate's result is from the reference's, (reference, result).
 
     Returns:
         The choice and what was measured. With one candidate nothing is timed.
@@ -106,11 +140,9 @@ def choose_precision(
     if len(names) == 1:
         return PrecisionChoice(names[0], {})
     start = time.perf_counter()
-    reference = forward(names[0], inputs).float().softmax(-1)  # also the first, untimed pass
-    errors = {}
-    for name in names[1:]:  # untimed first pass of each, which also gives the guard its data
-        scores = forward(name, inputs).float().softmax(-1)
-        errors[name] = float((scores - reference).abs().nan_to_num(nan=1.0).max())
+    reference = forward(names[0], inputs)  # also the first, untimed pass
+    # An untimed first pass of each, which also gives the guard its data.
+    errors = {name: error(reference, forward(name, inputs)) for name in names[1:]}
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(MAX_ROUNDS):
         if round_ >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
@@ -124,3 +156,59 @@ def choose_precision(
     passing = [name for name in names if name not in rejected]
     best = max(passing, key=lambda name: rates[name])  # max keeps the first on a tie
     return PrecisionChoice(best, rates, errors, rejected, time.perf_counter() - start)
+
+
+def choose_training_precision(
+    network: SSD,
+    loss: nn.Module,
+    device: torch.device,
+    batch_size: int,
+) -> PrecisionChoice:
+    """Time a training step (forward, MultiBox loss, backward) in each candidate precision on
+    ``device`` and pick the fastest whose loss terms stay within ``LOSS_TOLERANCE`` of
+    fp32's; see ``choose_precision``.
+
+    The batch is seeded noise of ``batch_size`` images at the network's input size, each with
+    one centred box of class 1, so every start measures the same work. The optimiser's update
+    is left out: it costs the same in every precision, since the weights stay fp32 under
+    autocast. Only the timing rounds ``MIN_ROUNDS`` run (a step can take seconds). The network
+    comes back as it was: its BatchNorm statistics are restored and its gradients cleared.
+
+    Args:
+        network: an ``SSD`` placed on ``device``; it returns (loc, conf).
+        loss: ``MultiBoxLoss`` for the network's default boxes, on ``device``.
+        device: where training runs.
+        batch_size: images per step, as in training.
+    """
+    generator = torch.Generator().manual_seed(0)
+    side = network.input_size
+    inputs = NOISE_STD * torch.randn(batch_size, 3, side, side, generator=generator)
+    boxes = [torch.tensor([[0.25, 0.25, 0.75, 0.75]], device=device)] * batch_size
+    labels = [torch.ones(1, dtype=torch.int64, device=device)] * batch_size
+    saved = {name: value.clone() for name, value in network.state_dict().items()}
+    was_training = network.training
+
+    def step(name: str, batch: Tensor) -> Tensor:
+        runtime = Runtime(device, name)
+        runtime.place(network)  # on a GPU the layout follows the precision
+        with runtime.autocast():
+            loc, conf = network(runtime.inputs(batch))
+        terms = loss(loc, conf, boxes, labels)
+        terms.total.backward()
+        network.zero_grad(set_to_none=True)
+        values = torch.stack([terms.total, terms.loc, terms.conf]).detach()
+        return values.cpu()  # the copy waits for a GPU to finish
+
+    network.train()
+    try:
+        return choose_precision(
+            step,
+            inputs,
+            candidates(device),
+            budget_s=0.0,
+            tolerance=LOSS_TOLERANCE,
+            error=loss_error,
+        )
+    finally:
+        network.load_state_dict(saved)
+        network.train(was_training)

@@ -1,9 +1,10 @@
 """Where and how a network runs: the device, the numeric precision, autocast, memory format.
 
-One ``Runtime`` is resolved from the user's words (``device="auto"``, ``precision="auto"``) and
-then used by everything that runs the network, the ``Detector`` and the ``Trainer`` alike, so
-the two cannot drift apart: they place the network and its inputs the same way and compute
-under the same autocast.
+One ``Runtime`` is resolved from the user's words (``device="auto"``, a precision's name; an
+``auto`` precision is measured by ``model.autotune``, not resolved) and then used by
+everything that runs the network, the ``Detector`` and the ``Trainer`` alike, so the two
+cannot drift apart: they place the network and its inputs the same way and compute under the
+same autocast.
 """
 
 from __future__ import annotations
@@ -22,17 +23,6 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 INT8 = "int8"
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), read from Linux's
-    /proc/cpuinfo; elsewhere False. Without it, bf16 autocast on the CPU is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is the first CUDA GPU when there is one, else the CPU.
 
@@ -48,25 +38,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` by the device alone, with nothing measured (what training uses): bf16 on a GPU
-    that has it, else fp16; on the CPU bf16 where the CPU does bf16 natively, else fp32. The
-    ``Detector`` resolves ``auto`` by timing instead (``model.autotune``). Other names are
-    checked and returned as they are.
+    """``precision`` checked against ``device`` and returned as it is.
+
+    ``auto`` is not resolved here: which precision is fastest is measured on the network, not
+    read from the device (CPU flags mislead: a CPU with AVX-512 BF16 but no AMX runs SSD300
+    under bf16 at about 0.6x of fp32). The ``Detector`` times inference passes and
+    ``model.train`` times training steps (``model.autotune``).
 
     Raises:
-        ValueError: ``precision`` is neither ``auto`` nor a key of ``PRECISIONS``.
+        ValueError: ``precision`` is ``auto``, int8 off the CPU, or not a key of
+            ``PRECISIONS``.
     """
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+        raise ValueError(
+            "precision 'auto' is measured, not resolved: Detector(precision='auto') and "
+            "model.train --precision auto time each candidate on the network"
+        )
     if precision == INT8:
         if device.type != "cpu":
             raise ValueError(f"precision int8 runs on the CPU only, got device {str(device)!r}")
         return precision
     if precision not in PRECISIONS:
         raise ValueError(
-            f"precision must be auto, int8 or one of {sorted(PRECISIONS)}, got {precision!r}"
+            f"precision must be int8 or one of {sorted(PRECISIONS)}, got {precision!r}"
         )
     return precision
 
@@ -85,7 +79,7 @@ class Runtime:
     @classmethod
     def resolve(cls, device: str | torch.device = "auto", precision: str = "fp32") -> Runtime:
         """The runtime named by ``device`` (``auto``, ``cpu``, ``cuda[:N]``) and ``precision``
-        (``auto`` or a key of ``PRECISIONS``); see ``resolve_device``, ``resolve_precision``."""
+        (``int8`` or a key of ``PRECISIONS``); see ``resolve_device``, ``resolve_precision``."""
         resolved = resolve_device(device)
         return cls(resolved, resolve_precision(precision, resolved))
 

@@ -150,6 +150,8 @@ def test_minutes_with_the_recipe_trains_what_fits_and_fits_the_schedule_to_it(tm
     recipe = load_checkpoint(out).recipe
     assert (recipe["ema"], recipe["mosaic"], recipe["clip_grad_norm"]) == (0.99, 0.5, 5.0)
     assert (recipe["lr"], recipe["batch_size"], recipe["width"]) == (0.005, 2, 0.125)
+    # The recipe's --precision auto was measured, and the checkpoint says what it ran in.
+    assert recipe["precision"] in ("fp32", "bf16")
     assert load_training_state(out.with_suffix(".state.safetensors")).ema is not None
     # Ends near its budget: a generous bound that only a run ignoring it would break.
     assert elapsed < 60 * minutes + 40

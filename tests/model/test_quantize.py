@@ -179,7 +179,7 @@ def test_auto_lets_the_int8_artifact_compete_when_it_is_there(calibrated, tiny, 
     save_int8(int8_artifact_path(checkpoint), activation_qparams(quantized), checkpoint, {})
     detector = Detector.load(checkpoint, device="cpu", precision="auto")
     choice = detector.precision_choice
-    assert "int8" in choice.images_per_s and "int8" in choice.score_error
+    assert "int8" in choice.images_per_s and "int8" in choice.error
     passing = {k: v for k, v in choice.images_per_s.items() if k not in choice.rejected}
     assert detector.precision == max(passing, key=passing.get)
     assert isinstance(detector.network, QuantizableSSD) == (detector.precision == "int8")

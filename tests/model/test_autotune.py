@@ -1,0 +1,66 @@
+"""``precision="auto"`` for training: a timed training step per candidate, the network given
+back untouched. (The inference side, through the ``Detector``, is in test_detector.py.)"""
+
+import time
+
+import pytest
+import torch
+
+from model import autotune
+from model.loss import MultiBoxLoss
+from model.runtime import Runtime
+from model.ssd import ssd300_vgg16
+
+CPU = torch.device("cpu")
+
+
+def test_training_precision_is_the_fastest_step_and_the_network_is_given_back_as_it_was():
+    torch.manual_seed(0)
+    network = Runtime(CPU, "fp32").place(ssd300_vgg16(2, batch_norm=True, width=0.125)).eval()
+    before = {name: value.clone() for name, value in network.state_dict().items()}
+    loss = MultiBoxLoss(network.default_boxes)
+
+    choice = autotune.choose_training_precision(network, loss, CPU, batch_size=2)
+
+    assert set(choice.images_per_s) == set(autotune.candidates(CPU)) == {"fp32", "bf16"}
+    passing = {k: v for k, v in choice.images_per_s.items() if k not in choice.rejected}
+    assert choice.precision == max(passing, key=passing.__getitem__)
+    # bf16 keeps a BatchNorm network's loss terms within the guard's tolerance.
+    assert choice.rejected == () and 0 < choice.error["bf16"] <= autotune.LOSS_TOLERANCE
+    # Eight training-mode passes moved the BatchNorm statistics; they are restored, the
+    # gradients cleared and the mode kept.
+    after = network.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(p.grad is None for p in network.parameters()) and not network.training
+    # (Which they would not be unless restored: one training-mode pass moves them.)
+    network.train()(50 * torch.randn(2, 3, 300, 300))
+    moved = network.state_dict()["stages.0.1.running_mean"]
+    assert not torch.equal(moved, before["stages.0.1.running_mean"])
+
+
+def test_loss_error_is_the_largest_relative_difference_and_fails_what_is_not_finite():
+    reference = torch.tensor([10.0, 2.0, 8.0])
+    # 0.5 / 10 and 0.4 / 8 (0.05 each), then 0.1 / 2 (0.05): the largest of the three terms.
+    assert autotune.loss_error(reference, torch.tensor([10.5, 2.0, 7.6])) == pytest.approx(0.05)
+    assert autotune.loss_error(reference, torch.tensor([10.0, 2.1, 8.0])) == pytest.approx(0.05)
+    assert autotune.loss_error(reference, torch.tensor([10.2, 2.0, 8.0])) == pytest.approx(0.02)
+    for broken in (float("inf"), float("nan")):
+        error = autotune.loss_error(reference, torch.tensor([broken, 2.0, 8.0]))
+        assert not error <= autotune.LOSS_TOLERANCE
+
+
+def test_a_training_step_that_overflows_is_rejected_however_fast():
+    def step(name: str, batch: torch.Tensor) -> torch.Tensor:
+        if name == "bf16":
+            return torch.tensor([float("nan"), 1.0, float("nan")])
+        time.sleep(0.002)  # fp32 is the slower one here
+        return torch.tensor([3.0, 1.0, 2.0])
+
+    choice = autotune.choose_precision(
+        step,
+        torch.zeros(1, 3, 8, 8),
+        ["fp32", "bf16"],
+        tolerance=autotune.LOSS_TOLERANCE,
+        error=autotune.loss_error,
+    )
+    assert choice.rejected == ("bf16",) and choice.precision == "fp32"
