@@ -100,9 +100,11 @@ class PrecisionChoice:
     def summary(self) -> str:
         """One log line: each candidate's images/s, the guard's verdicts and the choice."""
         rates = ", ".join(f"{name} {rate:.1f}" for name, rate in self.images_per_s.items())
+        errors = ", ".join(f"{name} {error:.3g}" for name, error in self.error.items())
         rejected = f"; rejected by the accuracy guard: {', '.join(self.rejected)}"
         return (
             f"precision auto: measured images/s {rates} in {self.seconds:.1f} s"
+            f"{f'; difference from fp32 {errors}' if errors else ''}"
             f"{rejected if self.rejected else ''}; chose {self.precision}"
         )
 
