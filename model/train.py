@@ -78,9 +78,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the warm-up (100 steps) and the average (0.99: about 100 steps) over as many photos as
     # at 16: on raccoon the last checkpoint of a 20-minute run was its best, 0.736 and 0.775
     # on two seeds against 0.706 and 0.711 at 16. A slower average lags; AdamW measured worse.
-    # The precision is timed on a training step (--precision auto): on a 2-core AMD EPYC a
-    # bf16 step (forward and backward) ran at 1.8x the images/s of fp32, and 20 minutes held
-    # 2,172 steps against 1,595 (augmentation and evaluations do not speed up).
+    # (Those two on a 2-core Xeon.) The precision is timed on a training step (--precision
+    # auto): on a 2-core AMD EPYC a bf16 step (forward and backward) ran at 1.8x to 1.9x the
+    # images/s of fp32, and 20 minutes held 2,776 and 2,697 steps (seeds 0, 1) against 1,595
+    # in fp32, ending at 0.888 and 0.806 against 0.765 (augmentation does not speed up).
     "small-scratch": {
         "batch_norm": True,
         "width": 0.25,
@@ -262,10 +263,10 @@ def build_trainer(args: argparse.Namespace, started: float | None = None) -> Tra
     class_names = list(train_set.class_names)
     network = _network(args, class_names, is_main=processes.is_main)
     processes.runtime.place(network)
+    plan = _plan(args, len(train_set), processes.world)
     loss = MultiBoxLoss(network.default_boxes).to(processes.runtime.device)
     if measure:
         processes = _measured_precision(processes, network, loss, args.batch_size)
-    plan = _plan(args, len(train_set), processes.world)
     transform = (
         TrainTransform(args.size, zoom_out=ZoomOut(max_ratio=args.max_zoom_out))
         if args.augment
@@ -313,7 +314,7 @@ def _measured_precision(
     names = candidates(device)
     chosen = names[processes.agree(names.index(choice.precision))]
     if processes.is_main:
-        logger.info("%s", choice.summary().replace("images/s", "training images/s"))
+        logger.info("%s", choice.summary(rate="training images/s"))
     measured = dataclasses.replace(processes, runtime=Runtime(device, chosen))
     measured.runtime.place(network)
     return measured

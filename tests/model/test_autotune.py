@@ -65,3 +65,4 @@ def test_a_training_step_that_overflows_is_rejected_however_fast():
     )
     assert choice.rejected == ("bf16",) and choice.precision == "fp32"
     assert "difference from fp32 bf16 nan; rejected by the accuracy guard: bf16" in choice.summary()
+    assert choice.summary(rate="training images/s").startswith("precision auto: measured training")
