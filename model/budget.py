@@ -40,13 +40,15 @@ WRITES_ESTIMATE_S = 1.0
 
 @dataclass
 class TimeBudget:
-    """Train until ``deadline`` (``time.monotonic()``). ``step_s`` and ``epoch_end_s`` are the
-    measured seconds per optimiser step and per epoch end (with its evaluation), None until
-    measured."""
+    """Train until ``deadline``, in seconds on ``clock`` (``time.monotonic`` unless a test
+    injects another: every reading of the run's time goes through it). ``step_s`` and
+    ``epoch_end_s`` are the measured seconds per optimiser step and per epoch end (with its
+    evaluation), None until measured."""
 
     deadline: float
     step_s: float | None = None
     epoch_end_s: float | None = None
+    clock: Callable[[], float] = time.monotonic
 
     def steps_that_fit(
         self,
@@ -84,7 +86,7 @@ class BudgetKeeper:
     steps are timed and again after every timed epoch end, and ends the run when time is up.
 
     Args:
-        budget: the deadline, and what has been measured so far.
+        budget: the deadline and its clock, and what has been measured so far.
         ends_per_step: timed epoch ends per optimiser step (1 / steps between evaluations;
             1 / steps per epoch without validation).
         eval_images: images per evaluation (0 without one), for the estimate of an epoch
@@ -92,7 +94,6 @@ class BudgetKeeper:
         batch_size: images per step and process.
         agree: the main process's value of an int on every process (``Processes.agree``),
             so that every process stops at the same step.
-        clock: seconds, as ``time.monotonic`` (which the deadline is in).
     """
 
     def __init__(
@@ -103,16 +104,15 @@ class BudgetKeeper:
         eval_images: int,
         batch_size: int,
         agree: Callable[[int], int],
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.budget = budget
         self.ends_per_step = ends_per_step
         self.eval_images = eval_images
         self.batch_size = batch_size
         self.agree = agree
-        self.clock = clock
+        self.clock = budget.clock
         self._seconds: list[float] = []
-        self._last = clock()
+        self._last = self.clock()
 
     def restart_clock(self) -> None:
         """Leave the time since the last step (evaluation, checkpoints) out of the next."""

@@ -128,7 +128,8 @@ class Trainer:
         validation: data to evaluate on, or None.
         recipe: how the run was configured, stored in every checkpoint.
         budget: a wall-clock deadline; the plan's total then follows what fits before it
-            (``model.budget``), and ``plan.total`` is only the provisional start.
+            (``model.budget``), and ``plan.total`` is only the provisional start. Epoch ends
+            are timed on its clock.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class Trainer:
         self.validation = validation
         self.recipe = recipe or {}
         self.keeper = None if budget is None else self._keeper(budget)
+        self.clock = time.monotonic if budget is None else budget.clock
         self.averaged: AveragedModel | None = None
         if optimisation.ema_decay:
             self.averaged = AveragedModel(
@@ -348,7 +350,7 @@ class Trainer:
 
     def _end_of_epoch(self, epoch: int, bar: tqdm) -> None:
         """Checkpoint, evaluate when due, keep the best, save the state (main process)."""
-        began = time.monotonic()
+        began = self.clock()
         # The run's last step always ends in a full, evaluated epoch end, due or not: under a
         # decaying schedule its weights are often the best, and the time budget keeps time
         # for it ("one final epoch end").
@@ -376,7 +378,7 @@ class Trainer:
                     self._save(self.files.best, {**recipe, "val_map50": report.map50})
             save_training_state(self.files.state, self.state())
             self._plot()
-        took = time.monotonic() - began if timed and self.processes.is_main else None
+        took = self.clock() - began if timed and self.processes.is_main else None
         self.processes.barrier()
         if self.keeper is not None and timed:
             if self.step < self.plan.total:
