@@ -124,6 +124,7 @@ def choose_precision(
     budget_s: float = BUDGET_S,
     tolerance: float = SCORE_TOLERANCE,
     error: Error = score_error,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> PrecisionChoice:
     """Time ``forward(name, inputs)`` for each of ``names`` and pick the fastest that passes.
 
@@ -137,29 +138,31 @@ def choose_precision(
             stays below this (seconds), up to MAX_ROUNDS.
         tolerance: largest ``error`` from the reference that passes.
         error: how far a candidate's result is from the reference's, (reference, result).
+        timer: seconds, as ``time.perf_counter`` (tests give a fake one, so that which
+            candidate is faster does not depend on the machine's load).
 
     Returns:
         The choice and what was measured. With one candidate nothing is timed.
     """
     if len(names) == 1:
         return PrecisionChoice(names[0], {})
-    start = time.perf_counter()
+    start = timer()
     reference = forward(names[0], inputs)  # also the first, untimed pass
     # An untimed first pass of each, which also gives the guard its data.
     errors = {name: error(reference, forward(name, inputs)) for name in names[1:]}
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(MAX_ROUNDS):
-        if round_ >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
+        if round_ >= MIN_ROUNDS and timer() - start > budget_s:
             break
         for name in names:
-            began = time.perf_counter()
+            began = timer()
             forward(name, inputs)
-            times[name].append(time.perf_counter() - began)
+            times[name].append(timer() - began)
     rates = {name: len(inputs) / statistics.median(spent) for name, spent in times.items()}
     rejected = tuple(name for name, error in errors.items() if not error <= tolerance)
     passing = [name for name in names if name not in rejected]
     best = max(passing, key=lambda name: rates[name])  # max keeps the first on a tie
-    return PrecisionChoice(best, rates, errors, rejected, time.perf_counter() - start)
+    return PrecisionChoice(best, rates, errors, rejected, timer() - start)
 
 
 def choose_training_precision(

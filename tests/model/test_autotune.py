@@ -1,8 +1,6 @@
 """``precision="auto"`` for training: a timed training step per candidate, the network given
 back untouched. (The inference side, through the ``Detector``, is in test_detector.py.)"""
 
-import time
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from model import autotune
 from model.loss import MultiBoxLoss
 from model.runtime import Runtime
 from model.ssd import ssd300_vgg16
+from tests.fake_clock import FakeClock
 
 CPU = torch.device("cpu")
 
@@ -50,10 +49,13 @@ def test_loss_error_is_the_largest_relative_difference_and_fails_what_is_not_fin
 
 
 def test_a_training_step_that_overflows_is_rejected_however_fast():
+    clock = FakeClock()
+
     def step(name: str, batch: torch.Tensor) -> torch.Tensor:
         if name == "bf16":
+            clock.advance(0.1)
             return torch.tensor([float("nan"), 1.0, float("nan")])
-        time.sleep(0.002)  # fp32 is the slower one here
+        clock.advance(0.2)  # fp32 is the slower one here
         return torch.tensor([3.0, 1.0, 2.0])
 
     choice = autotune.choose_precision(
@@ -62,7 +64,9 @@ def test_a_training_step_that_overflows_is_rejected_however_fast():
         ["fp32", "bf16"],
         tolerance=autotune.LOSS_TOLERANCE,
         error=autotune.loss_error,
+        timer=clock,
     )
+    assert choice.images_per_s == pytest.approx({"fp32": 5.0, "bf16": 10.0})  # 0.2 s, 0.1 s
     assert choice.rejected == ("bf16",) and choice.precision == "fp32"
     assert "difference from fp32 bf16 nan; rejected by the accuracy guard: bf16" in choice.summary()
     assert choice.summary(rate="training images/s").startswith("precision auto: measured training")

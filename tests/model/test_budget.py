@@ -15,6 +15,7 @@ from model.budget import (
 )
 from model.checkpoint import load_checkpoint, load_training_state
 from model.train import main
+from tests.fake_clock import FakeClock
 
 
 def test_steps_that_fit_golden():
@@ -38,17 +39,8 @@ def test_out_of_time_keeps_room_for_the_final_epoch_end():
     assert budget.out_of_time(87.0)  # 87 + 1 (one more step) + 10 + 2
 
 
-class _Clock:
-    def __init__(self, tick: float) -> None:
-        self.now, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
 def test_keeper_plans_after_calibration_then_again_after_every_timed_epoch_end():
-    clock = _Clock(tick=0.5)  # every step takes 0.5 s
+    clock = FakeClock(tick=0.5)  # every step takes 0.5 s
     budget = TimeBudget(deadline=200.0, clock=clock)
     keeper = BudgetKeeper(budget, ends_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v)
     provisional = 10**6
@@ -74,7 +66,7 @@ def test_keeper_plans_after_calibration_then_again_after_every_timed_epoch_end()
 
 
 def test_keeper_replans_at_once_when_steps_slow_down_past_the_margin():
-    clock = _Clock(tick=0.5)
+    clock = FakeClock(tick=0.5)
     budget = TimeBudget(deadline=200.0, clock=clock)
     keeper = BudgetKeeper(budget, ends_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v)
     for step in range(1, CALIBRATION_STEPS):
@@ -105,7 +97,7 @@ def test_keeper_replans_at_once_when_steps_slow_down_past_the_margin():
 
 
 def test_keeper_stops_the_run_when_time_is_up():
-    clock = _Clock(tick=4.0)
+    clock = FakeClock(tick=4.0)
     budget = TimeBudget(deadline=20.0, clock=clock)
     keeper = BudgetKeeper(budget, ends_per_step=0.0, eval_images=0, batch_size=4, agree=lambda v: v)
     # Steps end at 8, 12, 16 and 20 s (the keeper read 4 s when made): 16 + 2 < 20, so the
@@ -118,7 +110,7 @@ def test_minutes_with_the_recipe_trains_what_fits_and_fits_the_schedule_to_it(tm
     # machine is: every reading of the run's time moves it on by 0.5 s, so a step "takes"
     # 0.5 s (one reading at its end) and a timed epoch end 0.5 s (one at each side of it).
     out = tmp_path / "run.safetensors"
-    clock = _Clock(tick=0.5)
+    clock = FakeClock(tick=0.5)
     code = main(
         [
             "--data", "synthetic:24", "--val-data", "synthetic:4", "--out", str(out),

@@ -7,7 +7,6 @@ each image must get are then known in its own pixels.
 """
 
 import math
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from PIL import Image
 from model import Detector, autotune, ssd300_vgg16
 from model.checkpoint import save_checkpoint
 from model.runtime import resolve_precision
+from tests.fake_clock import FakeClock
 
 NAMES = ["circle", "square"]
 SHRINK = 0.1
@@ -158,17 +158,22 @@ def test_auto_precision_is_the_fastest_measured_candidate():
 
 
 def test_the_accuracy_guard_rejects_a_faster_precision_that_is_wrong():
+    clock = FakeClock()
+
     def forward(name: str, batch: torch.Tensor) -> torch.Tensor:
         scores = torch.zeros(len(batch), 4, 3)
         if name == "bf16":
+            clock.advance(0.1)
             scores[..., 0] = 10.0  # every box turned into background
             return scores
-        time.sleep(0.002)  # fp32 is the slower one here
+        clock.advance(0.2)  # fp32 is the slower one here
         return scores
 
-    choice = autotune.choose_precision(forward, torch.zeros(1, 3, 8, 8), ["fp32", "bf16"])
+    choice = autotune.choose_precision(
+        forward, torch.zeros(1, 3, 8, 8), ["fp32", "bf16"], timer=clock
+    )
     assert choice.rejected == ("bf16",) and choice.precision == "fp32"
-    assert choice.images_per_s["bf16"] > choice.images_per_s["fp32"]
+    assert choice.images_per_s == pytest.approx({"fp32": 5.0, "bf16": 10.0})  # 0.2 s, 0.1 s
     assert "rejected by the accuracy guard: bf16; chose fp32" in choice.summary()
 
 
