@@ -10,9 +10,10 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -57,7 +58,7 @@ class Server(ServerProcess):
 
     def metrics(self) -> str:
         """The /metrics text."""
-        return httpx.get(self.url + "/metrics", timeout=10).text
+        return httpx.get(self.url + "/metrics", timeout=PATIENCE_S).text
 
 
 def metric(text: str, sample: str, /, **labels: str) -> float:
@@ -112,6 +113,31 @@ GUARDED_ENV = {
 }
 
 
+# ---- waiting on a real server -----------------------------------------------------------
+
+# How long a test waits for something the server does by itself (a timeout firing, a log line
+# written, memory given back). Long on purpose: every wait ends as soon as the thing happens,
+# so this only costs time when it never does, and CI's 2-core machine may be busy.
+PATIENCE_S = 60.0
+# How late a server-side timeout may fire and still count as honoured. It fires on the
+# server's event loop, which a batch on the CPU or a busy machine can hold up (well under a
+# second on a quiet machine here); 10 s allows for a machine many times slower, while a
+# server that ignores the timeout holds the connection for all of PATIENCE_S.
+LATENESS_S = 10.0
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], what: str, patience: float = PATIENCE_S) -> T:
+    """``check()``'s first truthy value, polled every 0.1 s; AssertionError naming ``what``
+    and the last value if none comes within ``patience`` seconds."""
+    end = time.monotonic() + patience
+    while not (value := check()):
+        assert time.monotonic() < end, f"{what}: not within {patience:.0f} s (last: {value!r})"
+        time.sleep(0.1)
+    return value
+
+
 # ---- raw HTTP to a real server ----------------------------------------------------------
 
 
@@ -128,23 +154,30 @@ def head(path: str = "/detect", content_length: int | None = None, extra: str = 
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
 
 
-def read_all(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
-    """Everything the server sends on ``sock`` until it closes (or ``timeout``), and the
-    seconds that took."""
+def read_all(sock: socket.socket, timeout: float = PATIENCE_S) -> tuple[bytes, float]:
+    """Everything the server sends on ``sock`` until it closes, and the seconds that took.
+
+    Raises:
+        AssertionError: the server kept the connection open for ``timeout`` seconds.
+    """
     sock.settimeout(timeout)
     start, data = time.monotonic(), b""
     while True:
         try:
             chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
+        except ConnectionResetError:
             break
+        except TimeoutError:
+            raise AssertionError(
+                f"the server kept the connection open for {timeout:.0f} s; got {data[:200]!r}"
+            ) from None
         if not chunk:
             break
         data += chunk
     return data, time.monotonic() - start
 
 
-def read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict, float]:
+def read_answer(sock: socket.socket, timeout: float = PATIENCE_S) -> tuple[int, dict, float]:
     """(status, JSON body, seconds until the server closed) of the one response on ``sock``;
     status 0 if the server closed without answering."""
     data, elapsed = read_all(sock, timeout)

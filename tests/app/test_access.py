@@ -7,12 +7,11 @@ includes the access-log line that ``python -m app`` writes on its stdout.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
-from tests.app.support import Server, encode, metric, shapes_image
+from tests.app.support import Server, encode, eventually, metric, shapes_image
 
 PNG = encode(shapes_image((320, 240)), "PNG")
 
@@ -52,9 +51,14 @@ def test_request_id_is_echoed_and_logged(guarded: Server) -> None:
     made = httpx.post(guarded.url + "/detect", content=PNG, headers={"X-Request-ID": "bad id!"})
     assert made.status_code == 200
     assert made.headers["X-Request-ID"] not in ("", "bad id!")
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in guarded.output().splitlines() if line.startswith("{")]
-    logged = {line["request_id"]: line for line in lines}
+
+    def logged_lines() -> dict[str, dict]:
+        output = guarded.output().splitlines()
+        lines = [json.loads(line) for line in output if line.startswith("{")]
+        logged = {line["request_id"]: line for line in lines}
+        return logged if made.headers["X-Request-ID"] in logged else {}
+
+    logged = eventually(logged_lines, "both requests' access-log lines")
     assert logged["abc-123"]["status"] == 415 and logged["abc-123"]["route"] == "/detect"
     line = logged[made.headers["X-Request-ID"]]
     assert line["image_sizes"] == [[320, 240]] and line["batch_sizes"] == [1]

@@ -30,7 +30,7 @@ from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
 from model import Detector
-from tests.app.support import encode, in_process, metric, shapes_image
+from tests.app.support import PATIENCE_S, encode, in_process, metric, shapes_image
 
 PNG = encode(shapes_image((320, 240)), "PNG")
 # Noise: random weights on a flat background give many exactly tied scores, and NMS among
@@ -74,19 +74,26 @@ async def test_concurrent_clients_are_batched(client: httpx.AsyncClient) -> None
 # ---- a small queue: full queue and disconnected clients -----------------------------------
 
 
+# How long the ``queued`` app's batches wait for company. The tests act while a request waits
+# (a second request, a hang-up) and time a lone request against it, which takes well under
+# 0.1 s in process on a quiet machine: 4 s leaves room for a machine many times slower.
+QUEUED_WAIT_S = 4.0
+
+
 @pytest.fixture
 async def queued(
     tiny_weights: Path, tiny_detector: Detector, one_thread: None, anyio_backend: str
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """An app with a queue of one image, batches formed after 1.5 s unless 8 images wait or
-    nothing more is on its way: with a stalled upload on its way, a request sits in the queue
-    long enough for the next to find it full, or for its client to leave. Gives the app and
-    a client calling it in process."""
+    """An app with a queue of one image, batches formed after ``QUEUED_WAIT_S`` unless 8 images
+    wait or nothing more is on its way: with a stalled upload on its way, a request sits in
+    the queue long enough for the next to find it full, or for its client to leave. Gives the
+    app and a client calling it in process."""
     settings = _settings(
         tiny_weights,
         max_queue=1,
         max_batch_size=8,
-        max_wait_ms=1500,
+        max_wait_ms=QUEUED_WAIT_S * 1000,
+        min_body_rate=1,  # the stalled upload (8 bytes) is not cut for slowness for 8 s
         max_images_per_request=1,
         request_timeout_s=30,
     )
@@ -95,7 +102,7 @@ async def queued(
         yield app, client
 
 
-async def _wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+async def _wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = PATIENCE_S) -> None:
     end = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > end:
@@ -225,8 +232,8 @@ async def _on_the_way(app: FastAPI, count: int) -> bool:
 async def test_a_lone_request_does_not_wait_for_company(
     queued: tuple[FastAPI, httpx.AsyncClient],
 ) -> None:
-    # Batches wait up to 1.5 s for more images, but with nothing else on its way a request
-    # runs at once; with a stalled upload on its way, the same request waits its 1.5 s.
+    # Batches wait up to QUEUED_WAIT_S for more images, but with nothing else on its way a
+    # request runs at once; with a stalled upload on its way, the same request waits it out.
     app, client = queued
     started = time.monotonic()
     alone = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
@@ -236,7 +243,7 @@ async def test_a_lone_request_does_not_wait_for_company(
         waited = await client.post("/detect", content=PNG, headers={"Content-Type": "image/png"})
         waited_s = time.monotonic() - started
     assert alone.status_code == waited.status_code == 200
-    assert waited_s >= 1.5 > alone_s, (alone_s, waited_s)
+    assert waited_s >= QUEUED_WAIT_S > alone_s, (alone_s, waited_s)
     assert await _on_the_way(app, 0)  # the stalled request's hang-up ended its announcement
 
 
@@ -251,7 +258,7 @@ async def test_disconnected_client_is_dropped(queued: tuple[FastAPI, httpx.Async
     hang_up = asyncio.Event()
     async with _on_its_way(app):
         request = asyncio.create_task(_post_then_hang_up(app, PNG, hang_up))
-        # Queued, waiting for its batch (1.5 s): hang up now.
+        # Queued, waiting for its batch (QUEUED_WAIT_S): hang up now.
         await _wait_for(_depth_is(client, 1))
         hang_up.set()
         end = time.monotonic() + 10

@@ -14,6 +14,7 @@ from PIL import Image
 from app.errors import InvalidImageError, TooLargeError, UnsupportedTypeError
 from app.intake import DecodedImage, decode, open_image, sniff_format
 from tests.app.support import (
+    LATENESS_S,
     check_answer,
     encode,
     png_claiming,
@@ -173,7 +174,9 @@ async def test_scan_bomb_is_refused_at_once_and_others_keep_their_latency(
     for answer in answers:
         assert answer.status_code == 413, answer.text
         assert "scans" in answer.json()["error"]["message"]
-    assert beside < 2.0  # the bombs and the normal request, all answered within 2 s
+    # The bombs and the normal request, all answered well within LATENESS_S: decoded, one
+    # bomb held a decode thread for about a minute on this project's 2-core CPU.
+    assert beside < LATENESS_S
     print(
         f"normal request alone {alone * 1000:.0f} ms, beside two scan bombs {beside * 1000:.0f} ms"
     )

@@ -22,7 +22,8 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path) -> None:
         pytest.skip(f"the benchmark's real photos are missing: {JPEGS}")
     out = tmp_path / "report.json"
     command = [sys.executable, "-m", "bench", "--quick", "--width", "0.125", "--threads", "1"]
-    subprocess.run([*command, "--out", str(out)], check=True, timeout=120)
+    # The timeout only stops a hang: the quick bench takes well under a minute on a quiet machine.
+    subprocess.run([*command, "--out", str(out)], check=True, timeout=600)
     report = json.loads(out.read_text())
     assert {"machine", "model", "command", "date", "auto_choice"} <= set(report)
     assert report["machine"]["torch"] and report["machine"]["cpu_model"]
