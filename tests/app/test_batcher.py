@@ -332,7 +332,7 @@ def _post_concurrently(client: httpx.AsyncClient, count: int, query: str = ""):
 def test_failure_inside_a_batch_answers_every_request(
     tiny_weights: Path, one_thread: None, fault: str
 ) -> None:
-    detector = FaultyDetector.load(tiny_weights, device="cpu")
+    detector = FaultyDetector.load(tiny_weights, device="cpu", precision="fp32")
     app = create_app(_settings(tiny_weights, max_batch_size=4, max_wait_ms=2000), detector)
 
     async def scenario():
@@ -357,7 +357,7 @@ def test_failure_inside_a_batch_answers_every_request(
 
 
 def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path, one_thread: None) -> None:
-    detector = Detector.load(tiny_weights, device="cpu")
+    detector = Detector.load(tiny_weights, device="cpu", precision="fp32")
     app = create_app(_settings(tiny_weights, max_batch_size=3, max_wait_ms=3000), detector)
     queries = [
         "?score_threshold=0.2&max_detections=5",
@@ -418,7 +418,7 @@ class GatedDetector(Detector):
 def test_a_full_batch_is_staged_while_the_one_before_runs(
     tiny_weights: Path, one_thread: None
 ) -> None:
-    detector = GatedDetector.load(tiny_weights, device="cpu")
+    detector = GatedDetector.load(tiny_weights, device="cpu", precision="fp32")
     inputs, size = detector.prepare(Image.open(io.BytesIO(PNG)))
 
     def jobs(count: int) -> list[Job]:

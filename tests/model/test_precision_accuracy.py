@@ -2,45 +2,29 @@
 split, the shipped model's mAP@0.5 in every reduced precision ``auto`` may choose stays within
 1.0 point of fp32's, and the detections themselves match across precisions image by image.
 
-The first SUBSET images of the 500-image test split keep this under ~30 s on 2 CPU cores
-(both precisions run over them); the full split is ``python -m model.evaluate`` with
-``--precision``. The precisions checked are those ``auto`` may choose on this device.
+The first images of the 500-image test split (``tests/model/conftest.py``); the full split is
+``python -m model.evaluate`` with ``--precision``. The precisions checked are those ``auto``
+may choose on this device.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
-from model import Detector, autotune
-from model.data import load_dataset
-from model.evaluate import predict_dataset, score
+from model import autotune
+from model.evaluate import score
+from tests.model.conftest import TEST_SUBSET
 
-WEIGHTS = Path("weights/ssd300_shapes.safetensors")
-SUBSET = 100  # images of the test split: a few seconds per precision with one thread
 MAX_MAP_DROP = 1.0  # issue #12: within 1.0 point of fp32 mAP@0.5
 COMPARED = 24  # images compared detection by detection
 DEVICE = torch.device("cpu")
 REDUCED = [name for name in autotune.candidates(DEVICE) if name != "fp32"]
 
 
-@pytest.fixture(scope="module")
-def predictions() -> dict[str, tuple]:
-    """Each candidate precision's detections and the ground truths on the subset."""
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no shipped model at {WEIGHTS}")
-    dataset = load_dataset(f"synthetic:{SUBSET}", split="test")
-    results = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared with the rest of the suite
-    try:
-        for precision in ["fp32", *REDUCED]:
-            detector = Detector.load(WEIGHTS, device=DEVICE, precision=precision)
-            results[precision] = (detector, *predict_dataset(detector, dataset))
-    finally:
-        torch.set_num_threads(threads)
-    return results
+@pytest.fixture
+def predictions(shipped_on_test_split) -> dict[str, tuple]:
+    """Each candidate precision's detector, detections and the ground truths."""
+    return {precision: shipped_on_test_split(precision) for precision in ["fp32", *REDUCED]}
 
 
 @pytest.mark.parametrize("precision", REDUCED)
@@ -49,7 +33,7 @@ def test_reduced_precision_keeps_map50_within_a_point(predictions, precision):
     _, detections, _ = predictions[precision]
     fp32 = score(reference, truths, detector.class_names).map50
     reduced = score(detections, truths, detector.class_names).map50
-    print(f"mAP@0.5 on {SUBSET} test images: fp32 {fp32:.4f}, {precision} {reduced:.4f}")
+    print(f"mAP@0.5 on {TEST_SUBSET} test images: fp32 {fp32:.4f}, {precision} {reduced:.4f}")
     assert abs(reduced - fp32) * 100 <= MAX_MAP_DROP, (fp32, reduced)
 
 

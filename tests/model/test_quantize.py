@@ -10,7 +10,7 @@ import torch
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
 from model.data.synthetic import SyntheticShapes
-from model.evaluate import predict_dataset, score
+from model.evaluate import score
 from model.int8 import (
     QuantizableSSD,
     activation_qparams,
@@ -154,16 +154,14 @@ def test_command_errors_name_files(tiny, tmp_path, capsys):
     assert str(nowhere.parent) in capsys.readouterr().err
 
 
-def test_shipped_artifact_meets_the_guard():
+def test_shipped_artifact_meets_the_guard(shipped_on_test_split):
     if int8_artifact_for(SHIPPED) is None:
         pytest.skip(f"no shipped INT8 artifact beside {SHIPPED}")
     recorded = read_int8_info(int8_artifact_path(SHIPPED))["info"]["guard"]["map50"]
     assert recorded["fp32"] - recorded["int8"] <= GUARD
-    samples = SyntheticShapes(100, split="test")
     measured = {}
     for precision in ("fp32", "int8"):
-        detector = Detector.load(SHIPPED, device="cpu", precision=precision)
-        detections, truths = predict_dataset(detector, samples, batch_size=16)
+        detector, detections, truths = shipped_on_test_split(precision)
         measured[precision] = score(detections, truths, detector.class_names).map50
     assert measured["fp32"] - measured["int8"] <= GUARD, measured
 
