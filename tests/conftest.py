@@ -1,11 +1,23 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures shared by the whole suite, and its one torch thread."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # ../shared/datasets beside the repository root (see that folder's README.md). Never copied in.
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch (OpenMP) thread, here and in the processes the tests start. With two
+    threads on a 2-core machine that is busy with something else, every parallel op waits
+    for whichever thread the scheduler has set aside, and the suite's small networks slow
+    down many times over (docs/test-suite.md); with one thread the suite's cost no longer
+    depends on the neighbours'."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def _shared(name: str) -> Path:

@@ -73,7 +73,7 @@ def tiny_detector(tiny_weights: Path) -> Detector:
 
 @pytest.fixture
 async def client(
-    tiny_weights: Path, tiny_detector: Detector, one_thread: None, anyio_backend: str
+    tiny_weights: Path, tiny_detector: Detector, anyio_backend: str
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client calling a fresh app in process (no socket): the tiny model, the default test
     settings, the lifespan run around the test, fresh metrics."""
@@ -100,18 +100,9 @@ def trained_detector(shipped_weights: Path) -> Detector:
 
 @pytest.fixture
 async def trained_client(
-    shipped_weights: Path, trained_detector: Detector, one_thread: None, anyio_backend: str
+    shipped_weights: Path, trained_detector: Detector, anyio_backend: str
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client calling an app in process that serves the shipped model."""
     settings = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(shipped_weights)})
     async with in_process(create_app(settings, trained_detector)) as running:
         yield running
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread for in-process servers, leaving the CPU to the rest of the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

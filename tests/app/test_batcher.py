@@ -82,7 +82,7 @@ QUEUED_WAIT_S = 4.0
 
 @pytest.fixture
 async def queued(
-    tiny_weights: Path, tiny_detector: Detector, one_thread: None, anyio_backend: str
+    tiny_weights: Path, tiny_detector: Detector, anyio_backend: str
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """An app with a queue of one image, batches formed after ``QUEUED_WAIT_S`` unless 8 images
     wait or nothing more is on its way: with a stalled upload on its way, a request sits in
@@ -285,7 +285,7 @@ def _settings(weights: Path, **overrides: object) -> Settings:
     return Settings(weights=weights, device="cpu", **overrides)
 
 
-def test_passed_deadline_gives_504(tiny_weights: Path, one_thread: None) -> None:
+def test_passed_deadline_gives_504(tiny_weights: Path) -> None:
     app = create_app(_settings(tiny_weights, request_timeout_s=0.2, max_wait_ms=3000))
 
     async def scenario() -> tuple[httpx.Response, str]:
@@ -329,9 +329,7 @@ def _post_concurrently(client: httpx.AsyncClient, count: int, query: str = ""):
 
 
 @pytest.mark.parametrize("fault", ["fail_forward", "short_decode"])
-def test_failure_inside_a_batch_answers_every_request(
-    tiny_weights: Path, one_thread: None, fault: str
-) -> None:
+def test_failure_inside_a_batch_answers_every_request(tiny_weights: Path, fault: str) -> None:
     detector = FaultyDetector.load(tiny_weights, device="cpu", precision="fp32")
     app = create_app(_settings(tiny_weights, max_batch_size=4, max_wait_ms=2000), detector)
 
@@ -356,7 +354,7 @@ def test_failure_inside_a_batch_answers_every_request(
     assert metric(text, "ssd_requests_total", route="/detect", status="500") == 4
 
 
-def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path, one_thread: None) -> None:
+def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path) -> None:
     detector = Detector.load(tiny_weights, device="cpu", precision="fp32")
     app = create_app(_settings(tiny_weights, max_batch_size=3, max_wait_ms=3000), detector)
     queries = [
@@ -415,9 +413,7 @@ class GatedDetector(Detector):
         return result
 
 
-def test_a_full_batch_is_staged_while_the_one_before_runs(
-    tiny_weights: Path, one_thread: None
-) -> None:
+def test_a_full_batch_is_staged_while_the_one_before_runs(tiny_weights: Path) -> None:
     detector = GatedDetector.load(tiny_weights, device="cpu", precision="fp32")
     inputs, size = detector.prepare(Image.open(io.BytesIO(PNG)))
 

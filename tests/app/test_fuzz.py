@@ -33,9 +33,7 @@ CHECKS = [
 ]
 
 
-def test_schemathesis_finds_no_server_errors(
-    tiny_weights: Path, tiny_detector: Detector, one_thread: None
-) -> None:
+def test_schemathesis_finds_no_server_errors(tiny_weights: Path, tiny_detector: Detector) -> None:
     settings_ = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(tiny_weights)})
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings_, tiny_detector))
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -40,7 +40,7 @@ def test_unavailable_device_stops_start_up(tiny_weights: Path) -> None:
         asyncio.run(start())
 
 
-def test_not_ready_answers_503(tiny_weights: Path, one_thread: None) -> None:
+def test_not_ready_answers_503(tiny_weights: Path) -> None:
     app = create_app(Settings(weights=tiny_weights, device="cpu"))
 
     async def scenario() -> list[httpx.Response]:

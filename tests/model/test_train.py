@@ -1,7 +1,6 @@
 """The training module end to end, on the CPU, with small networks and few steps."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +56,7 @@ def _shapes_folder(root: Path) -> Path:
 
 def test_overfits_a_few_images(tmp_path):
     # Matching, loss, decoding and NMS must fit together for a network to learn four images.
+    # 80 steps: a third more than the fewest that reach mAP 1.0 on them (docs/test-suite.md).
     data = f"voc:{_shapes_folder(tmp_path / 'shapes')}"
     out = tmp_path / "overfit.safetensors"
     code = main(
@@ -68,7 +68,7 @@ def test_overfits_a_few_images(tmp_path):
             "--out",
             str(out),
             "--steps",
-            "120",
+            "80",
             "--batch-size",
             "4",
             "--lr",
@@ -105,7 +105,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, optimizer, lr, mosaic)
         "--data",
         "synthetic:16",
         "--steps",
-        "6",
+        "4",
         "--batch-size",
         "4",
         "--optimizer",
@@ -123,7 +123,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, optimizer, lr, mosaic)
     straight = tmp_path / "straight.safetensors"
     assert main([*common, "--out", str(straight)]) == 0
     split = tmp_path / "split.safetensors"
-    assert main([*common, "--out", str(split), "--stop-at", "3"]) == 0
+    assert main([*common, "--out", str(split), "--stop-at", "2"]) == 0
     state = tmp_path / "split.state.safetensors"
     moments = [set(p) for p in load_training_state(state).optimizer["state"].values()]
     assert moments and all(
@@ -133,8 +133,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, optimizer, lr, mosaic)
     assert main([*common, "--out", str(split), "--resume", str(state)]) == 0
     expected = {r["step"]: r["loss"] for r in _log(straight)}
     resumed = {r["step"]: r["loss"] for r in _log(split)}
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-4)
     a = load_checkpoint(straight).network.state_dict()
     b = load_checkpoint(split).network.state_dict()
@@ -306,7 +306,6 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
 
 def test_two_process_ddp_on_cpu(tmp_path):
     out = tmp_path / "ddp.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [
             sys.executable,
@@ -332,7 +331,6 @@ def test_two_process_ddp_on_cpu(tmp_path):
             *TINY,
         ],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=300,
