@@ -27,6 +27,7 @@ from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_setti
 from app.shutdown import install_drain_handler
 from model import Detector
 from model.checkpoint import CheckpointError, read_metadata
+from model.published import is_published
 from model.runtime import resolve_device
 
 log = logging.getLogger("app")
@@ -44,8 +45,16 @@ def load_detector(settings: Settings) -> Detector:
         SettingsError: the weights, device or precision cannot be used; names the variable.
     """
     weights = f"invalid setting SSD_WEIGHTS={str(settings.weights)!r}"
+    published = is_published(settings.weights)
+    if published and settings.precision == "int8":
+        raise SettingsError(
+            f"{weights}: int8 runs a checkpoint file with its artifact beside it: convert the "
+            f"weights first (python -m model.convert {settings.weights} --out FILE), then "
+            "python -m model.quantize --weights FILE, and serve FILE"
+        )
     try:
-        read_metadata(settings.weights)  # cheap: names a wrong file before any weight loads
+        if not published:  # cheap: names a wrong file before any weight loads
+            read_metadata(settings.weights)
         device = resolve_device(settings.device)
     except CheckpointError as exc:
         raise SettingsError(f"{weights}: {exc}") from None
@@ -55,7 +64,10 @@ def load_detector(settings: Settings) -> Detector:
         return Detector.load(settings.weights, device=device, precision=settings.precision)
     except CheckpointError as exc:
         raise SettingsError(f"{weights}: {exc}") from None
-    except (FileNotFoundError, ValueError) as exc:  # int8 without its artifact, or on a GPU
+    except (FileNotFoundError, ValueError) as exc:
+        if published:  # offline and not cached, or a file of another layout
+            raise SettingsError(f"{weights}: {exc}") from None
+        # int8 without its artifact, or on a GPU
         precision = f"invalid setting SSD_PRECISION={settings.precision!r}"
         raise SettingsError(f"{precision}: {exc}") from None
 

@@ -18,6 +18,7 @@ from app.schemas import ModelRef
 from app.settings import Settings
 from app.uploads import BodyLimits
 from model import Detector
+from model.published import is_published, source_file
 
 # Hex digits of the checkpoint's sha256 used as the model version.
 VERSION_DIGITS = 12
@@ -56,12 +57,16 @@ class Service:
 
 
 def model_ref(weights: Path) -> ModelRef:
-    """Name (file stem) and version (sha256 prefix) of a checkpoint file."""
+    """Name (file stem, or the published source's name) and version (sha256 prefix of the
+    checkpoint file, or of the published file it was converted from)."""
+    published = is_published(weights)
+    path = source_file(weights) if published else weights
     digest = hashlib.sha256()
-    with weights.open("rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return ModelRef(name=weights.stem, version=digest.hexdigest()[:VERSION_DIGITS])
+    name = str(weights) if published else weights.stem
+    return ModelRef(name=name, version=digest.hexdigest()[:VERSION_DIGITS])
 
 
 def get_service(request: Request) -> Service:

@@ -26,7 +26,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    weights: Path = Field(default=DEFAULT_WEIGHTS, description="checkpoint file (safetensors)")
+    weights: Path = Field(
+        default=DEFAULT_WEIGHTS,
+        description="checkpoint file (safetensors), or published weights by name: "
+        "torchvision:coco or ssd.pytorch:PATH (model/published.py)",
+    )
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )

@@ -5,7 +5,8 @@ The file's string metadata holds, as JSON:
 * ``format``: ``"ssd-checkpoint/1"``;
 * ``architecture``: builder, num_classes, size, preset, batch_norm, width (``model.ssd``);
 * ``class_names``: the foreground class names, for class ids 1..C-1;
-* ``normalization``: the pixel mean subtracted from 0-255 RGB values, and the input size;
+* ``normalization``: the pixel mean subtracted from 0-255 RGB values, the input size and,
+  for converted weights, the resize (``model.preprocessing.RESIZES``);
 * ``recipe``: how the weights were trained (free-form, may be empty).
 
 Wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``) are stripped
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from model.preprocessing import PIXEL_MEAN
+from model.published import convert, is_published
 from model.ssd import SSD, Architecture, build
 
 FORMAT = "ssd-checkpoint/1"
@@ -68,8 +70,10 @@ def save_checkpoint(
     *,
     recipe: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    normalization: dict[str, Any] | None = None,
 ) -> None:
     """Write ``network`` to ``path``; ``dtype`` (e.g. torch.float16) shrinks the file.
+    ``normalization`` defaults to this project's (``PIXEL_MEAN``, antialiased resize).
 
     The write goes to a temporary file first, so a crash never leaves half a checkpoint.
     """
@@ -94,7 +98,9 @@ def save_checkpoint(
         "format": FORMAT,
         "architecture": json.dumps(architecture.to_dict()),
         "class_names": json.dumps(list(class_names)),
-        "normalization": json.dumps({"mean": list(PIXEL_MEAN), "size": architecture.size}),
+        "normalization": json.dumps(
+            normalization or {"mean": list(PIXEL_MEAN), "size": architecture.size}
+        ),
         "recipe": json.dumps(recipe or {}),
     }
     write_atomically(Path(path), tensors, metadata)
@@ -134,7 +140,19 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Rebuild the network stored at ``path`` and load its weights (as fp32, on the CPU)."""
+    """Rebuild the network stored at ``path`` and load its weights (as fp32, on the CPU).
+
+    ``path`` may also name published weights (``torchvision:coco``, ``ssd.pytorch:PATH``),
+    converted as they load (``model.published``).
+    """
+    if is_published(path):
+        converted = convert(path)
+        return Checkpoint(
+            network=converted.network,
+            class_names=converted.class_names,
+            normalization=converted.normalization,
+            recipe=converted.recipe,
+        )
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -180,9 +198,16 @@ def load_matching_weights(network: SSD, path: str | os.PathLike[str]) -> tuple[i
     rest of ``network`` keeps its fresh initialisation. A tensor fits when the network has
     one of the same name and shape. Returns the number of tensors copied and the names of
     ``network``'s tensors that were not; raises ``CheckpointError`` naming the file when no
-    weight (parameter) fits.
+    weight (parameter) fits. ``path`` may name published weights (``load_checkpoint``).
     """
-    source = load_checkpoint(path).network.state_dict()
+    return copy_matching_weights(network, load_checkpoint(path).network, path)
+
+
+def copy_matching_weights(
+    network: SSD, source_network: SSD, path: str | os.PathLike[str]
+) -> tuple[int, list[str]]:
+    """``load_matching_weights`` from a network already loaded from ``path``."""
+    source = source_network.state_dict()
     target = network.state_dict()
     # A module's tensors go together: a conv whose weight does not fit keeps its own bias too.
     misfit = {

@@ -7,7 +7,12 @@ layout follows that repository's ``PriorBoxLayer``:
 * per feature-map cell, boxes are ordered s_k, s'_k = sqrt(s_k * s_{k+1}), then for each aspect
   ratio a in the map's list the pair (s_k*sqrt(a), s_k/sqrt(a)), (s_k/sqrt(a), s_k*sqrt(a));
 * cells are row-major; the centre of cell (i, j) is ((j + 0.5) * step, (i + 0.5) * step) / size;
-* boxes are not clipped to the image (the authors' ``clip: false``).
+* boxes are not clipped (the authors' ``clip: false``), unless the spec's ``clip`` says so,
+  for weights trained with another code's boxes (``model.published``): ``"wh"`` clips each w
+  and h to [0, 1], as torchvision's ``DefaultBoxGenerator`` does (``clip=True``, its
+  default); ``"cxcywh"`` clips all four numbers, as ssd.pytorch's ``PriorBox`` does
+  (``output.clamp_(max=1, min=0)``), which also moves the centres of SSD300's 10x10 map that
+  lie past the input (step 32: 9.5 * 32 = 304 px) to its edge.
 
 All boxes are (cx, cy, w, h) relative to the network input size.
 """
@@ -27,6 +32,7 @@ class DefaultBoxSpec:
 
     ``min_sizes[k]`` is s_k; ``max_sizes[k]`` defines s'_k = sqrt(min_sizes[k] * max_sizes[k]).
     ``steps[k]`` is the pixel distance between neighbouring cell centres on map k.
+    ``clip`` is one of ``CLIPS`` (module docstring).
     """
 
     size: int
@@ -34,8 +40,11 @@ class DefaultBoxSpec:
     max_sizes: tuple[float, ...]
     steps: tuple[int, ...]
     aspect_ratios: tuple[tuple[int, ...], ...]
+    clip: str = "none"
 
     def __post_init__(self) -> None:
+        if self.clip not in CLIPS:
+            raise ValueError(f"clip must be one of {CLIPS}, got {self.clip!r}")
         lengths = {len(self.min_sizes), len(self.max_sizes), len(self.steps)}
         if lengths != {len(self.aspect_ratios)}:
             raise ValueError(
@@ -89,6 +98,7 @@ _ASPECT_RATIOS = {
     512: ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
 }
 PRESETS = ("voc", "coco", "fine")
+CLIPS = ("none", "wh", "cxcywh")  # see the module docstring
 
 
 def preset_spec(size: int, preset: str) -> DefaultBoxSpec:
@@ -132,10 +142,14 @@ def make_default_boxes(spec: DefaultBoxSpec, feature_map_sizes: list[int]) -> Te
             root = math.sqrt(ratio)
             wh += [(s_k * root, s_k / root), (s_k / root, s_k * root)]
         wh_t = torch.tensor(wh, dtype=torch.float64)  # (A, 2)
+        if spec.clip != "none":
+            wh_t = wh_t.clamp(min=0.0, max=1.0)
 
         centres = (torch.arange(side, dtype=torch.float64) + 0.5) * spec.steps[k] / spec.size
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         cxcy = torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)  # (H*W, 2)
+        if spec.clip == "cxcywh":
+            cxcy = cxcy.clamp(min=0.0, max=1.0)
 
         # (H*W, 1, 2) and (1, A, 2) -> (H*W, A, 4) -> (H*W*A, 4)
         boxes = torch.cat(

@@ -18,7 +18,7 @@ from model.cuda_graphs import BucketedForward, capture_cuda_graph
 from model.decoding import decode_images
 from model.int8 import QuantizableSSD, int8_artifact_for, load_int8
 from model.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess
-from model.preprocessing import PIXEL_MEAN, ImageLike, preprocess, to_rgb_tensor
+from model.preprocessing import PIXEL_MEAN, RESIZES, ImageLike, preprocess, to_rgb_tensor
 from model.runtime import INT8, Runtime
 from model.ssd import SSD
 
@@ -41,6 +41,8 @@ class Detector:
         int8_network: with ``"auto"`` on the CPU, ``network`` quantized by ``model.quantize``,
             which then competes as the ``int8`` candidate.
         pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
+        resize: how images are resized to the input, as the network was trained with
+            (``model.preprocessing.RESIZES``).
         nms_iou, top_k: post-processing settings (paper defaults 0.45 and 400).
     """
 
@@ -52,6 +54,7 @@ class Detector:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         pixel_mean: Sequence[float] = PIXEL_MEAN,
+        resize: str = "antialias",
         nms_iou: float = NMS_IOU,
         top_k: int = TOP_K,
         int8_network: QuantizableSSD | None = None,
@@ -75,6 +78,9 @@ class Detector:
         self.class_names = list(class_names)
         self.input_size = network.input_size
         self.pixel_mean = tuple(float(m) for m in pixel_mean)
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+        self.resize = resize
         self.nms_iou = nms_iou
         self.top_k = top_k
         self.network: nn.Module = self.runtime.place(network).eval()
@@ -105,7 +111,9 @@ class Detector:
         device: str | torch.device = "auto",
         precision: str = "auto",
     ) -> Detector:
-        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``; ``precision``
+        """Load a checkpoint written by ``model.checkpoint.save_checkpoint``, or published
+        weights by name (``torchvision:coco``, ``ssd.pytorch:PATH``; ``model.published``),
+        converted as they load; ``precision``
         as for the constructor (``auto``, the service's default too, measures). ``int8``
         reads the quantized network from the artifact beside the checkpoint
         (``model.int8.int8_artifact_path``; FileNotFoundError naming it when absent), and
@@ -126,6 +134,7 @@ class Detector:
             precision=precision,
             int8_network=int8_network,
             pixel_mean=checkpoint.normalization.get("mean", PIXEL_MEAN),
+            resize=checkpoint.normalization.get("resize", "antialias"),
         )
 
     @torch.inference_mode()
@@ -295,7 +304,7 @@ class Detector:
         """
         rgb = to_rgb_tensor(image)
         size = (int(rgb.shape[2]), int(rgb.shape[1]))
-        return preprocess([rgb], self.input_size, self.pixel_mean)[0], size
+        return preprocess([rgb], self.input_size, self.pixel_mean, self.resize)[0], size
 
     def prepare_encoded(self, encoded: Sequence[bytes]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Encoded images (JPEG, PNG, WebP, BMP bytes) to network inputs on the device.
@@ -317,7 +326,7 @@ class Detector:
             raise ValueError("prepare_encoded needs at least one image, got none")
         images = decode_images(encoded, self.device)
         sizes = [(int(image.shape[2]), int(image.shape[1])) for image in images]
-        return preprocess(images, self.input_size, self.pixel_mean), sizes
+        return preprocess(images, self.input_size, self.pixel_mean, self.resize), sizes
 
     @torch.inference_mode()
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:

@@ -178,7 +178,12 @@ def evaluate(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__)
-    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.safetensors)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="checkpoint (.safetensors), or published weights: torchvision:coco, ssd.pytorch:PATH",
+    )
     parser.add_argument("--data", required=True, help=SPEC_FORMS)
     parser.add_argument(
         "--split",

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import urllib.error
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
@@ -30,15 +27,13 @@ from torch import Tensor, nn
 from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 
 from model.ssd import SSD
+from model.torch_cache import cache_path, fetch
 
 _FC6_FILTER_STEP = 4  # 4096 -> 1024 filters
 _FC6_TAP_STEP = 3  # 7x7 taps -> 3x3, i.e. taps 0, 3, 6
 _FC7_STEP = 4  # 4096 -> 1024 in each direction
 _VGG_CONVS = 13
 IMAGENET = "imagenet"  # the name --backbone-weights takes for torchvision's published weights
-# Per socket operation while fetching: an offline machine fails at once (no route, no name),
-# a machine behind a silent firewall within this.
-_FETCH_TIMEOUT_S = 30.0
 
 
 def imagenet_weights(batch_norm: bool) -> VGG16_Weights | VGG16_BN_Weights:
@@ -48,8 +43,7 @@ def imagenet_weights(batch_norm: bool) -> VGG16_Weights | VGG16_BN_Weights:
 
 def imagenet_cache_path(batch_norm: bool) -> Path:
     """Where torch's cache keeps those weights (``$TORCH_HOME/hub/checkpoints/<file>``)."""
-    name = os.path.basename(urlparse(imagenet_weights(batch_norm).url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
+    return cache_path(imagenet_weights(batch_norm))
 
 
 def fetch_imagenet_state(batch_norm: bool) -> dict[str, Tensor]:
@@ -58,37 +52,24 @@ def fetch_imagenet_state(batch_norm: bool) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: not cached and the download failed (offline); the message says
-            which file to place where.
+            which file to place where (``model.torch_cache.fetch``).
     """
-    weights = imagenet_weights(batch_norm)
-    path = imagenet_cache_path(batch_norm)
-    if not path.is_file():
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(_FETCH_TIMEOUT_S)
-        try:
-            weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-        except (urllib.error.URLError, OSError, RuntimeError) as exc:
-            raise FileNotFoundError(
-                f"cannot download the ImageNet weights {weights} ({exc}). Offline, download "
-                f"{weights.url} elsewhere and place it at {path} (torch's cache; set "
-                "TORCH_HOME to move it), or pass the file's path to --backbone-weights."
-            ) from exc
-        finally:
-            socket.setdefaulttimeout(previous)
+    path = fetch(imagenet_weights(batch_norm), "or pass the file's path to --backbone-weights")
     return read_state_dict(path)
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """A state dict from a ``.safetensors`` file or a torch pickle (loaded weights-only)."""
+def read_state_dict(path: str | os.PathLike[str], what: str = "VGG16") -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch pickle (loaded weights-only, so
+    it can run no code); ``what`` names the weights in errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such VGG16 weights file")
+        raise FileNotFoundError(f"{path}: no such {what} weights file")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: cannot read a VGG16 state dict ({exc})") from exc
+        raise ValueError(f"{path}: cannot read a {what} state dict ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import warnings
@@ -34,7 +33,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from model.checkpoint import Checkpoint, load_checkpoint, write_atomically
-from model.ssd import SSD
+from model.ssd import SSD, fold_unused_slots
+from model.torch_cache import file_sha256
 
 # PyTorch's quantized engine for x86 CPUs: fbgemm for large convolutions, oneDNN for small.
 ENGINE = "x86"
@@ -92,6 +92,8 @@ class QuantizableSSD(nn.Module):
         super().__init__()
         network = copy.deepcopy(network).float().eval()
         self.num_classes = network.num_classes
+        self.head_columns = network.head_columns
+        self.unused_slots = network.unused_slots
         self.input_size = network.input_size
         self.architecture = network.architecture
         self.register_buffer("default_boxes", network.default_boxes.clone(), persistent=False)
@@ -116,8 +118,8 @@ class QuantizableSSD(nn.Module):
             # (N, A*4, H, W) -> (N, H, W, A*4) -> (N, H*W*A, 4)
             locs.append(loc.permute(0, 2, 3, 1).reshape(n, -1, 4))
             # (N, A*C, H, W) -> (N, H, W, A*C) -> (N, H*W*A, C)
-            confs.append(conf.permute(0, 2, 3, 1).reshape(n, -1, self.num_classes))
-        return torch.cat(locs, dim=1), torch.cat(confs, dim=1)
+            confs.append(conf.permute(0, 2, 3, 1).reshape(n, -1, self.head_columns))
+        return torch.cat(locs, dim=1), fold_unused_slots(torch.cat(confs, dim=1), self.unused_slots)
 
 
 def _fused(stage: nn.Module) -> nn.Sequential:
@@ -194,15 +196,6 @@ def rebuild(
         else:
             module.scale, module.zero_point = scale, zero_point
     return quantized.eval()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_int8(

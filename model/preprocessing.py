@@ -2,7 +2,11 @@
 
 The authors' Caffe models take BGR pixel values 0-255 minus the ImageNet mean (104, 117, 123),
 with no scaling. Images here are RGB, so the mean is (123, 117, 104). The image is resized to
-the network size ignoring its aspect ratio, as the paper does (sec. 3).
+the network size ignoring its aspect ratio, as the paper does (sec. 3): antialiased, on the
+uint8 pixels, for networks trained here; or, for weights trained elsewhere
+(``model.published``), as their training resized: ``"bilinear"``, without antialiasing, on
+float pixels, as torchvision's detection transform (``F.interpolate``) and ssd.pytorch's
+``cv2.resize`` do. A checkpoint names its resize in ``normalization["resize"]``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ PIXEL_MEAN = (123.0, 117.0, 104.0)
 _BACKGROUND = (255, 255, 255)
 
 ImageLike = Image.Image | Tensor
+RESIZES = ("antialias", "bilinear")  # see the module docstring
 
 
 def to_rgb_tensor(image: ImageLike) -> Tensor:
@@ -71,16 +76,29 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(images: list[Tensor], size: int, mean: tuple[float, ...] = PIXEL_MEAN) -> Tensor:
+def preprocess(
+    images: list[Tensor],
+    size: int,
+    mean: tuple[float, ...] = PIXEL_MEAN,
+    resize: str = "antialias",
+) -> Tensor:
     """uint8 RGB Tensors[3, H, W] to the network input: float32 Tensor[N, 3, size, size].
 
-    Each image is resized to ``size`` x ``size`` (bilinear, antialiased), and ``mean`` (RGB)
-    is subtracted from the 0-255 values. The work runs where the images are (CPU or GPU; all
-    on one device).
+    Each image is resized to ``size`` x ``size`` (bilinear; ``resize`` as in the module
+    docstring), and ``mean`` (RGB) is subtracted from the 0-255 values. The work runs where
+    the images are (CPU or GPU; all on one device).
     """
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images[0].device)[:, None, None]
+    antialias = resize == "antialias"
     resized = [
-        TF.resize(img, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        TF.resize(
+            img if antialias else img.float(),
+            [size, size],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=antialias,
+        )
         for img in images
     ]
     return torch.stack(resized).float() - mean_t

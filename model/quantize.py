@@ -9,6 +9,11 @@ Command::
 
     python -m model.quantize --weights weights/ssd300_shapes.safetensors \
         --data synthetic [--calibration 256] [--out PATH]
+
+``--weights`` may name published weights (``torchvision:coco``, ``ssd.pytorch:PATH``); the
+artifact belongs to a checkpoint file, so they are first converted into one
+(``model.convert``), written beside ``--out`` (which is then required): ``--out
+weights/coco.int8.safetensors`` writes ``weights/coco.safetensors`` too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import load_checkpoint
+from model.convert import convert_to_file
 from model.data import SPEC_FORMS, load_dataset
 from model.detector import Detector
 from model.evaluate import evaluate
@@ -37,6 +43,7 @@ from model.int8 import (
     torch_ao_quiet,
 )
 from model.preprocessing import PIXEL_MEAN, preprocess
+from model.published import is_published
 from model.ssd import SSD
 
 log = logging.getLogger(__name__)
@@ -62,20 +69,32 @@ def quantize_network(network: SSD, batches: Iterable[Tensor]) -> QuantizableSSD:
 
 
 def calibration_batches(
-    data: str, count: int, batch_size: int, input_size: int, mean: Sequence[float]
+    data: str,
+    count: int,
+    batch_size: int,
+    input_size: int,
+    mean: Sequence[float],
+    resize: str = "antialias",
 ) -> Iterator[Tensor]:
     """Prepared Tensors[n, 3, S, S] of the first ``count`` images of ``data``'s train split
-    (fewer if it is smaller), ``batch_size`` at a time."""
+    (fewer if it is smaller), ``batch_size`` at a time, resized as ``resize`` says
+    (``model.preprocessing``)."""
     dataset = load_dataset(data, split="train")
     count = min(count, len(dataset))
     for start in range(0, count, batch_size):
         images = [dataset[i][0] for i in range(start, min(start + batch_size, count))]
-        yield preprocess(images, input_size, tuple(mean))
+        yield preprocess(images, input_size, tuple(mean), resize)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.quantize", description=__doc__)
-    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.safetensors)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="checkpoint (.safetensors), or published weights (torchvision:coco, "
+        "ssd.pytorch:PATH), converted beside --out",
+    )
     parser.add_argument("--data", required=True, help=SPEC_FORMS)
     parser.add_argument(
         "--calibration", type=int, default=256, help="train-split images to calibrate on"
@@ -89,8 +108,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = args.out or int8_artifact_path(args.weights)
     try:
+        if is_published(args.weights):
+            if args.out is None:
+                raise ValueError(
+                    f"--weights {args.weights} needs --out: the artifact and the converted "
+                    "checkpoint are written there"
+                )
+            checkpoint = args.out.with_name(
+                args.out.name.removesuffix(ARTIFACT_SUFFIX).removesuffix(".safetensors")
+                + ".safetensors"
+            )
+            args.weights = convert_to_file(str(args.weights), checkpoint)
+            log.info("converted the published weights into %s", checkpoint)
+        out = args.out or int8_artifact_path(args.weights)
         if not args.weights.is_file():
             raise FileNotFoundError(f"no checkpoint at {args.weights}")
         if not out.parent.is_dir():
@@ -99,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--calibration must be >= 1, got {args.calibration}")
         loaded = load_checkpoint(args.weights)
         mean = loaded.normalization.get("mean", PIXEL_MEAN)
+        resize = loaded.normalization.get("resize", "antialias")
         network = loaded.network.float().eval()
         batches = calibration_batches(
-            args.data, args.calibration, args.batch_size, network.input_size, mean
+            args.data, args.calibration, args.batch_size, network.input_size, mean, resize
         )
         quantized = quantize_network(network, batches)
         calibrated = min(args.calibration, len(load_dataset(args.data, split="train")))
@@ -110,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rebuilt = rebuild(network, params)
         fp32 = Detector.load(args.weights, device="cpu", precision="fp32")
         int8 = Detector(
-            rebuilt, loaded.class_names, device="cpu", precision="int8", pixel_mean=mean
+            rebuilt,
+            loaded.class_names,
+            device="cpu",
+            precision="int8",
+            pixel_mean=mean,
+            resize=resize,
         )
         guard = {}
         for name, detector in (("fp32", fp32), ("int8", int8)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,17 @@ class Architecture:
     preset: str
     batch_norm: bool
     width: float
+    # For weights converted from elsewhere (``model.published``); a network trained here keeps
+    # the defaults. ``clip_boxes``: how the default boxes are clipped ("none", or as
+    # torchvision's "wh" or ssd.pytorch's "cxcywh"; model.default_boxes). ``unused_slots``:
+    # class-head columns that name no class (torchvision's COCO "N/A" slots), folded into
+    # background.
+    clip_boxes: str = "none"
+    unused_slots: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; a frozen dataclass wants a hashable tuple
+        object.__setattr__(self, "unused_slots", tuple(int(s) for s in self.unused_slots))
 
     def to_dict(self) -> dict[str, object]:
         """The fields as a JSON-ready dict (what checkpoints store as ``architecture``)."""
@@ -36,6 +47,9 @@ class SSD(nn.Module):
         default_box_spec: default-box sizes; the maps' sides are derived from ``stages``.
         num_classes: including background as class 0.
         l2norm_first: apply an L2Norm (scale 20) to the first source, as SSD does on conv4_3.
+        unused_slots: class-head columns that name no class (0 < slot < num_classes +
+            len(unused_slots)); the heads have that many more columns, and ``forward`` folds
+            them into background (``fold_unused_slots``), so ``conf`` has ``num_classes``.
 
     ``forward`` takes a normalised Tensor[N, 3, S, S] and returns ``(loc, conf)``:
     Tensor[N, P, 4] of encoded offsets and Tensor[N, P, num_classes] of logits, with P rows in
@@ -52,6 +66,7 @@ class SSD(nn.Module):
         num_classes: int,
         *,
         l2norm_first: bool = True,
+        unused_slots: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -63,6 +78,12 @@ class SSD(nn.Module):
         self.stages = stages
         self.l2norm = L2Norm(channels[0]) if l2norm_first else nn.Identity()
         self.num_classes = num_classes
+        self.head_columns = num_classes + len(unused_slots)  # per box, in the class heads
+        if any(not 0 < slot < self.head_columns for slot in unused_slots):
+            raise ValueError(
+                f"unused slots must lie in 1..{self.head_columns - 1}, got {list(unused_slots)}"
+            )
+        self.unused_slots = tuple(unused_slots)
         self.input_size = default_box_spec.size
         self.feature_map_sizes = output_sides(stages, default_box_spec.size)
         boxes = default_box_spec.boxes_per_location
@@ -77,7 +98,7 @@ class SSD(nn.Module):
             for c, a in zip(channels, boxes, strict=True)
         )
         self.conf_heads = nn.ModuleList(
-            nn.Conv2d(c, a * num_classes, kernel_size=3, padding=1)
+            nn.Conv2d(c, a * self.head_columns, kernel_size=3, padding=1)
             for c, a in zip(channels, boxes, strict=True)
         )
         self.architecture: Architecture | None = None  # set by the builders
@@ -102,9 +123,24 @@ class SSD(nn.Module):
             locs.append(self.loc_heads[k](source).permute(0, 2, 3, 1).reshape(n, -1, 4))
             # (N, A*C, H, W) -> (N, H, W, A*C) -> (N, H*W*A, C)
             confs.append(
-                self.conf_heads[k](source).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
+                self.conf_heads[k](source).permute(0, 2, 3, 1).reshape(n, -1, self.head_columns)
             )
-        return torch.cat(locs, dim=1), torch.cat(confs, dim=1)
+        return torch.cat(locs, dim=1), fold_unused_slots(torch.cat(confs, dim=1), self.unused_slots)
+
+
+def fold_unused_slots(conf: Tensor, unused_slots: tuple[int, ...]) -> Tensor:
+    """Class logits Tensor[N, P, C + U] with U unused columns -> Tensor[N, P, C].
+
+    The unused columns and background (column 0) become one background logit, their
+    logsumexp; the other columns keep their order. The softmax of the result gives every
+    class exactly the probability the full softmax gives it, and background the rest.
+    """
+    if not unused_slots:
+        return conf
+    columns = conf.shape[-1]
+    used = [c for c in range(1, columns) if c not in unused_slots]
+    background = conf[..., [0, *unused_slots]].float().logsumexp(dim=-1, keepdim=True)
+    return torch.cat([background.to(conf.dtype), conf[..., used]], dim=-1)
 
 
 # Standard deviation of ImageNet pixels on the 0-255 scale (torchvision's normalisation std
@@ -145,12 +181,15 @@ def _build(
     batch_norm: bool,
     preset: str,
     width: float,
+    clip_boxes: str,
+    unused_slots: tuple[int, ...],
 ) -> SSD:
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
     extras = EXTRAS_300 if size == 300 else EXTRAS_512
     stages, channels = vgg16_stages(extras, width=width, batch_norm=batch_norm)
-    network = SSD(stages, channels, preset_spec(size, preset), num_classes)
+    spec = replace(preset_spec(size, preset), clip=clip_boxes)
+    network = SSD(stages, channels, spec, num_classes, unused_slots=unused_slots)
     _init_weights(network)
     network.architecture = Architecture(
         builder=builder,
@@ -159,25 +198,57 @@ def _build(
         preset=preset,
         batch_norm=batch_norm,
         width=width,
+        clip_boxes=clip_boxes,
+        unused_slots=unused_slots,
     )
     return network
 
 
 def ssd300_vgg16(
-    num_classes: int, *, batch_norm: bool = False, preset: str = "voc", width: float = 1.0
+    num_classes: int,
+    *,
+    batch_norm: bool = False,
+    preset: str = "voc",
+    width: float = 1.0,
+    clip_boxes: str = "none",
+    unused_slots: tuple[int, ...] = (),
 ) -> SSD:
-    """SSD300 with the reduced atrous VGG16 base; ``num_classes`` includes background."""
+    """SSD300 with the reduced atrous VGG16 base; ``num_classes`` includes background.
+
+    ``clip_boxes`` and ``unused_slots`` are for converted weights (``Architecture``)."""
     return _build(
-        "ssd300_vgg16", 300, num_classes, batch_norm=batch_norm, preset=preset, width=width
+        "ssd300_vgg16",
+        300,
+        num_classes,
+        batch_norm=batch_norm,
+        preset=preset,
+        width=width,
+        clip_boxes=clip_boxes,
+        unused_slots=unused_slots,
     )
 
 
 def ssd512_vgg16(
-    num_classes: int, *, batch_norm: bool = False, preset: str = "voc", width: float = 1.0
+    num_classes: int,
+    *,
+    batch_norm: bool = False,
+    preset: str = "voc",
+    width: float = 1.0,
+    clip_boxes: str = "none",
+    unused_slots: tuple[int, ...] = (),
 ) -> SSD:
-    """SSD512 with the reduced atrous VGG16 base; ``num_classes`` includes background."""
+    """SSD512 with the reduced atrous VGG16 base; ``num_classes`` includes background.
+
+    ``clip_boxes`` and ``unused_slots`` are for converted weights (``Architecture``)."""
     return _build(
-        "ssd512_vgg16", 512, num_classes, batch_norm=batch_norm, preset=preset, width=width
+        "ssd512_vgg16",
+        512,
+        num_classes,
+        batch_norm=batch_norm,
+        preset=preset,
+        width=width,
+        clip_boxes=clip_boxes,
+        unused_slots=unused_slots,
     )
 
 
@@ -193,4 +264,6 @@ def build(architecture: Architecture) -> SSD:
         batch_norm=architecture.batch_norm,
         preset=architecture.preset,
         width=architecture.width,
+        clip_boxes=architecture.clip_boxes,
+        unused_slots=architecture.unused_slots,
     )

@@ -34,7 +34,12 @@ import torch
 
 from model.autotune import candidates, choose_training_precision
 from model.budget import TimeBudget
-from model.checkpoint import RunFiles, load_matching_weights, load_training_state
+from model.checkpoint import (
+    RunFiles,
+    copy_matching_weights,
+    load_checkpoint,
+    load_training_state,
+)
 from model.data import SPEC_FORMS, load_dataset
 from model.data.loader import AugmentedDataset
 from model.data.mosaic import Mosaic
@@ -95,6 +100,22 @@ RECIPES: dict[str, dict[str, Any]] = {
         "ema": 0.99,
         "precision": "auto",
     },
+    # Fine-tuning a trained detector (--init torchvision:coco, ssd.pytorch:PATH or one of our
+    # checkpoints) on a few hundred photos: the full-width network as the weights have it, the
+    # references' SGD (momentum 0.9, weight decay 5e-4) at their learning rate per image --
+    # torchvision's SSD300 reference 0.002 for 32 images a batch, ssd.pytorch 0.001 for 32 --
+    # taken at torchvision's and scaled to batches of 8 (the linear scaling rule): 5e-4; a
+    # linear warm-up (torchvision's reference warms up for its first epoch, up to 1000
+    # steps; 100 steps is about 5 epochs of 160 photos) so the fresh class head does not
+    # wreck the trained base; the references' step schedule (x0.1 at 2/3 and 5/6 of the run,
+    # as ssd.pytorch's 80k/100k of 120k). Its accuracy is not measured here (README).
+    "finetune": {
+        "batch_size": 8,
+        "lr": 5e-4,
+        "warmup_steps": 100,
+        "schedule": "step",
+        "precision": "auto",
+    },
 }
 
 
@@ -120,6 +141,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ema must be between 0 and 1, got {args.ema}")
     if not 0.0 <= args.mosaic <= 1.0:
         parser.error(f"--mosaic must be between 0 and 1, got {args.mosaic}")
+    if args.recipe == "finetune" and not args.init:
+        parser.error(
+            "--recipe finetune starts from a trained detector: give --init (torchvision:coco, "
+            "ssd.pytorch:PATH or a checkpoint)"
+        )
     return args
 
 
@@ -158,7 +184,9 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("network")
     p.add_argument("--size", type=int, default=300, choices=[300, 512])
     p.add_argument(
-        "--preset", default="voc", choices=PRESETS, help="default-box tiling (model.default_boxes)"
+        "--preset",
+        choices=PRESETS,
+        help="default-box tiling (model.default_boxes; default: --init's, else voc)",
     )
     p.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
@@ -171,8 +199,9 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     )
     backbone.add_argument(
         "--init",
-        type=Path,
-        help="start from this checkpoint's weights where names and shapes fit (fine-tuning)",
+        metavar="CHECKPOINT|torchvision:coco|ssd.pytorch:PATH",
+        help="start from this checkpoint's or published detector's weights where names and "
+        "shapes fit (fine-tuning; other classes get a fresh class head)",
     )
 
 
@@ -216,7 +245,10 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         choices=RECIPES,
         help="defaults for a group of the flags above, measured for a use (README); flags "
         "given on the command line still win; small-scratch: "
-        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in RECIPES["small-scratch"].items()),
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in flags.items())
+            for name, flags in RECIPES.items()
+        ),
     )
 
 
@@ -351,13 +383,23 @@ def _network(args: argparse.Namespace, class_names: list[str], *, is_main: bool)
     """A fresh network for ``class_names`` (plus background), with ``--backbone-weights`` or
     ``--init`` loaded into it."""
     builder = BUILDERS[f"ssd{args.size}_vgg16"]
+    init = load_checkpoint(args.init) if args.init else None
+    # The default boxes the --init weights were trained with, unless --preset asks otherwise.
+    source = init.network.architecture if init else None
+    if args.preset is None:
+        args.preset = source.preset if source else "voc"
+    clip = source.clip_boxes if source and source.preset == args.preset else "none"
     network = builder(
-        len(class_names) + 1, batch_norm=args.batch_norm, preset=args.preset, width=args.width
+        len(class_names) + 1,
+        batch_norm=args.batch_norm,
+        preset=args.preset,
+        width=args.width,
+        clip_boxes=clip,
     )
     if args.backbone_weights:
         load_vgg16_backbone(network, args.backbone_weights)
-    if args.init:
-        copied, fresh = load_matching_weights(network, args.init)
+    if init:
+        copied, fresh = copy_matching_weights(network, init.network, args.init)
         if is_main:
             logger.info(
                 "initialised %d tensors from %s; %d start fresh%s",
