@@ -35,7 +35,7 @@ class Architecture:
 
     def to_dict(self) -> dict[str, object]:
         """The fields as a JSON-ready dict (what checkpoints store as ``architecture``)."""
-        return asdict(self)
+        return {**asdict(self), "unused_slots": list(self.unused_slots)}
 
 
 class SSD(nn.Module):

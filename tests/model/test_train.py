@@ -347,7 +347,8 @@ def test_recipe_sets_defaults_and_flags_given_still_win():
     assert (plain.batch_norm, plain.width, plain.ema, plain.recipe) == (False, 1.0, None, None)
     for name, values in RECIPES.items():
         assert set(values) <= set(vars(plain)), "a recipe names only real flags"
-        chosen = _parse_args([*base, "--recipe", name])
+        init = ["--init", "torchvision:coco"] if name == "finetune" else []  # it needs one
+        chosen = _parse_args([*base, "--recipe", name, *init])
         assert {k: getattr(chosen, k) for k in values} == values
     args = _parse_args([*base, "--recipe", "small-scratch", "--lr", "0.03", "--width", "0.5"])
     assert (args.lr, args.width, args.batch_norm, args.eval_every) == (0.03, 0.5, True, 5)
