@@ -11,7 +11,7 @@ PIP_INSTALL := pip install --quiet -c requirements.lock
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test test-deploy lint run bench clean
+.PHONY: install test test-deploy lint run bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -45,6 +45,24 @@ run: install
 # service under 1, 8, 16 and 32 clients; prints a table, writes bench/results/<machine>-<date>.json.
 bench: install
 	$(PY) -m bench
+
+# The packages the GPU machine lacks (it has torch, torchvision, pillow, numpy, httpx, pytest,
+# prometheus-client, safetensors, matplotlib, anyio, h11, click, uvloop; see
+# bench/gpu_check.sh), at the lock's versions, as wheels for its CPython 3.12 on x86-64 Linux:
+# it reaches no registry, so bench/gpu_check.sh installs them from .gpu-wheels/ (git-ignored).
+GPU_WHEELS := fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv \
+	typing-inspection typing_extensions annotated-types python-multipart uvicorn httptools \
+	fastapi-offline pycocotools opentelemetry-api
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64 any
+
+gpu-wheels:
+	rm -rf .gpu-wheels
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) --dest .gpu-wheels \
+		$$(for name in $(GPU_WHEELS); do grep -i "^$$name==" requirements.lock || \
+			{ echo "$$name is not in requirements.lock" >&2; exit 1; }; done)
+	du -sh .gpu-wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
