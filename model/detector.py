@@ -40,6 +40,8 @@ class Detector:
             full-width SSD300 on 2 CPU cores; logged; ``precision_choice`` keeps the figures).
         int8_network: with ``"auto"`` on the CPU, ``network`` quantized by ``model.quantize``,
             which then competes as the ``int8`` candidate.
+        cuda_graphs: on a GPU, run batches through a captured CUDA graph per bucket
+            (``model.cuda_graphs``); False runs them eagerly (to compare the two).
         pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
         resize: how images are resized to the input, as the network was trained with
             (``model.preprocessing.RESIZES``).
@@ -58,6 +60,7 @@ class Detector:
         nms_iou: float = NMS_IOU,
         top_k: int = TOP_K,
         int8_network: QuantizableSSD | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if len(class_names) != network.num_classes - 1:
             raise ValueError(
@@ -100,7 +103,7 @@ class Detector:
             log.info("%s", self.precision_choice.summary())
         self.precision = self.runtime.precision
         # Made once the network and precision are final: a captured graph holds both.
-        capture = capture_cuda_graph if self.device.type == "cuda" else None
+        capture = capture_cuda_graph if self.device.type == "cuda" and cuda_graphs else None
         self._forward = BucketedForward(self._eager_forward, capture)
         self._copy_stream: torch.cuda.Stream | None = None  # made by the first ``stage``
 

@@ -22,19 +22,21 @@ ShippedRun = tuple[Detector, list[Any], list[dict[str, Any]]]
 
 
 @pytest.fixture(scope="session")
-def shipped_on_test_split() -> Callable[[str], ShippedRun]:
-    """The shipped model loaded in a precision, with its detections and the ground truths on
-    the first ``TEST_SUBSET`` images of the synthetic test split: each precision is run once
-    per session, however many tests compare it (skips when the model is not shipped)."""
+def shipped_on_test_split() -> Callable[..., ShippedRun]:
+    """The shipped model loaded in a precision on a device (the CPU unless named), with its
+    detections and the ground truths on the first ``TEST_SUBSET`` images of the synthetic test
+    split: each precision and device is run once per session, however many tests compare it
+    (skips when the model is not shipped)."""
     if not SHIPPED.is_file():
         pytest.skip(f"no shipped model at {SHIPPED}")
-    runs: dict[str, ShippedRun] = {}
+    runs: dict[tuple[str, str], ShippedRun] = {}
     samples = SyntheticShapes(TEST_SUBSET, split="test")
 
-    def run(precision: str) -> ShippedRun:
-        if precision not in runs:
-            detector = Detector.load(SHIPPED, device="cpu", precision=precision)
-            runs[precision] = (detector, *predict_dataset(detector, samples, batch_size=16))
-        return runs[precision]
+    def run(precision: str, device: str = "cpu") -> ShippedRun:
+        if (precision, device) not in runs:
+            detector = Detector.load(SHIPPED, device=device, precision=precision)
+            detections = predict_dataset(detector, samples, batch_size=16)
+            runs[precision, device] = (detector, *detections)
+        return runs[precision, device]
 
     return run

@@ -1,6 +1,7 @@
 """The captured forward per bucket, checked on the CPU: capture is injected, so a stand-in with
 a CUDA graph's contract (static input and outputs, replay recomputes in place) runs the
-bucketing, padding and output copying, and a failing one runs the fallback to eager."""
+bucketing, padding and output copying, and a failing one runs the fallback to eager. On a GPU
+(marked ``gpu``) real graphs are captured for every bucket and compared with eager passes."""
 
 import logging
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from model import Detector, ssd300_vgg16
+from model.buckets import BUCKETS, pad_to
 from model.cuda_graphs import BucketedForward
 
 
@@ -107,3 +109,24 @@ def test_warm_up_captures_every_bucket_up_to_the_batch_size(detector, monkeypatc
     )
     detector.warm_up(max_batch_size=3)
     assert detector._forward.captured == (1, 2, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_on_a_gpu_every_bucket_is_captured_and_replays_the_eager_outputs(precision):
+    torch.manual_seed(0)
+    network = ssd300_vgg16(3, width=0.5, batch_norm=True).eval()
+    detector = Detector(network, ["a", "b"], device="cuda", precision=precision)
+    detector.warm_up(max_batch_size=BUCKETS[-1])
+    # A failed capture would fall back to eager with a warning: here it must not.
+    assert detector._forward.capturing and detector._forward.captured == BUCKETS
+    for bucket in BUCKETS:
+        for count in sorted({bucket, max(1, bucket - 1)}):  # a full bucket and a padded one
+            batch = detector.runtime.inputs(_batch(count, seed=bucket))
+            with torch.inference_mode():
+                graph = detector.forward(batch)
+                # Eager on the same padded shape runs the same kernels as the replay, so the
+                # two agree up to the order of floating-point sums (cuDNN may split them).
+                loc, conf = detector._eager_forward(pad_to(batch, bucket))
+            torch.testing.assert_close(graph, (loc[:count], conf[:count]), rtol=1e-3, atol=1e-3)
+    assert detector._forward.captured == BUCKETS  # replays only, nothing captured again

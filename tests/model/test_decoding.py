@@ -6,7 +6,8 @@ CPU, nvJPEG on a GPU), ``prepare`` with Pillow's. Two conforming JPEG decoders m
 level or so per sample (ISO/IEC 10918-2 allows an inverse-DCT error of 1) and more where they
 upsample chroma differently, which the resize then averages. So the inputs may differ by at
 most 4 levels anywhere and 0.5 on average; on this CPU both use libjpeg-turbo and agree
-exactly.
+exactly. On a GPU (marked ``gpu``) nvJPEG's inputs are held to the same bounds against
+Pillow's, and the shipped model's confident boxes to a pixel.
 """
 
 import io
@@ -18,7 +19,9 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from model import Detector, decoding, ssd300_vgg16
+from model.data.synthetic import SyntheticShapes
 from model.decoding import orient, read_header
+from tests.model.conftest import SHIPPED
 
 pytestmark = pytest.mark.filterwarnings(  # torchvision 0.29 deprecates its decoders for torchcodec
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
@@ -146,3 +149,39 @@ def test_real_photos_match_prepare(detector, raccoon: Path):
         expected, expected_size = _reference(detector, data)
         assert size == expected_size
         _assert_close_inputs(row, expected)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_nvjpeg_decodes_as_the_cpu_does_and_boxes_stay_within_a_pixel():
+    if not SHIPPED.is_file():
+        pytest.skip(f"no shipped model at {SHIPPED}")
+    detector = Detector.load(SHIPPED, device="cuda", precision="fp32")
+    photos = [
+        Image.fromarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+        for image, _ in (SyntheticShapes(8, split="test")[i] for i in range(8))
+    ]
+    encoded = [_encode(photo, quality=90) for photo in photos[:6]]
+    encoded.append(_encode(photos[6], orientation=6, quality=90))
+    encoded.append(_encode(photos[7].convert("L"), quality=90))
+    assert all(read_header(data).batch_decodable for data in encoded)
+    batch, sizes = detector.prepare_encoded(encoded)
+    assert batch.device.type == "cuda"
+    references = [_reference(detector, data) for data in encoded]
+    assert sizes == [size for _, size in references]
+    for row, (expected, _) in zip(batch, references, strict=True):
+        _assert_close_inputs(row.cpu(), expected)
+    count = len(encoded)
+    settings = ([0.3] * count, [100] * count)
+    ours = detector.run_batch(list(batch), sizes, *settings).detections
+    theirs = detector.run_batch([inputs for inputs, _ in references], sizes, *settings)
+    matched = 0
+    for got, expected in zip(ours, theirs.detections, strict=True):
+        for box, label, score in zip(expected.boxes, expected.labels, expected.scores, strict=True):
+            if score <= 0.5:  # a detection near the threshold may fall either side of it
+                continue
+            same = [i for i, other in enumerate(got.labels) if other == label]
+            assert same, (label, box)
+            offsets = (got.boxes[same] - box).abs().amax(dim=1)  # pixels, per candidate
+            assert float(offsets.min()) <= 1.0, (label, box, got.boxes[same])
+            matched += 1
+    assert matched >= count  # the shapes images hold at least one object each

@@ -6,6 +6,7 @@ and nine "square"s on the 3x3 map's first boxes, shrunk to a tenth by their offs
 each image must get are then known in its own pixels.
 """
 
+import copy
 import math
 
 import pytest
@@ -254,3 +255,42 @@ def test_warm_up_runs_a_blank_image_without_one_from_the_caller():
 
     Counting(_known_network(), NAMES).warm_up()
     assert calls == [(1, (3, 300, 300), [(300, 300)])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_on_a_gpu_staging_copies_from_pinned_memory_on_its_own_stream(precision):
+    torch.manual_seed(0)
+    network = ssd300_vgg16(3, width=0.25, batch_norm=True).eval()
+    cpu = Detector(copy.deepcopy(network), NAMES)  # a Detector moves its network: two copies
+    detector = Detector(network, NAMES, device="cuda", precision=precision)
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8, generator=g) for _ in "abc"]
+    prepared = [cpu.prepare(image) for image in images]
+    inputs, sizes = [i for i, _ in prepared], [s for _, s in prepared]
+    batch = torch.stack(inputs)
+    pinned = detector.runtime.staged(batch)
+    assert pinned.is_pinned() and not batch.is_pinned() and torch.equal(pinned, batch)
+    assert detector.runtime.staged(pinned) is pinned  # already pinned: no second copy
+    # Two batches staged before either runs, as the batcher does (it stages the next batch
+    # while the current one runs); each waits for its own copy through its event.
+    first, second = detector.stage(inputs), detector.stage(inputs[:2])
+    for staged, count in ((first, 3), (second, 2)):
+        assert staged.ready is not None and staged.tensor.device.type == "cuda"
+        assert staged.tensor.is_contiguous(memory_format=detector.runtime.memory_format)
+        staged.ready.synchronize()
+        assert torch.equal(staged.tensor.cpu(), batch[:count])  # the bytes arrived intact
+    assert detector._copy_stream is not None
+    assert detector._copy_stream != torch.cuda.current_stream(detector.device)
+    thresholds, caps = [0.0] * 3, [10] * 3
+    ran_first = detector.run_staged(first, sizes, thresholds, caps).detections
+    ran_second = detector.run_staged(second, sizes[:2], thresholds[:2], caps[:2]).detections
+    whole = detector.run_batch(inputs, sizes, thresholds, caps).detections
+    for got, expected in zip([*ran_first, *ran_second], [*whole, *whole[:2]], strict=True):
+        assert torch.equal(got.boxes, expected.boxes) and got.labels == expected.labels
+    # The GPU's raw outputs against the CPU's: fp32 may run in TF32 and the reduced
+    # precisions keep 8 (bf16) or 11 (fp16) bits, so they agree to a few hundredths.
+    with torch.inference_mode():
+        theirs = cpu.forward(batch)
+        ours = [output.cpu() for output in detector.forward(batch)]
+    torch.testing.assert_close(ours, list(theirs), rtol=0.05, atol=0.05)
