@@ -35,7 +35,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from app.settings import DEFAULT_WEIGHTS
 from bench import machine
-from bench.service import run_clients, start_server
+from bench.load import run_clients
+from bench.service import start_server
 from bench.timing import median_seconds
 from model import Detector, autotune, ssd300_vgg16
 from model.checkpoint import read_metadata, save_checkpoint
@@ -44,6 +45,7 @@ from model.int8 import activation_qparams, int8_artifact_for, int8_artifact_path
 from model.preprocessing import PIXEL_MEAN
 from model.quantize import calibration_batches, quantize_network
 from model.runtime import INT8
+from model.ssd import SSD
 
 JPEGS = Path("../shared/datasets/raccoon/JPEGImages")  # real photos, 0.3-1 megapixel
 RESULTS = Path("bench/results")
@@ -190,18 +192,27 @@ def _network_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[Path, s
     """The checkpoint (b) and (c) run, and a description of it."""
     if args.shipped:
         return DEFAULT_WEIGHTS, f"{DEFAULT_WEIGHTS} (shipped)"
-    config = read_metadata(DEFAULT_WEIGHTS)["architecture"] if DEFAULT_WEIGHTS.is_file() else {}
-    preset, batch_norm = config.get("preset", "fine"), config.get("batch_norm", True)
-    classes = len(CLASS_NAMES) + 1
-    network = ssd300_vgg16(classes, width=args.width, batch_norm=batch_norm, preset=preset)
-    path = folder / "random.safetensors"
-    save_checkpoint(path, network.eval(), CLASS_NAMES)
+    path, network, description = random_checkpoint(args.width, folder)
     # Its INT8 artifact, calibrated on synthetic images (random weights time like trained
     # ones), so that int8 is timed in (b) and competes in auto in (b) and (c).
     calibration = calibration_batches("synthetic:16", 16, 8, network.input_size, PIXEL_MEAN)
     quantized = quantize_network(network.eval(), calibration)
     save_int8(int8_artifact_path(path), activation_qparams(quantized), path, {"bench": True})
-    return path, f"SSD300 width {args.width}, random weights ({preset}, batch_norm={batch_norm})"
+    return path, description
+
+
+def random_checkpoint(width: float, folder: Path) -> tuple[Path, SSD, str]:
+    """An SSD300 of ``width`` with random weights and the shipped model's architecture
+    otherwise (speed does not depend on the weights' values), saved in ``folder``: its path,
+    the network (eval mode, on the CPU) and a description."""
+    config = read_metadata(DEFAULT_WEIGHTS)["architecture"] if DEFAULT_WEIGHTS.is_file() else {}
+    preset, batch_norm = config.get("preset", "fine"), config.get("batch_norm", True)
+    classes = len(CLASS_NAMES) + 1
+    network = ssd300_vgg16(classes, width=width, batch_norm=batch_norm, preset=preset).eval()
+    path = folder / "random.safetensors"
+    save_checkpoint(path, network, CLASS_NAMES)
+    description = f"SSD300 width {width}, random weights ({preset}, batch_norm={batch_norm})"
+    return path, network, description
 
 
 def _parse_args() -> argparse.Namespace:

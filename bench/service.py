@@ -20,37 +20,21 @@ import io
 import re
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from app.server_process import ServerProcess
 from app.settings import DEFAULT_WEIGHTS
+from bench.load import run_clients, scenes
 from bench.timing import median_seconds
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
 from model.data.synthetic import CLASS_NAMES
 
 READY_TIMEOUT_S = 120.0
-IMAGE_COUNT = 16  # distinct images cycled through by the clients
-
-
-def _images() -> list[bytes]:
-    """JPEGs of 480x360 scenes, a circle and a square at varying places."""
-    images = []
-    for i in range(IMAGE_COUNT):
-        image = Image.new("RGB", (480, 360), (230, 232, 225))
-        draw = ImageDraw.Draw(image)
-        x = 20 + 12 * i
-        draw.ellipse((x, 40, x + 150, 190), fill=(210, 40, 40))
-        draw.rectangle((300 - 5 * i, 150, 440 - 5 * i, 290), fill=(40, 70, 200))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
 
 
 def _metric(text: str, name: str) -> float:
@@ -66,19 +50,21 @@ def start_server(
     max_wait_ms: float = 10.0,
     clients: int = 32,
     threads: int = 1,
+    device: str = "cpu",
 ) -> ServerProcess:
-    """``python -m app`` serving ``weights`` on the CPU with these settings, ready.
+    """``python -m app`` serving ``weights`` on ``device`` with these settings, ready.
 
     The server's stdout is its JSON access log, a line per request: not wanted here, so it is
     discarded. Its warnings and errors go to stderr, which stays.
     """
     env = {
         "SSD_WEIGHTS": str(weights.resolve()),  # the server runs from the repository root
-        "SSD_DEVICE": "cpu",
+        "SSD_DEVICE": device,
         "SSD_PRECISION": precision,
         "SSD_MAX_BATCH_SIZE": str(max_batch_size),
         "SSD_MAX_WAIT_MS": str(max_wait_ms),
         "SSD_MAX_QUEUE": str(max(64, 2 * clients)),
+        "SSD_MAX_CONNECTIONS": str(max(256, 2 * clients)),  # the clients' and a few more
         "SSD_REQUEST_TIMEOUT_S": "300",
         "OMP_NUM_THREADS": str(threads),
     }
@@ -87,31 +73,6 @@ def start_server(
         return server.wait_ready(READY_TIMEOUT_S)
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from None
-
-
-async def run_clients(
-    url: str, images: list[bytes], clients: int, total: int
-) -> tuple[float, list[float]]:
-    """Elapsed seconds and per-request latencies (seconds) for ``total`` POST /detect requests
-    of JPEG ``images`` (cycled) by ``clients`` concurrent clients, one request at a time each."""
-    latencies: list[float] = []
-    counter = iter(range(total))
-
-    async def client(http: httpx.AsyncClient) -> None:
-        for i in counter:
-            start = time.perf_counter()
-            response = await http.post(
-                "/detect", content=images[i % len(images)], headers={"Content-Type": "image/jpeg"}
-            )
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
-
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
-        await http.post("/detect", content=images[0], headers={"Content-Type": "image/jpeg"})
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        return time.perf_counter() - start, latencies
 
 
 def main() -> None:
@@ -135,7 +96,7 @@ def main() -> None:
             network = ssd300_vgg16(7, width=0.25, batch_norm=True, preset="coco").eval()
             save_checkpoint(weights, network, CLASS_NAMES)
             print(f"{DEFAULT_WEIGHTS} not found: using a random SSD300 of width 0.25")
-        images = _images()
+        images = scenes()
 
         server = start_server(
             weights,
