@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.detection import SSD300_VGG16_Weights
-from torchvision.models.detection import ssd300_vgg16 as torchvision_ssd300
 from torchvision.transforms.v2 import functional as TF
 
 from model import Detector
@@ -20,45 +19,11 @@ from model.checkpoint import load_checkpoint, read_metadata
 from model.convert import main as convert_main
 from model.published import SSD_PYTORCH_VOC_SHA256, VOC_CLASSES
 from model.ssd import fold_unused_slots
-from model.torch_cache import cache_path
 from model.train import main as train_main
 from tests.model.test_imagenet import _refusing_proxy
 
 COCO = SSD300_VGG16_Weights.COCO_V1
-# The class head's random (Xavier) weights give one class a probability near 1 on every box;
-# scaled down (x0.2), a dozen classes score 0.05 .. 0.4 on each photo, in a meaningful order.
-HEAD_SCALE = 0.2
 PHOTOS = 3  # coco128 photos in the end-to-end comparison
-
-
-@pytest.fixture(scope="module")
-def torchvision_standin(tmp_path_factory):
-    """torchvision's SSD300 (seeded random weights, class head scaled) and the TORCH_HOME
-    whose cache holds its state dict under COCO_V1's file name (torch.save, as published)."""
-    torch.manual_seed(0)
-    reference = torchvision_ssd300(weights=None, weights_backbone=None, num_classes=91).eval()
-    na_slots = [k for k, name in enumerate(COCO.meta["categories"]) if name == "N/A"]
-    with torch.no_grad():
-        for conv in reference.head.classification_head.module_list:
-            conv.weight.mul_(HEAD_SCALE)
-            # No COCO box carries the N/A ids, so training only ever pushes their logits down;
-            # so does the stand-in's bias (-30). Their folding is checked at random values too
-            # (test_unused_slots_fold_into_background_exactly).
-            # (N_boxes*91,) -> (N_boxes, 91): column k of each box is slot k
-            conv.bias.view(-1, 91)[:, na_slots] = -30.0
-    home = tmp_path_factory.mktemp("torch")
-    file = home / "hub" / "checkpoints" / "ssd300_vgg16_coco-b556d3b4.pth"
-    file.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), file)
-    return reference, home
-
-
-@pytest.fixture
-def seeded_cache(torchvision_standin, monkeypatch):
-    reference, home = torchvision_standin
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    assert cache_path(COCO) == home / "hub" / "checkpoints" / "ssd300_vgg16_coco-b556d3b4.pth"
-    return reference
 
 
 def _photos(coco128: Path) -> list[Image.Image]:
