@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 from model import Detector
 from model.checkpoint import load_checkpoint, read_metadata
 from model.convert import main as convert_main
+from model.data import load_dataset
 from model.published import SSD_PYTORCH_VOC_SHA256, VOC_CLASSES
 from model.ssd import fold_unused_slots
 from model.train import main as train_main
@@ -343,3 +344,17 @@ def test_finetune_recipe_needs_an_init(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_main(["--data", "synthetic:4", "--out", str(tmp_path / "x"), "--recipe", "finetune"])
     assert "--init" in capsys.readouterr().err
+
+
+def test_coco_classes_line_up_with_coco_json_data(seeded_cache, coco128):
+    # model.evaluate scores a checkpoint on COCO JSON data with the checkpoint's class names,
+    # matched by name (tests/model/data/test_coco.py). torchvision:coco's names are COCO's 80
+    # in id order, so its class k is the data's label k, and both are the same COCO id:
+    # torchvision's slot for it.
+    names = load_checkpoint("torchvision:coco").class_names
+    data = load_dataset(f"coco:{coco128 / 'images'}:{coco128 / 'annotations/instances.json'}",
+                        split="test", classes=names)  # fmt: skip
+    assert data.class_names == names and len(names) == 80
+    slots = COCO.meta["categories"]
+    for label, category_id in data.label_to_category_id.items():
+        assert slots[category_id] == names[label - 1]
