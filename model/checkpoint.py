@@ -106,12 +106,23 @@ def save_checkpoint(
     write_atomically(Path(path), tensors, metadata)
 
 
+def _umask() -> int:
+    """This process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file and a rename, so a crash or a full
     disk never leaves half a file under ``path`` (the one place files are written)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates its files readable by their owner alone (0600); a checkpoint
+        # gets the mode any new file gets, so that the service's user (uid 10001 in the
+        # image) can read one mounted from the host.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -251,3 +253,16 @@ def test_unusable_training_states_name_the_file(tmp_path, network):
     save_file({"x": torch.zeros(1)}, str(damaged), metadata={"format": STATE_FORMAT})
     with pytest.raises(CheckpointError, match=re.escape("damaged.state.safetensors: damaged")):
         load_training_state(damaged)
+
+
+def test_files_get_the_mode_of_any_new_file(tmp_path, network):
+    # safetensors alone writes 0600: a checkpoint trained on the host and mounted into the
+    # image could not be read by its unprivileged user.
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "a.safetensors", network, NAMES)
+        save_training_state(tmp_path / "a.state.safetensors", _training_state(network))
+    finally:
+        os.umask(previous)
+    for name in ("a.safetensors", "a.state.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
