@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import socket
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import pytest
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
@@ -243,3 +245,37 @@ def box_tuple(detection: dict) -> tuple[float, float, float, float]:
     """A response detection's box as an xyxy tuple."""
     box = detection["box"]
     return (box["x_min"], box["y_min"], box["x_max"], box["y_max"])
+
+
+# ---- a real browser ----------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# No sandbox (CI runs as root), and nothing that reaches out to the network on its own.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven through Playwright (which never downloads a
+    browser here): a ``playwright.sync_api.Browser``. Skips where Chromium is not installed,
+    and fails in CI, which installs it."""
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
+        pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from app.main import create_app
 from app.settings import Settings, SettingsError
-from tests.app.support import PATIENCE_S, Server, in_process
+from tests.app.support import PATIENCE_S, Server, chromium, in_process
 from tests.model.test_imagenet import _refusing_proxy
 from tests.model.test_published import _photos
 
@@ -33,8 +33,8 @@ def test_serves_torchvision_coco_with_coco_names(
         "TORCH_HOME": str(home),
     }
     server = Server(env, tmp_path / "server.log").wait_ready()
+    path = sorted((coco128 / "images").glob("*.jpg"))[0]
     try:
-        path = sorted((coco128 / "images").glob("*.jpg"))[0]
         with httpx.Client(base_url=server.url, timeout=PATIENCE_S) as client:
             model = client.get("/model")
             detect = client.post(
@@ -42,6 +42,7 @@ def test_serves_torchvision_coco_with_coco_names(
                 content=path.read_bytes(),
                 headers={"content-type": "image/jpeg"},
             )
+        shown = _demo_page_labels(server, path)
     finally:
         server.stop()
     assert model.status_code == 200 and len(model.json()["class_names"]) == 80
@@ -56,12 +57,26 @@ def test_serves_torchvision_coco_with_coco_names(
     categories = SSD300_VGG16_Weights.COCO_V1.meta["categories"]
     expected = sorted(categories[k] for k in theirs["labels"][keep].tolist())
     assert expected and sorted(d["label"] for d in body["detections"]) == expected
+    # The demo page lists what it drew by COCO name (its own threshold and cap, so a subset).
+    assert shown and shown <= set(expected)
     for found in body["detections"]:  # each pairs with one of torchvision's
         box = torch.tensor([found["box"][k] for k in ("x_min", "y_min", "x_max", "y_max")])
         assert any(
             float((b - box).abs().max()) <= 0.5 and abs(float(s) - found["score"]) <= 1e-4
             for b, s in zip(theirs["boxes"][keep], theirs["scores"][keep], strict=True)
         ), found
+
+
+def _demo_page_labels(server: Server, photo: Path) -> set[str]:
+    """The labels the demo page lists after ``photo`` is dropped on it, its slider at 0."""
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#stage[data-state=drawn]", timeout=PATIENCE_S * 1000)
+        page.locator("#threshold").fill("0")
+        items = page.locator("#detections li.detection")
+        return {items.nth(i).get_attribute("data-label") for i in range(items.count())}
 
 
 def test_offline_start_names_the_url_and_the_file(tmp_path: Path, monkeypatch) -> None:
