@@ -41,10 +41,14 @@ COPY app/ app/
 COPY model/ model/
 # The shipped model, baked in. Another one: mount the file and point SSD_WEIGHTS at it.
 COPY weights/*.safetensors weights/
-# Compiled once here, since the service user cannot write next to the sources.
-RUN /opt/venv/bin/python -m compileall -q app model
+# Compiled once here, since the service user cannot write next to the sources. torch's cache,
+# where SSD_WEIGHTS=torchvision:coco is fetched at the first start, belongs to the service
+# user, so that a named volume mounted there starts out writable by it (docker-compose.yml).
+RUN /opt/venv/bin/python -m compileall -q app model \
+    && mkdir -p /var/cache/torch && chown 10001:10001 /var/cache/torch
 
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    TORCH_HOME=/var/cache/torch
 # By number, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 EXPOSE 8000
