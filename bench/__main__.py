@@ -37,7 +37,7 @@ from app.settings import DEFAULT_WEIGHTS
 from bench import machine
 from bench.load import run_clients
 from bench.service import start_server
-from bench.timing import median_seconds
+from bench.timing import load_figures, median_seconds
 from model import Detector, autotune, ssd300_vgg16
 from model.checkpoint import read_metadata, save_checkpoint
 from model.data.synthetic import CLASS_NAMES
@@ -139,14 +139,7 @@ def service_rates(
         for clients in levels:
             total = max(min_requests, REQUESTS_PER_CLIENT * clients)
             elapsed, latencies = asyncio.run(run_clients(server.url, jpegs, clients, total))
-            cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-            results[clients] = {
-                "images_per_s": total / elapsed,
-                "p50_ms": cuts[49] * 1000,
-                "p95_ms": cuts[94] * 1000,
-                "p99_ms": cuts[98] * 1000,
-                "requests": total,
-            }
+            results[clients] = load_figures(total, elapsed, latencies)
     finally:
         server.stop()
     return results

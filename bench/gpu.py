@@ -27,7 +27,6 @@ import copy
 import datetime
 import functools
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from app.server_process import REPO
 from bench import machine
 from bench.__main__ import RESULTS, _machine_name, random_checkpoint
 from bench.service import start_server
-from bench.timing import median_seconds
+from bench.timing import load_figures, median_seconds
 from model import Detector
 from model.autotune import NOISE_STD
 from model.checkpoint import RunFiles
@@ -208,15 +207,7 @@ def service_rates(weights: Path, sizes: Sizes) -> dict[int, dict[str, float]]:
     try:
         for clients in sizes.clients:
             total = clients * sizes.requests_per_client
-            elapsed, latencies = _load(server.url, clients, total, sizes)
-            cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-            results[clients] = {
-                "images_per_s": total / elapsed,
-                "p50_ms": cuts[49] * 1000,
-                "p95_ms": cuts[94] * 1000,
-                "p99_ms": cuts[98] * 1000,
-                "requests": total,
-            }
+            results[clients] = load_figures(total, *_load(server.url, clients, total, sizes))
     finally:
         server.stop()
     return results
