@@ -363,18 +363,18 @@ def test_coco_classes_line_up_with_coco_json_data(seeded_cache, coco128):
 
 
 def test_int8_of_torchvision_coco_calibrated_on_the_users_photos(seeded_cache, coco128, tmp_path):
-    # A user's own photos, here four of coco128 in a COCO file of their own: calibration and
+    # A user's own photos, here two of coco128 in a COCO file of their own: calibration and
     # the accuracy guard run on them. The stand-in's random weights make the guard's mAP
     # meaningless; what is checked is that each step runs on imported weights and reports.
     data = json.loads((coco128 / "annotations" / "instances.json").read_text())
-    images = data["images"][:4]
+    images = data["images"][:2]
     ids = {image["id"] for image in images}
     annotations = [a for a in data["annotations"] if a["image_id"] in ids]
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
     spec = f"coco:{coco128 / 'images'}:{mine}"
     out = tmp_path / "coco.int8.safetensors"
-    argv = ["--weights", "torchvision:coco", "--data", spec, "--calibration", "4",
+    argv = ["--weights", "torchvision:coco", "--data", spec, "--calibration", "2",
             "--guard-data", spec, "--out", str(out)]  # fmt: skip
     assert quantize_main(argv) == 0
     converted = tmp_path / "coco.safetensors"  # the checkpoint the artifact belongs to
