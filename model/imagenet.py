@@ -18,6 +18,7 @@ BatchNorm and conv biases but our convs have none, each bias is folded into the 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def read_state_dict(path: str | os.PathLike[str], what: str = "VGG16") -> dict[s
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        raise ValueError(
+            f"{path}: cannot read a {what} state dict: the file is damaged or holds more than "
+            "tensors (it is read weights-only, and its code is never run); replace the file"
+        ) from None
     except Exception as exc:
         raise ValueError(f"{path}: cannot read a {what} state dict ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state:

@@ -384,3 +384,15 @@ def test_int8_of_torchvision_coco_calibrated_on_the_users_photos(seeded_cache, c
     assert detector.precision == "int8" and detector.class_names[:2] == ["person", "bicycle"]
     [found] = detector.predict(_photos(coco128)[:1], score_threshold=0.05)
     assert set(found.labels) <= set(detector.class_names) and len(found.labels) > 0
+
+
+def test_a_damaged_cached_file_is_named_and_never_unpickled_freely(tmp_path, monkeypatch):
+    # Torch's cache holds a file of the right name but damaged bytes: the error names the file
+    # and does not pass on torch's advice to load it with weights_only=False.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / COCO.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x80\x02" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="damaged or holds more than tensors") as caught:
+        load_checkpoint("torchvision:coco")
+    assert str(cached) in str(caught.value) and "weights_only=False" not in str(caught.value)
