@@ -42,6 +42,11 @@ def server_command(port: int, log_level: str = "warning") -> list[str]:
     ]  # fmt: skip
 
 
+# Loopback needs no proxy: an http_proxy in the environment (or one that urllib.request's
+# global opener picked up earlier in the process) must not stand between us and the server.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class ServerProcess:
     """``python -m app`` in a child process on 127.0.0.1, on a free port.
 
@@ -71,7 +76,8 @@ class ServerProcess:
         """What the server printed so far ("" without a ``log_path``)."""
         if self._log is None or self.log_path is None:
             return ""
-        self._log.flush()
+        if not self._log.closed:  # closed once stopped
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> Self:
@@ -83,7 +89,7 @@ class ServerProcess:
                 code = self.process.returncode
                 raise RuntimeError(f"server exited with {code}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                with _DIRECT.open(self.url + "/readyz", timeout=2) as response:
                     if response.status == 200:
                         return self
             except (OSError, urllib.error.URLError):  # not listening yet, or 503 not ready

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from app.__main__ import main
 from app.settings import get_settings
 from tests.app.support import Server
+from tests.model.test_imagenet import _refusing_proxy
 
 
 def test_invalid_setting_stops_the_server_naming_the_variable(
@@ -33,7 +35,15 @@ def test_invalid_setting_stops_the_server_naming_the_variable(
     assert "invalid setting SSD_MAX_BATCH_SIZE='many'" in capsys.readouterr().err
 
 
-def test_ctrl_c_stops_the_server_quietly(tiny_weights: Path, tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_server_quietly(
+    tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Started from a process whose urllib goes through a proxy that refuses everything (as
+    # after an offline test, or behind a proxy without no_proxy): the readiness probe of the
+    # loopback server must not go through it.
+    _refusing_proxy(monkeypatch)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # restored after the test
+    urllib.request.install_opener(urllib.request.build_opener())  # with the proxy
     server = Server(
         {"SSD_WEIGHTS": str(tiny_weights), "SSD_DEVICE": "cpu"}, tmp_path / "server.log"
     ).wait_ready()
