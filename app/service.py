@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +18,7 @@ from app.settings import Settings
 from app.uploads import BodyLimits
 from model import Detector
 from model.published import is_published, source_file
+from model.torch_cache import file_sha256
 
 # Hex digits of the checkpoint's sha256 used as the model version.
 VERSION_DIGITS = 12
@@ -60,13 +60,9 @@ def model_ref(weights: Path) -> ModelRef:
     """Name (file stem, or the published source's name) and version (sha256 prefix of the
     checkpoint file, or of the published file it was converted from)."""
     published = is_published(weights)
-    path = source_file(weights) if published else weights
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    digest = file_sha256(source_file(weights) if published else weights)
     name = str(weights) if published else weights.stem
-    return ModelRef(name=name, version=digest.hexdigest()[:VERSION_DIGITS])
+    return ModelRef(name=name, version=digest[:VERSION_DIGITS])
 
 
 def get_service(request: Request) -> Service:

@@ -56,9 +56,9 @@ def fetch(weights: WeightsEnum, alternative: str) -> Path:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(FETCH_TIMEOUT_S)
     try:
-        torch.hub.load_state_dict_from_url(
-            weights.url, progress=True, check_hash=True, weights_only=True, map_location="cpu"
-        )
+        # Downloaded only: the caller reads it (weights-only) once it is in place.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(path), hash_in_name(path), progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         raise FileNotFoundError(
             f"cannot download {weights} ({exc}). Offline, download {weights.url} elsewhere "
