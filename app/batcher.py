@@ -1,20 +1,19 @@
 """Dynamic batching: requests queue up, and one forward pass answers a whole batch.
 
-A batch is formed when ``max_batch_size`` images wait, when the oldest has waited
-``max_wait_s``, or when no other request is on its way to the queue (each request announces
-itself with ``reserve`` as soon as it arrives), whichever comes first: waiting for company
-that is not coming only adds latency, as with a single client. A batch runs on one dedicated
-thread, so the event loop keeps accepting requests while it runs, and the next batch fills up
-in the meantime. When the next batch is full before the current one is done, it is staged at
-once on a second thread (``Detector.stage``: stacked, and on a GPU copied to the device on a
-stream of its own), so that it is ready when the model is free; a batch that is not full is
-formed only once the model is free, since until then more images can still join it. The
-model batches and unbatches: the batcher holds jobs, futures, timings and the opaque staged
-batch, never tensors it looks into. The queue is bounded; a full queue is refused at once
-(503).
+A request is admitted first (``admit``): from then on a batch may wait for it, and it holds
+places in the queue (``hold``) while its images decode, so a request the queue cannot take is
+refused (503) before it pays for decoding. ``submit`` turns its places into queued jobs.
 
-Before a batch runs, images whose client has gone away or whose deadline has passed are
-dropped. A failure inside a batch answers every image in it with ``InferenceFailedError``.
+A batch is formed when ``max_batch_size`` images wait, when the oldest has waited
+``max_wait_s``, or when no admitted request is still on its way to the queue, whichever comes
+first: waiting for company that is not coming only adds latency, as with a single client. A
+batch runs on the inference thread, so the event loop keeps accepting requests while it runs
+and the next batch fills up in the meantime. Before a batch runs, images whose client has gone
+away or whose deadline has passed are dropped. A failure inside a batch answers every image
+in it with ``InferenceFailedError``.
+
+The batcher holds jobs, futures and timings, never tensors it looks into: the model batches
+and unbatches (``Detector.run_batch``).
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from app.errors import (
@@ -35,9 +34,8 @@ from app.errors import (
     InferenceFailedError,
     OverloadedError,
 )
-from app.metrics import Metrics
+from app.metrics import ModelMetrics
 from model import Detections, Detector
-from model.detector import ModelInput, StagedBatch
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +51,26 @@ class Job:
     frame its boxes come back in; ``score_threshold`` is in [0, 1], ``max_detections`` >= 1.
     """
 
-    inputs: ModelInput
+    inputs: object
     size: tuple[int, int]
     score_threshold: float
     max_detections: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A job's detections (xyxy pixels of its image) and the images in the batch it ran in."""
+
+    detections: Detections
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request admitted to a ``Batcher``: on its way to the queue, holding ``places`` in it.
+    Only the batcher changes it."""
+
+    places: int = 0
 
 
 @dataclass(eq=False)
@@ -65,25 +79,27 @@ class _Entry:
     enqueued: float  # time.monotonic()
     deadline: float  # time.monotonic()
     is_disconnected: DisconnectCheck | None
-    future: asyncio.Future[Detections] = field(repr=False)
-    batch_size: int = 0  # images in the forward pass it ran in, once it has run
+    future: asyncio.Future[Answer] = field(repr=False)
 
 
 class Batcher:
     """Queues jobs and runs them through ``detector`` in batches, one batch at a time.
 
     Args:
-        detector: the model (its ``run_batch`` and ``warm_up`` are called on a worker thread).
-        metrics: where batch sizes, stage times, queue depth and counts are recorded.
+        detector: the model; its ``run_batch`` and ``warm_up`` run on ``executor``.
+        metrics: the model's series (batch sizes, stage times, counts).
+        executor: the inference thread (one worker), which the copies of one model share,
+            so that a swapped-in copy's batches and the old copy's last ones take turns.
         max_batch_size: most images per forward pass.
         max_wait_s: longest time the oldest waiting image waits for others, in seconds.
-        max_queue: most images waiting; beyond that ``submit`` raises ``OverloadedError``.
+        max_queue: most images waiting or held; beyond that ``OverloadedError``.
     """
 
     def __init__(
         self,
         detector: Detector,
-        metrics: Metrics,
+        metrics: ModelMetrics,
+        executor: Executor,
         *,
         max_batch_size: int,
         max_wait_s: float,
@@ -99,120 +115,82 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self._executor = executor
         self._pending: deque[_Entry] = deque()
-        self._reserved = 0  # places held by requests still decoding (see ``reserve``)
-        self._on_the_way = 0  # requests announced by ``reserve`` and not yet submitted
+        self._tickets: set[Ticket] = set()  # admitted, not yet submitted or gone
         self._arrived = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._in_hand = 0  # batches formed and not yet done: staging, staged, or running
-        self._handoff: asyncio.Queue[tuple[list[_Entry], StagedBatch] | None] = asyncio.Queue(1)
-        # One thread: one batch at a time on the one model copy; and one to stage the next.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
-        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-staging")
-        metrics.queue_depth.set_function(lambda: self.queue_depth)
-        metrics.queue_capacity.set(max_queue)
 
     @property
     def queue_depth(self) -> int:
         """Images waiting for a batch."""
         return len(self._pending)
 
-    def check_capacity(self, count: int) -> None:
-        """Raise ``OverloadedError`` if ``count`` more images would not fit in the queue now
-        (places reserved by requests still decoding count as taken)."""
-        taken = len(self._pending) + self._reserved
-        if taken + count > self.max_queue:
-            raise OverloadedError(
-                f"the queue is full ({len(self._pending)} of {self.max_queue} images waiting, "
-                f"{self._reserved} more being decoded); retry later"
-            )
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not yet queued (reading or decoding their images)."""
+        return len(self._tickets)
 
-    def reserve(self, count: int = 0) -> Reservation:
-        """Announce a request on its way to ``submit`` and hold ``count`` places in the queue
-        for its images (more with ``Reservation.hold`` once they are counted), so a request
-        the queue cannot take is refused before it pays for decoding. Until it submits or
-        leaves, a batch may wait (up to ``max_wait_s``) for it. ``submit`` takes the places
-        over; leaving the ``with`` block without submitting gives them back.
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[Ticket]:
+        """Admit a request: until it submits or leaves the block, a batch may wait (up to
+        ``max_wait_s``) for it, and the places it ``hold``s count as taken.
+
+        Raises:
+            OverloadedError: not even one place is free.
+        """
+        self._check_room(1)
+        ticket = Ticket()
+        self._tickets.add(ticket)
+        try:
+            yield ticket
+        finally:
+            self._leave(ticket)
+
+    def hold(self, ticket: Ticket, count: int) -> None:
+        """Hold ``count`` more places for ``ticket``'s images.
 
         Raises:
             OverloadedError: the places are not free.
         """
-        self.check_capacity(count)
-        self._reserved += count
-        self._on_the_way += 1
-        return Reservation(self, count)
-
-    def _returned(self, places: int) -> None:
-        """A reservation's ``places`` given back, its request no longer on the way."""
-        self._reserved -= places
-        self._on_the_way -= 1
-        if self._on_the_way == 0:
-            self._arrived.set()  # a batch waiting for this request need wait no longer
-
-    async def start(self) -> None:
-        """Start the batching loop (call from the event loop that will submit)."""
-        self._task = asyncio.create_task(self._loop(), name="ssd-batcher")
-
-    async def stop(self) -> None:
-        """Run what is queued, then stop the loop and the worker thread."""
-        self._stopping = True
-        self._arrived.set()
-        if self._task is not None:
-            await self._task
-        self._executor.shutdown(wait=True)
-        self._stager.shutdown(wait=True)
-
-    async def warm_up(self) -> None:
-        """Run the model's warm-up on the inference thread, so the first request is not the
-        slow one (nothing is recorded in the metrics). Up to ``max_batch_size``: on a GPU the
-        model then captures the forward pass of every batch size the batcher can form."""
-        loop = asyncio.get_running_loop()
-        warm_up = functools.partial(self.detector.warm_up, self.max_batch_size)
-        await loop.run_in_executor(self._executor, warm_up)
+        self._check_room(count)
+        ticket.places += count
 
     async def submit(
         self,
+        ticket: Ticket,
         jobs: Sequence[Job],
         deadline: float,
         is_disconnected: DisconnectCheck | None = None,
-        reservation: Reservation | None = None,
-        batch_sizes: list[int] | None = None,
-    ) -> list[Detections]:
-        """Queue ``jobs`` together and wait for their detections, in order.
+    ) -> list[Answer]:
+        """Queue ``jobs`` together in the places ``ticket`` holds and wait for their answers,
+        in order.
 
         Args:
-            jobs: prepared images; all are queued at once or none is.
+            ticket: from ``admit``, holding at least ``len(jobs)`` places.
+            jobs: prepared images; all are queued at once.
             deadline: ``time.monotonic()`` by which the answer must be there.
             is_disconnected: checked before a batch runs; True drops the jobs.
-            reservation: places held for ``jobs`` by ``reserve``; without one, the queue
-                must have room now.
-            batch_sizes: if given, filled with the size of the batch each job ran in.
 
         Raises:
-            OverloadedError: the queue has no room for all of ``jobs``.
             DeadlineExceededError: the deadline passed first.
             InferenceFailedError: a batch holding one of the jobs failed.
             ClientDisconnectedError: the client went away before the batch ran.
         """
-        if reservation is not None:
-            reservation.release()  # its places become the jobs' own, with no await between
-        if self._stopping:
-            raise OverloadedError("the server is shutting down")
-        self.check_capacity(len(jobs))
+        if ticket.places < len(jobs) or ticket not in self._tickets:
+            raise ValueError(f"the ticket holds {ticket.places} places for {len(jobs)} jobs")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [
             _Entry(job, now, deadline, is_disconnected, loop.create_future()) for job in jobs
         ]
-        self._pending.extend(entries)
+        self._pending.extend(entries)  # the ticket's places become these, with no await between
+        self._leave(ticket)
         self._arrived.set()
         try:
             async with asyncio.timeout(max(0.0, deadline - now)):
-                results = list(await asyncio.gather(*(entry.future for entry in entries)))
-            if batch_sizes is not None:
-                batch_sizes.extend(entry.batch_size for entry in entries)
-            return results
+                return list(await asyncio.gather(*(entry.future for entry in entries)))
         except TimeoutError:
             raise DeadlineExceededError(
                 f"no answer within the request deadline ({deadline - now:.3g} s)"
@@ -226,83 +204,69 @@ class Batcher:
                     with contextlib.suppress(ValueError):  # not there: taken into a batch
                         self._pending.remove(entry)
 
+    async def warm_up(self) -> None:
+        """Run the model's warm-up on the inference thread, so the first request is not the
+        slow one (nothing is recorded in the metrics).
+
+        Raises:
+            whatever the model raises: a copy that cannot run a blank image.
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.detector.warm_up)
+
+    async def start(self) -> None:
+        """Start the batching loop (call from the event loop that will submit)."""
+        self._task = asyncio.create_task(self._loop(), name="ssd-batcher")
+
+    async def stop(self) -> None:
+        """Once every admitted request has submitted or left, run what is queued, then stop."""
+        self._stopping = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+
+    def _check_room(self, count: int) -> None:
+        held = sum(ticket.places for ticket in self._tickets)
+        if len(self._pending) + held + count > self.max_queue:
+            raise OverloadedError(
+                f"the queue is full ({len(self._pending)} of {self.max_queue} images waiting, "
+                f"{held} more being decoded); retry later"
+            )
+
+    def _leave(self, ticket: Ticket) -> None:
+        """``ticket``'s request is no longer on its way: its places are given back (or were
+        taken over by its jobs)."""
+        if ticket in self._tickets:
+            self._tickets.remove(ticket)
+            ticket.places = 0
+            if not self._tickets:
+                self._arrived.set()  # a batch waiting for company need wait no longer
+
     async def _loop(self) -> None:
-        """Form batches and stage them; the runner (a task of its own) runs them in turn."""
-        loop = asyncio.get_running_loop()
-        runner = asyncio.create_task(self._run_batches(), name="ssd-batch-runner")
-        try:
-            while (batch := await self._next_batch()) is not None:
-                batch = await self._drop_gone(batch)
-                if not batch:
-                    continue
-                self._in_hand += 1
-                inputs = [entry.job.inputs for entry in batch]
-                try:
-                    staged = await loop.run_in_executor(self._stager, self.detector.stage, inputs)
-                except Exception as exc:
-                    self._failed(batch, exc)
-                    self._in_hand -= 1
-                    continue
-                await self._handoff.put((batch, staged))  # waits while one is staged already
-        finally:
-            await self._handoff.put(None)
-            await runner
-
-    async def _run_batches(self) -> None:
-        """Run the staged batches one at a time on the inference thread; answer their jobs."""
-        loop = asyncio.get_running_loop()
-        while (item := await self._handoff.get()) is not None:
-            batch, staged = item
-            try:
-                if all(entry.future.done() for entry in batch):
-                    continue  # every request gave up while its batch was staged
-                started = time.monotonic()
-                for entry in batch:
-                    waited = started - entry.enqueued
-                    self.metrics.stage_duration.labels(stage="queue").observe(waited)
-                run = functools.partial(self._infer, [entry.job for entry in batch], staged)
-                try:
-                    results = await loop.run_in_executor(self._executor, run)
-                except Exception as exc:
-                    self._failed(batch, exc)
-                    continue
-                for entry, result in zip(batch, results, strict=True):
-                    entry.batch_size = len(batch)
-                    if not entry.future.done():
-                        entry.future.set_result(result)
-            finally:
-                self._in_hand -= 1
-                self._arrived.set()  # the model is free: a batch that is not full may go
-
-    def _failed(self, batch: list[_Entry], exc: Exception) -> None:
-        """Answer every job of a batch that failed with ``InferenceFailedError``."""
-        log.error("a batch of %d images failed", len(batch), exc_info=exc)
-        for entry in batch:
-            if not entry.future.done():
-                entry.future.set_exception(
-                    InferenceFailedError(f"the batch this image was in failed: {exc!r}")
-                )
+        """Form batches and run them, one at a time."""
+        while (batch := await self._next_batch()) is not None:
+            batch = await self._drop_gone(batch)
+            if batch:
+                await self._run(batch)
 
     async def _next_batch(self) -> list[_Entry] | None:
-        """Wait until a batch is due; None once stopping with nothing left. A full batch is
-        due at once; one that is not, only while no batch is in hand (the model is free)."""
+        """Wait until a batch is due; None once stopping with nothing queued or on its way."""
         while True:
             while self._pending and self._pending[0].future.done():
                 self._pending.popleft()
             if not self._pending:
-                if self._stopping:
+                if self._stopping and not self._tickets:
                     return None
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
             due = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
             full = len(self._pending) >= self.max_batch_size
-            free = self._in_hand == 0
-            if full or self._stopping or (free and (due <= 0 or self._on_the_way == 0)):
+            if full or self._stopping or due <= 0 or not self._tickets:
                 break
             self._arrived.clear()
-            try:  # woken by an arrival, a request no longer on its way, or the model free
-                async with asyncio.timeout(due if free else None):
+            try:  # woken by an arrival or a request no longer on its way
+                async with asyncio.timeout(due):
                     await self._arrived.wait()
             except TimeoutError:
                 pass
@@ -323,60 +287,41 @@ class Batcher:
             kept.append(entry)
         return kept
 
-    def _infer(self, jobs: list[Job], staged: StagedBatch) -> list[Detections]:
-        """One staged batch through the model, its metrics recorded (on the worker thread)."""
-        batch = self.detector.run_staged(
-            staged,
+    async def _run(self, batch: list[_Entry]) -> None:
+        """One batch through the model on the inference thread; answer its jobs."""
+        started = time.monotonic()
+        for entry in batch:
+            self.metrics.stage("queue", started - entry.enqueued)
+        jobs = [entry.job for entry in batch]
+        run = functools.partial(
+            self.detector.run_batch,
+            [job.inputs for job in jobs],
             [job.size for job in jobs],
             [job.score_threshold for job in jobs],
             [job.max_detections for job in jobs],
         )
-        results = batch.detections
-        if len(results) != len(jobs):
-            raise RuntimeError(f"the model returned {len(results)} results for {len(jobs)} images")
-        m = self.metrics
-        m.batch_size.observe(len(jobs))
-        m.images.inc(len(jobs))
-        for _ in jobs:  # per image: each waited for its whole batch's forward pass and decoding
-            m.stage_duration.labels(stage="inference").observe(batch.forward_s)
-            m.stage_duration.labels(stage="postprocess").observe(batch.postprocess_s)
-        for result in results:
-            for label in result.labels:
-                m.detections.labels(label=label).inc()
-        return results
-
-
-class Reservation:
-    """A request on its way to a ``Batcher``'s queue and the places it holds there (see
-    ``Batcher.reserve``)."""
-
-    def __init__(self, batcher: Batcher, count: int) -> None:
-        self._batcher = batcher
-        self._count = count
-        self._open = True
-
-    def hold(self, count: int) -> None:
-        """Hold ``count`` more places.
-
-        Raises:
-            OverloadedError: the places are not free.
-        """
-        self._batcher.check_capacity(count)
-        self._batcher._reserved += count
-        self._count += count
-
-    def release(self) -> None:
-        """Give the places back and end the announcement (once; later calls do nothing)."""
-        if self._open:
-            self._open = False
-            self._batcher._returned(self._count)
-            self._count = 0
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            if len(result.detections) != len(jobs):
+                raise RuntimeError(
+                    f"the model returned {len(result.detections)} results for {len(jobs)} images"
+                )
+        except Exception as exc:
+            log.error("a batch of %d images failed", len(batch), exc_info=exc)
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(
+                        InferenceFailedError(f"the batch this image was in failed: {exc!r}")
+                    )
+            return
+        self.metrics.batch(
+            [detections.labels for detections in result.detections],
+            result.forward_s,
+            result.postprocess_s,
+        )
+        for entry, detections in zip(batch, result.detections, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(Answer(detections, len(batch)))
 
 
 async def _safe_check(is_disconnected: DisconnectCheck) -> bool:

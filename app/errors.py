@@ -69,6 +69,24 @@ class BadRequestError(ServiceError):
     status, code, reason = 422, "bad_request", "bad_request"
 
 
+class UnknownModelError(ServiceError):
+    """``?model=`` (or the reload route) names a model this server does not have."""
+
+    status, code, reason = 404, "unknown_model", "bad_request"
+
+
+class ReloadDisabledError(ServiceError):
+    """The reload route is off (SSD_ALLOW_RELOAD is false)."""
+
+    status, code = 403, "reload_disabled"
+
+
+class ReloadFailedError(ServiceError):
+    """The model's source failed to load or to warm up; the old copy goes on serving."""
+
+    status, code = 422, "reload_failed"
+
+
 class OverloadedError(ServiceError):
     """The queue is full."""
 

@@ -1,30 +1,34 @@
 """The ASGI app ``app.main:app``: the app factory and its lifespan.
 
 Importing this module builds the app but loads nothing; the lifespan reads the settings,
-loads the model, warms it up and starts the batcher, and undoes it all on shutdown.
+loads the models, warms them up and starts their batchers, and undoes it all on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from app.access import AccessMiddleware
-from app.batcher import Batcher
-from app.decoding import DecodePool
 from app.errors import install_error_handlers
+from app.images import DecodePool
+from app.lifecycle import Lifecycle
 from app.memory import trim_periodically
 from app.metrics import Metrics
-from app.routes import demo, detect, health, info
-from app.service import Service, model_ref
+from app.pipeline import ImageLimits, Pipeline
+from app.registry import BatchLimits, Registry
+from app.routes import demo, detect, health, info, models
+from app.service import Service
 from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_settings
-from app.shutdown import install_drain_handler
+from app.signals import install_drain_handler, install_reload_handler
 from model import Detector
 from model.checkpoint import CheckpointError, read_metadata
 from model.published import is_published
@@ -38,30 +42,32 @@ Boxes are xyxy, in pixels of the image as displayed (EXIF orientation applied). 
 JSON: `{"error": {"code": "...", "message": "..."}}`."""
 
 
-def load_detector(settings: Settings) -> Detector:
-    """The model named by the settings, on its device and precision.
+def load_detector(source: Path, settings: Settings) -> Detector:
+    """The model at ``source`` (SSD_WEIGHTS or one of SSD_MODELS), on the device and
+    precision the settings name.
 
     Raises:
         SettingsError: the weights, device or precision cannot be used; names the variable.
     """
-    weights = f"invalid setting SSD_WEIGHTS={str(settings.weights)!r}"
-    published = is_published(settings.weights)
+    variable = "SSD_WEIGHTS" if source == settings.weights else "SSD_MODELS"
+    weights = f"invalid setting {variable}={str(source)!r}"
+    published = is_published(source)
     if published and settings.precision == "int8":
         raise SettingsError(
             f"{weights}: int8 runs a checkpoint file with its artifact beside it: convert the "
-            f"weights first (python -m model.convert {settings.weights} --out FILE), then "
+            f"weights first (python -m model.convert {source} --out FILE), then "
             "python -m model.quantize --weights FILE, and serve FILE"
         )
     try:
         if not published:  # cheap: names a wrong file before any weight loads
-            read_metadata(settings.weights)
+            read_metadata(source)
         device = resolve_device(settings.device)
     except CheckpointError as exc:
         raise SettingsError(f"{weights}: {exc}") from None
     except ValueError as exc:
         raise SettingsError(f"invalid setting SSD_DEVICE={settings.device!r}: {exc}") from None
     try:
-        return Detector.load(settings.weights, device=device, precision=settings.precision)
+        return Detector.load(source, device=device, precision=settings.precision)
     except CheckpointError as exc:
         raise SettingsError(f"{weights}: {exc}") from None
     except (FileNotFoundError, ValueError) as exc:
@@ -72,56 +78,84 @@ def load_detector(settings: Settings) -> Detector:
         raise SettingsError(f"{precision}: {exc}") from None
 
 
+def build_service(config: Settings, detector: Detector | None) -> Service:
+    """The service's parts for ``config``, nothing loaded yet; ``detector``, if given, is the
+    default model's first copy."""
+    sources = config.model_sources()
+    default = next(iter(sources))
+    metrics = Metrics(config.max_batch_size)
+    registry = Registry(
+        sources,
+        default,
+        functools.partial(load_detector, settings=config),
+        metrics,
+        BatchLimits(
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+        ),
+        preloaded={default: detector} if detector is not None else None,
+    )
+    lifecycle = Lifecycle()
+    pipeline = Pipeline(
+        registry,
+        DecodePool(config.decode_pixel_budget),
+        lifecycle,
+        ImageLimits(max_pixels=config.max_image_pixels, max_jpeg_scans=config.max_jpeg_scans),
+        request_timeout_s=config.request_timeout_s,
+        score_threshold=config.score_threshold,
+        max_detections=config.max_detections,
+    )
+    return Service(config, metrics, registry, pipeline, lifecycle)
+
+
 def create_app(settings: Settings | None = None, detector: Detector | None = None) -> FastAPI:
     """Build the app. ``settings`` default to ``get_settings()`` (read at start-up, not here);
-    ``detector`` defaults to the one ``settings.weights`` names (tests pass their own)."""
+    ``detector`` is the default model's first copy, loaded from ``settings.weights`` when
+    not given (tests pass their own)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            config = settings or get_settings()
-            model = (
-                detector if detector is not None else await run_in_threadpool(load_detector, config)
-            )
+            service = build_service(settings or get_settings(), detector)
         except SettingsError as exc:
             log.error("cannot start: %s", exc)
             raise
-        metrics = Metrics(config.max_batch_size)
-        batcher = Batcher(
-            model,
-            metrics,
-            max_batch_size=config.max_batch_size,
-            max_wait_s=config.max_wait_ms / 1000,
-            max_queue=config.max_queue,
-        )
-        ref = await run_in_threadpool(model_ref, config.weights)
-        decoder = DecodePool(config.decode_pixel_budget)
-        service = Service(config, model, batcher, metrics, ref, decoder)
-        metrics.model_info.labels(
-            name=ref.name, version=ref.version, device=str(model.device), precision=model.precision
-        ).set(1)
+        config, lifecycle, registry = service.settings, service.lifecycle, service.registry
         app.state.service = service
-        await batcher.start()
+        loop = asyncio.get_running_loop()
         janitor = asyncio.create_task(trim_periodically(), name="ssd-malloc-trim")
         restore_sigterm = install_drain_handler(
-            lambda: setattr(service, "draining", True),
+            lambda: setattr(lifecycle, "draining", True),
             config.drain_s,
-            asyncio.get_running_loop(),
-            on_cut=service.cut_uploads.set,
+            loop,
+            on_cut=lifecycle.cut_uploads.set,
             cut_after_s=config.shutdown_timeout_s - UPLOAD_CUT_MARGIN_S,
         )
+        restore_sighup = install_reload_handler(registry.reload_all, loop)
         try:
-            await batcher.warm_up()
-            service.ready = True
-            log.info(
-                "serving %s %s on %s in %s", ref.name, ref.version, model.device, model.precision
-            )
+            try:
+                await registry.start()
+            except SettingsError as exc:
+                log.error("cannot start: %s", exc)
+                raise
+            lifecycle.ready = True
+            for name in registry.names:
+                copy = registry.get(name)
+                log.info(
+                    "serving %s %s on %s in %s",
+                    name,
+                    copy.ref.version,
+                    copy.detector.device,
+                    copy.detector.precision,
+                )
             yield
         finally:
-            service.draining = True
+            lifecycle.draining = True
+            restore_sighup()
             restore_sigterm()
-            await batcher.stop()
-            await run_in_threadpool(decoder.shutdown)
+            await registry.stop()
+            await run_in_threadpool(service.pipeline.pool.shutdown)
             janitor.cancel()
 
     # FastAPIOffline serves /docs and /redoc with their scripts from the package itself, so
@@ -134,7 +168,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
     )
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware)
-    for module in (detect, health, info, demo):
+    for module in (detect, models, health, info, demo):
         app.include_router(module.router)
     return app
 

@@ -33,7 +33,10 @@ class ImageSize(BaseModel):
 class ModelRef(BaseModel):
     """Which model answered."""
 
-    name: str = Field(description="checkpoint name (its file name without extension)")
+    name: str = Field(
+        description="the model's name: SSD_WEIGHTS's file name without extension (or its "
+        "published name), or its name in SSD_MODELS"
+    )
     version: str = Field(description="first 12 hex digits of the checkpoint's sha256")
 
 
@@ -81,6 +84,24 @@ class BatchingInfo(BaseModel):
     max_queue: int
     request_timeout_s: float
     max_images_per_request: int
+
+
+class ModelSummary(BaseModel):
+    """One model the server has, as the copy serving now describes it."""
+
+    name: str = Field(description="what ?model= takes")
+    version: str = Field(description="first 12 hex digits of the checkpoint's sha256")
+    default: bool = Field(description="whether a request that names no model gets this one")
+    class_names: list[str] = Field(description="names of class ids 1..C-1")
+    input_size: int = Field(description="network input side, pixels (images are resized)")
+    device: str
+    precision: str
+
+
+class ModelList(BaseModel):
+    """Every model the server has, the default first."""
+
+    models: list[ModelSummary]
 
 
 class ModelInfo(BaseModel):

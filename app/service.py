@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.batcher import Batcher
-from app.decoding import DecodePool
-from app.errors import DrainingError, NotReadyError
+from app.lifecycle import Lifecycle
 from app.metrics import Metrics
-from app.schemas import ModelRef
+from app.pipeline import Pipeline
+from app.registry import Registry
 from app.settings import Settings
 from app.uploads import BodyLimits
-from model import Detector
-from model.published import is_published, source_file
-from model.torch_cache import file_sha256
-
-# Hex digits of the checkpoint's sha256 used as the model version.
-VERSION_DIGITS = 12
 
 
-@dataclass
+@dataclass(frozen=True)
 class Service:
-    """Everything a request needs. ``ready`` turns True after the warm-up batch; ``draining``
-    turns True on SIGTERM; ``cut_uploads`` is set when uploads still arriving must stop."""
+    """Everything a request needs: the settings, the metrics, the models, the pipeline a
+    detection request goes through, and where the service is in its life."""
 
     settings: Settings
-    detector: Detector
-    batcher: Batcher
     metrics: Metrics
-    model: ModelRef
-    decoder: DecodePool
-    ready: bool = False
-    draining: bool = False
-    cut_uploads: asyncio.Event = field(default_factory=asyncio.Event)
+    registry: Registry
+    pipeline: Pipeline
+    lifecycle: Lifecycle
 
     @property
     def body_limits(self) -> BodyLimits:
@@ -47,22 +34,6 @@ class Service:
             timeout_s=self.settings.body_timeout_s,
             min_rate=self.settings.min_body_rate,
         )
-
-    def check_accepting(self) -> None:
-        """Raise the 503 that applies if the service takes no new work now."""
-        if self.draining:
-            raise DrainingError("the server is shutting down; retry on another instance")
-        if not self.ready:
-            raise NotReadyError("the model is still loading")
-
-
-def model_ref(weights: Path) -> ModelRef:
-    """Name (file stem, or the published source's name) and version (sha256 prefix of the
-    checkpoint file, or of the published file it was converted from)."""
-    published = is_published(weights)
-    digest = file_sha256(source_file(weights) if published else weights)
-    name = str(weights) if published else weights.stem
-    return ModelRef(name=name, version=digest[:VERSION_DIGITS])
 
 
 def get_service(request: Request) -> Service:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -9,12 +10,17 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.published import is_published
+
 ENV_PREFIX = "SSD_"
 # The shipped default model (weights/README.md is its model card).
 DEFAULT_WEIGHTS = Path("weights/ssd300_shapes.safetensors")
 # Uploads still arriving this long before SSD_SHUTDOWN_TIMEOUT_S are cut, which leaves the
 # queue's last batch and the answers to the cut uploads time to go out before the exit.
 UPLOAD_CUT_MARGIN_S = 1.0
+# What a name in SSD_MODELS may hold: it goes into URLs (?model=NAME, /models/NAME/reload)
+# and metric labels as it is.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class SettingsError(RuntimeError):
@@ -30,6 +36,16 @@ class Settings(BaseSettings):
         default=DEFAULT_WEIGHTS,
         description="checkpoint file (safetensors), or published weights by name: "
         "torchvision:coco or ssd.pytorch:PATH (model/published.py)",
+    )
+    models: str = Field(
+        default="",
+        description="more models beside SSD_WEIGHTS, as NAME=SOURCE pairs separated by commas "
+        "(a SOURCE as for SSD_WEIGHTS); a request picks one with ?model=NAME",
+    )
+    allow_reload: bool = Field(
+        default=False,
+        description="allow POST /models/NAME/reload, which anyone who can reach the port may "
+        "call (no API keys yet); SIGHUP reloads every model whatever this says",
     )
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
@@ -122,8 +138,28 @@ class Settings(BaseSettings):
         "SSD_MAX_IMAGE_PIXELS); requests wait for room",
     )
 
+    def model_sources(self) -> dict[str, Path]:
+        """Every model by name, the default (SSD_WEIGHTS) first: it is named by its file name
+        without extension, or by the published name."""
+        default = str(self.weights) if is_published(self.weights) else self.weights.stem
+        sources = {default: self.weights}
+        for pair in filter(None, (part.strip() for part in self.models.split(","))):
+            name, equals, source = (part.strip() for part in pair.partition("="))
+            if not equals or not source:
+                raise ValueError(f"SSD_MODELS: {pair!r} is not NAME=SOURCE")
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"SSD_MODELS: the name {name!r} must be 1 to 64 letters, digits, '_', '.' "
+                    "or '-'"
+                )
+            if name in sources:
+                raise ValueError(f"SSD_MODELS: two models are named {name!r}")
+            sources[name] = Path(source)
+        return sources
+
     @model_validator(mode="after")
     def _limits_fit(self) -> Settings:
+        self.model_sources()  # names every malformed entry of SSD_MODELS now, not at start-up
         if self.max_images_per_request > self.max_queue:
             raise ValueError(
                 f"SSD_MAX_IMAGES_PER_REQUEST={self.max_images_per_request} is larger than "

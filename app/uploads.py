@@ -18,6 +18,7 @@ from app.errors import (
     DrainingError,
     SlowUploadError,
     TooLargeError,
+    UnsupportedTypeError,
 )
 
 # The minimum rate is averaged from the start of the body with this much slack, so a client
@@ -102,6 +103,30 @@ async def _receive_by(receive: Receive, due: float, cut: asyncio.Event) -> Messa
     if cutting in done:
         raise DrainingError("the server is shutting down; the upload was cut before it ended")
     return None
+
+
+async def read_images(
+    request: Request,
+    limits: BodyLimits,
+    cut: asyncio.Event,
+    field: str,
+    max_count: int,
+    *,
+    raw: bool,
+) -> list[bytes]:
+    """The images a request uploads: the files of the multipart ``field`` (at most
+    ``max_count``), or, where ``raw`` allows it, the raw body as one image.
+
+    Raises:
+        as ``read_body`` and ``form_images``;
+        UnsupportedTypeError: the body is not multipart and ``raw`` is False.
+    """
+    body = await read_body(request, limits, cut)
+    if is_multipart(request):
+        return await form_images(request, body, field, max_count)
+    if not raw:
+        raise UnsupportedTypeError(f"send multipart/form-data with one or more files in `{field}`")
+    return [body]
 
 
 def is_multipart(request: Request) -> bool:

@@ -13,12 +13,15 @@ _ERROR_TEXT = {
     400: "The image is empty, undecodable or truncated (`invalid_image`).",
     408: "The body did not arrive within SSD_BODY_TIMEOUT_S, or slower than "
     "SSD_MIN_BODY_RATE bytes/s (`slow_upload`); the connection closes.",
+    403: "Reloads are off: set SSD_ALLOW_RELOAD=true to allow them (`reload_disabled`).",
+    404: "No model has the name given in `model` (`unknown_model`); GET /models lists them.",
     413: "The body is over SSD_MAX_UPLOAD_BYTES, or the image header declares more than "
     "SSD_MAX_IMAGE_PIXELS pixels, or a JPEG holds more than SSD_MAX_JPEG_SCANS scans "
     "(`too_large`).",
     415: "The bytes are not JPEG, PNG, WebP or BMP, whatever the declared type "
     "(`unsupported_type`).",
-    422: "Bad parameters, a missing field or a malformed multipart body (`bad_request`).",
+    422: "Bad parameters, a missing field or a malformed multipart body (`bad_request`); "
+    "on a reload, weights that failed to load or to warm up (`reload_failed`).",
     500: "The batch this request was in failed, a server fault (`inference_failed`).",
     503: "The queue is full (`overloaded`), the model is not ready (`not_ready`) or the "
     "server is shutting down (`draining`); see Retry-After.",

@@ -20,5 +20,5 @@ async def healthz() -> Status:
 @router.get("/readyz", responses=error_responses(503))
 async def readyz(service: ServiceDep) -> Status:
     """Readiness: 200 once the model is loaded and warmed up; 503 before, and while draining."""
-    service.check_accepting()
+    service.lifecycle.check_accepting()
     return Status(status="ready")

@@ -1,4 +1,4 @@
-"""GET /model (what is served) and GET /metrics (Prometheus text)."""
+"""GET /model (the default model and batching) and GET /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/model")
 async def model_info(service: ServiceDep) -> ModelInfo:
-    """The model (name, version, classes, input size, device, precision) and batching."""
-    settings, detector = service.settings, service.detector
+    """The default model (name, version, classes, input size, device, precision) and batching;
+    GET /models lists every model."""
+    settings, copy = service.settings, service.registry.get()
+    detector = copy.detector
     return ModelInfo(
-        name=service.model.name,
-        version=service.model.version,
+        name=copy.ref.name,
+        version=copy.ref.version,
         class_names=detector.class_names,
         input_size=detector.input_size,
         device=str(detector.device),

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi import FastAPI
 from PIL import Image
 
 from app.batcher import Batcher, Job
+from app.errors import OverloadedError
 from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
@@ -225,7 +227,7 @@ async def _on_its_way(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _on_the_way(app: FastAPI, count: int) -> bool:
-    return app.state.service.batcher._on_the_way == count
+    return app.state.service.registry.get().batcher.admitted == count
 
 
 @pytest.mark.anyio
@@ -304,19 +306,19 @@ def test_passed_deadline_gives_504(tiny_weights: Path) -> None:
 
 
 class FaultyDetector(Detector):
-    """A real Detector whose forward pass or decoding can be made to fail (fault injection)."""
+    """A real Detector whose batch can be made to fail, or to answer one image short (fault
+    injection)."""
 
     fail_forward = False
-    short_decode = False
+    short_answer = False
 
-    def run_staged(self, *args, **kwargs):
+    def run_batch(self, *args, **kwargs):
         if self.fail_forward:
             raise RuntimeError("injected forward failure")
-        return super().run_staged(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        results = super().decode(*args, **kwargs)
-        return results[:-1] if self.short_decode else results
+        result = super().run_batch(*args, **kwargs)
+        if self.short_answer:
+            return dataclasses.replace(result, detections=result.detections[:-1])
+        return result
 
 
 def _post_concurrently(client: httpx.AsyncClient, count: int, query: str = ""):
@@ -328,7 +330,7 @@ def _post_concurrently(client: httpx.AsyncClient, count: int, query: str = ""):
     )
 
 
-@pytest.mark.parametrize("fault", ["fail_forward", "short_decode"])
+@pytest.mark.parametrize("fault", ["fail_forward", "short_answer"])
 def test_failure_inside_a_batch_answers_every_request(tiny_weights: Path, fault: str) -> None:
     detector = FaultyDetector.load(tiny_weights, device="cpu", precision="fp32")
     app = create_app(_settings(tiny_weights, max_batch_size=4, max_wait_ms=2000), detector)
@@ -377,43 +379,58 @@ def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path) -> None:
     assert metric(text, "ssd_batch_size_count") == 1  # all three in one batch
     assert metric(text, "ssd_batch_size_sum") == 3
     assert [len(r.json()["detections"]) for r in responses][:2] == [5, 2]
-    # The reference: the same three images forwarded as one batch (same numerics as the
-    # server's batch), each decoded on its own at its own scalar threshold and cap.
+    # The reference: the same three images run as one batch with no cut (same numerics as the
+    # server's batch), each cut by hand to its own threshold and cap.
     inputs, size = detector.prepare(Image.open(io.BytesIO(NOISE)))
-    loc, conf = detector.forward(torch.stack([inputs] * 3))
+    uncut = detector.run_batch([inputs] * 3, [size] * 3, [0.0] * 3, [1000] * 3).detections
     params = [(0.2, 5), (0.0, 2), (0.9, 100)]
-    for i, (response, (threshold, cap)) in enumerate(zip(responses, params, strict=True)):
-        [alone] = detector.decode(loc[i : i + 1], conf[i : i + 1], [size], threshold, cap)
+    for response, reference, (threshold, cap) in zip(responses, uncut, params, strict=True):
+        keep = [i for i, score in enumerate(reference.scores.tolist()) if score > threshold][:cap]
         got = response.json()["detections"]
         assert len(got) <= cap
-        assert all(d["score"] > threshold - 1e-4 for d in got)
-        assert [d["label"] for d in got] == alone.labels
-        assert [d["score"] for d in got] == pytest.approx(alone.scores.tolist(), abs=1e-4)
+        assert [d["label"] for d in got] == [reference.labels[i] for i in keep]
+        assert [d["score"] for d in got] == pytest.approx(
+            [reference.scores[i].item() for i in keep], abs=1e-4
+        )
 
 
 class GatedDetector(Detector):
-    """A real Detector that logs when it stages and runs batches, and whose first batch runs
-    only once ``release`` is set: the batch after it is formed while it runs."""
+    """A real Detector that logs when it runs batches, and whose first batch runs only once
+    ``release`` is set: the batches after it are formed while it runs."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.release = threading.Event()
         self.log: list[tuple[str, int, str]] = []
 
-    def stage(self, inputs):
-        self.log.append(("stage", len(inputs), threading.current_thread().name))
-        return super().stage(inputs)
-
-    def run_staged(self, staged, *args, **kwargs):
-        count = staged.tensor.shape[0]
-        self.log.append(("run", count, threading.current_thread().name))
+    def run_batch(self, inputs, *args, **kwargs):
+        self.log.append(("run", len(inputs), threading.current_thread().name))
         assert self.release.wait(timeout=30)
-        result = super().run_staged(staged, *args, **kwargs)
-        self.log.append(("done", count, threading.current_thread().name))
+        result = super().run_batch(inputs, *args, **kwargs)
+        self.log.append(("done", len(inputs), threading.current_thread().name))
         return result
 
 
-def test_a_full_batch_is_staged_while_the_one_before_runs(tiny_weights: Path) -> None:
+def _batcher(detector: Any, max_batch_size: int, max_queue: int) -> Batcher:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
+    return Batcher(
+        detector,
+        Metrics(max_batch_size).for_model("m"),
+        executor,
+        max_batch_size=max_batch_size,
+        max_wait_s=0.0,
+        max_queue=max_queue,
+    )
+
+
+async def _submit(batcher: Batcher, jobs: list[Job], deadline: float) -> list[int]:
+    """Admit, hold and submit ``jobs`` as a request does; the sizes of their batches."""
+    with batcher.admit() as ticket:
+        batcher.hold(ticket, len(jobs))
+        return [answer.batch_size for answer in await batcher.submit(ticket, jobs, deadline)]
+
+
+def test_batches_run_one_at_a_time_and_form_while_the_model_is_busy(tiny_weights: Path) -> None:
     detector = GatedDetector.load(tiny_weights, device="cpu", precision="fp32")
     inputs, size = detector.prepare(Image.open(io.BytesIO(PNG)))
 
@@ -421,31 +438,28 @@ def test_a_full_batch_is_staged_while_the_one_before_runs(tiny_weights: Path) ->
         return [Job(inputs, size, 0.3, 10)] * count
 
     async def scenario() -> list[list[int]]:
-        batcher = Batcher(detector, Metrics(8), max_batch_size=2, max_wait_s=0.0, max_queue=8)
+        batcher = _batcher(detector, max_batch_size=2, max_queue=8)
         await batcher.start()
         deadline = time.monotonic() + 60
-        sizes: list[list[int]] = [[], [], []]
-        first = asyncio.create_task(batcher.submit(jobs(2), deadline, batch_sizes=sizes[0]))
+        first = asyncio.create_task(_submit(batcher, jobs(2), deadline))
         await _until(lambda: ("run", 2, "ssd-inference_0") in detector.log)
-        # The model is busy: a full batch is staged now; a partial one waits for the model.
-        second = asyncio.create_task(batcher.submit(jobs(2), deadline, batch_sizes=sizes[1]))
-        third = asyncio.create_task(batcher.submit(jobs(1), deadline, batch_sizes=sizes[2]))
-        await _until(lambda: len(detector.log) == 3)
+        # The model is busy: these wait, and run in turn once it is free.
+        second = asyncio.create_task(_submit(batcher, jobs(2), deadline))
+        await _until(lambda: batcher.queue_depth == 2)
+        third = asyncio.create_task(_submit(batcher, jobs(1), deadline))
+        await _until(lambda: batcher.queue_depth == 3)
         detector.release.set()
-        await asyncio.gather(first, second, third)
+        sizes = list(await asyncio.gather(first, second, third))
         await batcher.stop()
         return sizes
 
     sizes = asyncio.run(scenario())
     assert sizes == [[2, 2], [2, 2], [1]]
     assert detector.log == [
-        ("stage", 2, "ssd-staging_0"),
-        ("run", 2, "ssd-inference_0"),
-        ("stage", 2, "ssd-staging_0"),  # the second batch, staged while the first runs
-        ("done", 2, "ssd-inference_0"),
         ("run", 2, "ssd-inference_0"),
         ("done", 2, "ssd-inference_0"),
-        ("stage", 1, "ssd-staging_0"),  # the partial batch, formed once the model was free
+        ("run", 2, "ssd-inference_0"),  # the full batch first, in arrival order
+        ("done", 2, "ssd-inference_0"),
         ("run", 1, "ssd-inference_0"),
         ("done", 1, "ssd-inference_0"),
     ]
@@ -458,20 +472,34 @@ async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_warm_up_reaches_the_largest_batch_the_batcher_forms() -> None:
-    # On a GPU the model captures one forward pass per batch size at warm-up (model.cuda_graphs),
-    # so the batcher tells it the largest batch it will form; on the inference thread.
-    calls: list[tuple[int, str]] = []
+def test_warm_up_runs_on_the_inference_thread() -> None:
+    # The backend's first-call set-up happens on the thread that will run the batches.
+    calls: list[str] = []
 
     class Recording:
-        def warm_up(self, max_batch_size: int = 1) -> None:
-            calls.append((max_batch_size, threading.current_thread().name))
+        def warm_up(self) -> None:
+            calls.append(threading.current_thread().name)
 
     async def scenario() -> None:
-        detector: Any = Recording()  # only warm_up is called
-        batcher = Batcher(detector, Metrics(16), max_batch_size=16, max_wait_s=0.0, max_queue=4)
+        batcher = _batcher(Recording(), max_batch_size=16, max_queue=4)
         await batcher.warm_up()
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert len(calls) == 1 and calls[0][0] == 16 and calls[0][1].startswith("ssd-inference")
+    assert len(calls) == 1 and calls[0].startswith("ssd-inference")
+
+
+def test_held_places_count_against_the_queue_until_submitted_or_left() -> None:
+    batcher = _batcher(None, max_batch_size=8, max_queue=4)
+    with batcher.admit() as ticket:
+        batcher.hold(ticket, 3)
+        assert batcher.admitted == 1
+        with pytest.raises(OverloadedError, match="3 more being decoded"), batcher.admit() as other:
+            batcher.hold(other, 2)
+        with batcher.admit() as other:  # one place is still free
+            batcher.hold(other, 1)
+            with pytest.raises(OverloadedError, match="the queue is full"), batcher.admit():
+                pass  # not even one place
+    assert batcher.admitted == 0
+    with batcher.admit() as ticket:  # leaving the blocks gave every place back
+        batcher.hold(ticket, 4)

@@ -1,4 +1,6 @@
-"""Graceful, bounded shutdown on SIGTERM: stop being ready first, then drain, then a cap.
+"""Signals: SIGTERM shuts down gracefully, SIGHUP reloads the models.
+
+SIGTERM is a graceful, bounded shutdown: stop being ready first, then drain, then a cap.
 
 Uvicorn stops accepting connections on SIGTERM, finishes the requests in flight and then runs
 the lifespan shutdown (which empties the batch queue). This adds the step before: ``/readyz``
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +65,26 @@ def install_drain_handler(
             signal.signal(signal.SIGTERM, server_handler)
 
     return undo
+
+
+def install_reload_handler(
+    reload: Callable[[], Coroutine[Any, Any, None]], loop: asyncio.AbstractEventLoop
+) -> Callable[[], None]:
+    """Run ``reload()`` as a task on ``loop`` at each SIGHUP (the signal a daemon is sent to
+    re-read its files). Returns an undo function.
+
+    Does nothing (returns a no-op) off the main thread, where no signal handler can be set.
+    """
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        log.info("SIGHUP: reloading the models")
+        task = loop.create_task(reload(), name="ssd-reload")
+        tasks.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    except (ValueError, RuntimeError):  # not the main thread
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)

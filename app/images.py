@@ -1,19 +1,45 @@
-"""Image bytes to a decoded PIL image: the only place the service decodes images.
+"""Image bytes to pixels: the one place the service decodes images, and the bounds on it.
 
-The format is judged by the leading bytes (magic numbers), never by the declared type, and
-only JPEG, PNG, WebP and BMP pass. The pixel count is read from the header, before any pixel
-is decoded, so a small file claiming a huge image costs nothing. The EXIF orientation is
-applied, so the returned image (and every box) is in the frame a viewer displays.
+Decoding is the one step whose cost the client chooses, so it is bounded three ways:
+
+- ``open_image`` judges the format by the leading bytes (magic numbers), never by the declared
+  type (only JPEG, PNG, WebP and BMP pass), and reads the pixel count from the header, so what
+  would cost too much is refused before a pixel is decoded; large JPEGs decode at reduced scale;
+- ``PixelBudget`` bounds the pixels decoded and held at once across all requests and models
+  (memory), whatever the number of requests;
+- ``DecodePool`` awaits a decode only until the request's deadline: then the request gets 504
+  and leaves, while the thread, which cannot be stopped, finishes on its own and only then
+  gives its pixels back to the budget.
+
+``decode`` applies the EXIF orientation, so the image (and every box) is in the frame a viewer
+displays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from PIL import ExifTags, Image, ImageOps
 
-from app.errors import InvalidImageError, TooLargeError, UnsupportedTypeError
+from app.errors import (
+    DeadlineExceededError,
+    InvalidImageError,
+    TooLargeError,
+    UnsupportedTypeError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Pillow format name -> (offset, signature) pairs that must all match.
 # JPEG: SOI marker + the first marker's FF; PNG: its 8-byte signature (RFC 2083, sec. 3.1);
@@ -136,3 +162,102 @@ def _describe(data: bytes) -> str:
         if data.startswith(magic):
             return f"{name}, which is not accepted"
     return f"not a recognised image (it starts with {data[:8]!r})"
+
+
+class PixelBudget:
+    """A semaphore counted in pixels: ``acquire(n)`` waits until ``n`` fit, first come first
+    served (a large image is not starved by a stream of small ones). Event-loop only."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 pixel, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, pixels: int) -> None:
+        """Wait until ``pixels`` fit; cancellable (then nothing is taken)."""
+        if pixels > self.capacity:
+            raise ValueError(f"{pixels} pixels can never fit a budget of {self.capacity}")
+        if not self._waiters and self.in_use + pixels <= self.capacity:
+            self.in_use += pixels
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (pixels, waiter)
+        self._waiters.append(entry)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # granted just as it was cancelled
+                self.release(pixels)
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, pixels: int) -> None:
+        """Give ``pixels`` back and let waiters in, in order."""
+        self.in_use -= pixels
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            pixels, waiter = self._waiters[0]
+            if self.in_use + pixels > self.capacity:
+                return
+            self._waiters.popleft()
+            self.in_use += pixels
+            waiter.set_result(None)
+
+
+class DecodePool:
+    """Threads that decode (one per core: the work is CPU-bound and Pillow's decoders release
+    the GIL), admitted by a ``PixelBudget``.
+
+    Args:
+        pixel_budget: most pixels decoded and held at once (``SSD_DECODE_PIXEL_BUDGET``).
+        threads: decoding threads; default one per core.
+    """
+
+    def __init__(self, pixel_budget: int, threads: int | None = None) -> None:
+        self.budget = PixelBudget(pixel_budget)
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads or os.cpu_count() or 1, thread_name_prefix="ssd-decode"
+        )
+
+    async def run(self, pixels: int, deadline: float, work: Callable[[], T]) -> T:
+        """Run ``work`` (which decodes ``pixels`` pixels) on a decoding thread, by ``deadline``
+        (a ``time.monotonic()`` value).
+
+        Raises:
+            DeadlineExceededError: the deadline passed while waiting for room or for ``work``.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await self.budget.acquire(pixels)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "no room to decode the image within the request deadline"
+            ) from None
+        try:
+            future = self._executor.submit(work)
+        except BaseException:
+            self.budget.release(pixels)
+            raise
+        # The pixels go back when the thread is done (or the work is cancelled before it
+        # started), not when the request stops waiting: a running thread cannot be stopped,
+        # and cancelling the wrapper below leaves it running.
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.budget.release, pixels))
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            log.warning("a decode of %d pixels ran past its request's deadline", pixels)
+            raise DeadlineExceededError(
+                "decoding the image did not finish within the request deadline"
+            ) from None
+
+    def shutdown(self) -> None:
+        """Wait for the decodes running, then stop the threads."""
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,154 @@
+"""One request's way through the service, top to bottom.
+
+``Pipeline.detect`` takes a request from the route (which only parses HTTP) to its results:
+
+1. admit it to the model's batcher (``app.batcher``): refused with 503 when the queue is full,
+   before the upload is read, and from then on a batch may wait for it;
+2. read the images it uploads (``app.uploads``) and hold a queue place for each;
+3. decode each on the decode pool, under the pixel budget (``app.images``), and prepare it for
+   the network there (``Detector.prepare``: colour, resize, mean);
+4. submit them to the batcher, which runs them through ``Detector.run_batch`` with others';
+5. hand back the detections, with what the access log reports.
+
+All of it by the request's deadline, ``request_timeout_s`` from its arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from app.batcher import DisconnectCheck, Job
+from app.errors import ClientDisconnectedError, InvalidImageError, ServiceError
+from app.images import DecodePool, decode, open_image
+from app.lifecycle import Lifecycle
+from app.registry import Copy, Registry
+from app.schemas import ModelRef
+from model import Detections
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an uploaded image may cost: width x height, and scans of a JPEG."""
+
+    max_pixels: int
+    max_jpeg_scans: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a request's images gave: the model that answered, and per image, in upload order,
+    its detections (xyxy pixels), its (width, height) as displayed and its batch's size."""
+
+    model: ModelRef
+    detections: list[Detections]
+    sizes: list[tuple[int, int]]
+    batch_sizes: list[int]
+
+
+class Pipeline:
+    """Admits, reads, decodes and batches requests for the models of ``registry``.
+
+    Args:
+        registry: the models; a request names one, or gets the default.
+        pool: the decode threads and pixel budget, shared by all models.
+        lifecycle: whether the service takes work now.
+        limits: what an image may cost to decode.
+        request_timeout_s: a request's deadline, from its arrival.
+        score_threshold, max_detections: the cut for requests that give none.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        pool: DecodePool,
+        lifecycle: Lifecycle,
+        limits: ImageLimits,
+        *,
+        request_timeout_s: float,
+        score_threshold: float,
+        max_detections: int,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.lifecycle = lifecycle
+        self.limits = limits
+        self.request_timeout_s = request_timeout_s
+        self.score_threshold = score_threshold
+        self.max_detections = max_detections
+
+    async def detect(
+        self,
+        read: Callable[[], Awaitable[list[bytes]]],
+        is_disconnected: DisconnectCheck,
+        *,
+        model: str | None = None,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        numbered: bool = False,
+    ) -> Outcome:
+        """Detect objects in the images ``read`` gives, with model ``model`` (None: the
+        default). ``numbered`` prefixes an image's error with its place (``images[2]: ...``).
+
+        Raises:
+            ServiceError: the answer to give instead (503 not ready, draining or full; 404
+                unknown model; 4xx bad upload or image; 504 past the deadline; 499 gone).
+        """
+        deadline = time.monotonic() + self.request_timeout_s
+        self.lifecycle.check_accepting()
+        copy = self.registry.get(model)
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        cap = self.max_detections if max_detections is None else max_detections
+        with copy.batcher.admit() as ticket:
+            images = await read()
+            copy.batcher.hold(ticket, len(images))
+            jobs = await asyncio.gather(
+                *(
+                    self._prepare(copy, data, deadline, threshold, cap, f"images[{i}]: " * numbered)
+                    for i, data in enumerate(images)
+                )
+            )
+            answers = await copy.batcher.submit(ticket, jobs, deadline, is_disconnected)
+        if await is_disconnected():
+            raise ClientDisconnectedError("the client went away before its answer was sent")
+        return Outcome(
+            copy.ref,
+            [answer.detections for answer in answers],
+            [job.size for job in jobs],
+            [answer.batch_size for answer in answers],
+        )
+
+    async def _prepare(
+        self, copy: Copy, data: bytes, deadline: float, threshold: float, cap: int, where: str
+    ) -> Job:
+        """One image's bytes to a job for ``copy``'s batcher, on the decode pool."""
+        try:
+            # Cheap, but not free (the scan count reads the whole file), so off the event loop.
+            opened = await asyncio.to_thread(
+                open_image,
+                data,
+                self.limits.max_pixels,
+                self.limits.max_jpeg_scans,
+                copy.detector.input_size,
+            )
+
+            def work() -> Job:
+                started = time.perf_counter()
+                decoded = decode(opened)
+                try:
+                    # The pixels may be a reduced-scale decode; the job keeps the full size,
+                    # since the network sees the whole image resized anyway and boxes come back
+                    # relative to it.
+                    inputs, _ = copy.detector.prepare(decoded.image)
+                except (ValueError, TypeError) as exc:  # the model's word for an unusable image
+                    raise InvalidImageError(f"cannot use the image: {exc}") from None
+                copy.metrics.stage("decode", time.perf_counter() - started)
+                return Job(inputs, decoded.size, threshold, cap)
+
+            return await self.pool.run(opened.pixels, deadline, work)
+        except ServiceError as exc:
+            if not where:
+                raise
+            raise type(exc)(where + exc.message) from None
