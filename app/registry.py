@@ -213,7 +213,10 @@ class Registry:
     def _read(self, source: Path) -> tuple[Detector, str]:
         """Load ``source`` and its version, checking that the file did not change meanwhile
         (a file being replaced by a copy or a training run)."""
-        before = version_of(source)
+        try:
+            before: str | None = version_of(source)
+        except OSError:
+            before = None  # no such file: the loader says so, naming the setting
         detector = self._load_source(source)
         after = version_of(source)
         if before != after:

@@ -46,7 +46,7 @@ def test_not_ready_answers_503(tiny_weights: Path) -> None:
     async def scenario() -> list[httpx.Response]:
         async with in_process(app) as client:
             ready = await client.get("/readyz")
-            app.state.service.ready = False  # as before the warm-up batch has run
+            app.state.service.lifecycle.ready = False  # as before the warm-up batch has run
             return [
                 ready,
                 await client.get("/readyz"),

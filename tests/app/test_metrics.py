@@ -51,6 +51,7 @@ async def test_exposition_has_the_fixed_names(
         "ssd_requests_total": "counter",
         "ssd_rejected_total": "counter",
         "ssd_model_info": "gauge",
+        "ssd_model_reloads_total": "counter",
     }
     for name, kind in types.items():
         assert f"# TYPE {name} {kind}" in text, name
@@ -58,9 +59,9 @@ async def test_exposition_has_the_fixed_names(
     for stage in ("decode", "queue", "inference", "postprocess"):
         assert metric(text, "ssd_stage_duration_seconds_count", stage=stage) >= 1
     for le in ("1.0", "2.0", "4.0", "8.0", "+Inf"):  # SSD_MAX_BATCH_SIZE is 8
-        assert f'ssd_batch_size_bucket{{le="{le}"}}' in text
+        assert f'ssd_batch_size_bucket{{le="{le}",model="tiny"}}' in text
     assert metric(text, "ssd_requests_total", route="/detect", status="200") >= 1
-    assert any(line.startswith("ssd_detections_total{label=") for line in text.splitlines())
+    assert any(line.startswith('ssd_detections_total{label="') for line in text.splitlines())
     for reason in (
         "invalid_image",
         "too_large",
@@ -73,7 +74,7 @@ async def test_exposition_has_the_fixed_names(
     ):
         assert f'ssd_rejected_total{{reason="{reason}"}}' in text
     precision = tiny_detector.precision  # SSD_PRECISION=auto: what it measured fastest
-    assert metric(text, "ssd_model_info", name="tiny", device="cpu", precision=precision) == 1
+    assert metric(text, "ssd_model_info", model="tiny", device="cpu", precision=precision) == 1
     assert metric(text, "ssd_queue_capacity") == 64  # SSD_MAX_QUEUE of the test server
     assert "process_cpu_seconds_total" in text  # the client library's process metrics
     assert "python_gc_objects_collected_total" in text
@@ -146,7 +147,7 @@ def test_real_prometheus_scrapes_the_counters(server: Server, tmp_path: Path) ->
         [rejected] = _query(base, 'ssd_rejected_total{reason="unsupported_type"}')
         assert float(rejected["value"][1]) == unsupported
         [info] = _query(base, "ssd_model_info")
-        assert info["metric"]["name"] == "tiny" and info["value"][1] == "1"
+        assert info["metric"]["model"] == "tiny" and info["value"][1] == "1"
     finally:
         process.terminate()
         try:

@@ -138,4 +138,7 @@ def test_dashboard_shows_what_the_issue_lists() -> None:
     assert shown("ssd_images_total", "rate(")
     assert shown("ssd_detections_total", "by (label)")
     [model] = [p for p in dashboard_panels() if "ssd_model_info" in p["targets"][0]["expr"]]
-    assert model["type"] == "table"  # name, version, device and precision as columns
+    assert model["type"] == "table"  # model, version, device and precision as columns
+    [organize] = [t for t in model["transformations"] if t["id"] == "organize"]
+    columns = set(organize["options"]["indexByName"])
+    assert columns == {"instance", "model", "version", "device", "precision"}

@@ -19,6 +19,8 @@ async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
         "/readyz",
         "/metrics",
         "/model",
+        "/models",
+        "/models/{name}/reload",
         "/",
     }
     detect = paths["/detect"]["post"]
@@ -38,12 +40,17 @@ async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
     limits = params["max_detections"]["schema"]["anyOf"][0]
     assert (limits["minimum"], limits["maximum"]) == (1, 1000)
     responses = detect["responses"]
-    assert set(responses) == {"200", "400", "408", "413", "415", "422", "500", "503", "504"}
+    assert set(responses) == {
+        "200", "400", "404", "408", "413", "415", "422", "500", "503", "504"
+    }  # fmt: skip
+    assert "model" in params
     ok = responses["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ok.endswith("/DetectResponse")
     assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/ErrorResponse"
     )
+    reload = paths["/models/{name}/reload"]["post"]["responses"]
+    assert set(reload) == {"200", "403", "404", "422", "503"}
     batch = paths["/detect/batch"]["post"]["requestBody"]["content"]
     assert batch["multipart/form-data"]["schema"]["properties"]["images"]["type"] == "array"
     schemas = spec["components"]["schemas"]
