@@ -140,15 +140,8 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
                 log.error("cannot start: %s", exc)
                 raise
             lifecycle.ready = True
-            for name in registry.names:
-                copy = registry.get(name)
-                log.info(
-                    "serving %s %s on %s in %s",
-                    name,
-                    copy.ref.version,
-                    copy.detector.device,
-                    copy.detector.precision,
-                )
+            for line in registry.describe():
+                log.info("serving %s", line)
             yield
         finally:
             lifecycle.draining = True

@@ -236,6 +236,7 @@ async def test_a_request_admitted_to_the_old_copy_finishes_there_and_the_copy_is
     async with in_process(app) as client:
         registry = app.state.service.registry
         old = weakref.ref(registry.get().detector)
+        old_fruit = weakref.ref(registry.get("fruit").detector)
         release = asyncio.Event()
         stalled = asyncio.create_task(_stalled_post(app, PNG, release))
         while registry.get().batcher.admitted == 0:  # admitted to v1, its upload stalled
@@ -249,12 +250,14 @@ async def test_a_request_admitted_to_the_old_copy_finishes_there_and_the_copy_is
         release.set()
         answer = await stalled
         reloaded = await reload
+        fruit = await client.post("/models/fruit/reload")
         gc.collect()
-        freed = old() is None
+        freed = old() is None and old_fruit() is None
     assert answer["model"]["version"] == v1
     assert fresh.json()["model"]["version"] == v2
     assert reloaded.status_code == 200 and reloaded.json()["version"] == v2
-    assert freed, gc.get_referrers(old())
+    assert fruit.status_code == 200
+    assert freed, [gc.get_referrers(copy()) for copy in (old, old_fruit) if copy() is not None]
 
 
 class _FailsWarmUp(Detector):
