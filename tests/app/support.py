@@ -22,10 +22,10 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
-from app.server_process import REPO, ServerProcess
-from app.server_process import free_port as free_port  # re-exported: tests/deploy use it
 from app.settings import DEFAULT_WEIGHTS, ENV_PREFIX, Settings
 from model.data.synthetic import CLASS_NAMES as CLASS_NAMES  # of every checkpoint here
+from tests.support.server_process import REPO, ServerProcess
+from tests.support.server_process import free_port as free_port  # re-exported: tests/deploy use it
 
 # The shipped model; tests that need trained weights skip without it.
 SHIPPED_WEIGHTS = REPO / DEFAULT_WEIGHTS
