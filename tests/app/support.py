@@ -122,9 +122,9 @@ GUARDED_ENV = {
 # so this only costs time when it never does, and CI's 2-core machine may be busy.
 PATIENCE_S = 60.0
 # How late a server-side timeout may fire and still count as honoured. It fires on the
-# server's event loop, which a batch on the CPU or a busy machine can hold up (well under a
-# second on a quiet machine here); 10 s allows for a machine many times slower, while a
-# server that ignores the timeout holds the connection for all of PATIENCE_S.
+# server's event loop, which a batch on the CPU or a busy machine can hold up; 10 s allows for
+# a machine many times slower than ours (docs/test-suite.md), while a server that ignores the
+# timeout holds the connection for all of PATIENCE_S.
 LATENESS_S = 10.0
 
 T = TypeVar("T")
