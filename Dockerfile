@@ -1,7 +1,7 @@
 # The detector service: one uvicorn process (python -m app) serving the shipped model on :8000.
 # One image for CPU-only hosts and NVIDIA GPUs: the registry's torch build carries CUDA, and
 # SSD_DEVICE=auto picks the GPU when the NVIDIA container runtime exposes one.
-# README.md, "Deploying and scaling", tells how to build, run, swap the weights and scale out.
+# README.md, "Deploying", tells how to build, run, swap the weights and scale out.
 
 # ---- build: the virtual environment, from the lock file -------------------------------------
 FROM debian:bookworm-slim AS build
@@ -54,10 +54,10 @@ USER 10001:10001
 EXPOSE 8000
 
 # Liveness with the image's own Python (no curl). Uvicorn listens once the model is loaded and
-# warmed up: under 6 s after the start on 2 cores (measured), so 60 s of start period leaves
-# room for a slow host before failures count. A check
-# costs one Python start, so one every 10 s; urllib gives up (4 s) before Docker's timeout (5 s)
-# kills it, and 3 failures in a row (30 s) mark the container unhealthy.
+# warmed up; 60 s of start period is many times what that took on 2 cores (docs/performance.md),
+# so a slow host gets room before failures count. A check costs one Python start, so one every
+# 10 s; urllib gives up (4 s) before Docker's timeout (5 s) kills it, and 3 failures in a row
+# (30 s) mark the container unhealthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 

@@ -33,11 +33,12 @@ test: lint
 	$(PY) -m pytest
 
 # Builds and runs the container image with a private Docker engine, compose with Prometheus, and
-# checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root; about 6 minutes here).
+# checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root; it builds a several-GB
+# image, so it is slow: docs/performance.md has its duration).
 test-deploy: install
 	$(PY) -m pytest -m deploy tests/deploy
 
-# One uvicorn worker: one copy of the model. See README.md, "Service", for more processes.
+# One uvicorn worker: one copy of the model. docs/operations.md, "More processes", for more.
 run: install
 	$(PY) -m app --host $(HOST) --port $(PORT)
 

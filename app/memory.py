@@ -1,11 +1,10 @@
 """Handing freed memory back to the system.
 
 glibc's malloc keeps what the process frees in its arenas for reuse, so after a burst (100
-stalled 10 MiB uploads, say) the resident size stays at its peak although the memory is free.
-Measured here: 100 such uploads took the process from 861 to 1862 MiB, and 5 s after the
-clients left it was still at 1657 MiB. ``malloc_trim(0)`` returns the free pages, including
-those in the middle of the heap; it costs a walk over the arenas, so it runs on a thread
-every few seconds rather than after every request.
+stalled 10 MiB uploads, say) the resident size stays near its peak although the memory is free
+(docs/operations.md, "Memory", has the measurement). ``malloc_trim(0)`` returns the free
+pages, including those in the middle of the heap; it costs a walk over the arenas, so it runs
+on a thread every few seconds rather than after every request.
 """
 
 from __future__ import annotations

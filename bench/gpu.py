@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 import torchvision
 
-from app.server_process import REPO
 from bench import machine
 from bench.__main__ import RESULTS, _machine_name, random_checkpoint
 from bench.service import start_server
@@ -55,6 +54,7 @@ from model.runtime import Runtime
 from model.ssd import SSD
 from model.train import MOMENTUM, WEIGHT_DECAY
 from model.trainer import Optimisation, StepPlan, Trainer, TrainingData
+from tests.support.server_process import REPO
 
 # Issue #27's targets, printed beside the figures.
 TARGETS = {

@@ -26,13 +26,13 @@ import httpx
 import torch
 from PIL import Image
 
-from app.server_process import ServerProcess
 from app.settings import DEFAULT_WEIGHTS
 from bench.load import run_clients, scenes
 from bench.timing import median_seconds
 from model import Detector, ssd300_vgg16
 from model.checkpoint import save_checkpoint
 from model.data.synthetic import CLASS_NAMES
+from tests.support.server_process import ServerProcess
 
 READY_TIMEOUT_S = 120.0
 

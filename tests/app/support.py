@@ -22,10 +22,10 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
-from app.server_process import REPO, ServerProcess
-from app.server_process import free_port as free_port  # re-exported: tests/deploy use it
 from app.settings import DEFAULT_WEIGHTS, ENV_PREFIX, Settings
 from model.data.synthetic import CLASS_NAMES as CLASS_NAMES  # of every checkpoint here
+from tests.support.server_process import REPO, ServerProcess
+from tests.support.server_process import free_port as free_port  # re-exported: tests/deploy use it
 
 # The shipped model; tests that need trained weights skip without it.
 SHIPPED_WEIGHTS = REPO / DEFAULT_WEIGHTS
@@ -122,9 +122,9 @@ GUARDED_ENV = {
 # so this only costs time when it never does, and CI's 2-core machine may be busy.
 PATIENCE_S = 60.0
 # How late a server-side timeout may fire and still count as honoured. It fires on the
-# server's event loop, which a batch on the CPU or a busy machine can hold up (well under a
-# second on a quiet machine here); 10 s allows for a machine many times slower, while a
-# server that ignores the timeout holds the connection for all of PATIENCE_S.
+# server's event loop, which a batch on the CPU or a busy machine can hold up; 10 s allows for
+# a machine many times slower than ours (docs/test-suite.md), while a server that ignores the
+# timeout holds the connection for all of PATIENCE_S.
 LATENESS_S = 10.0
 
 T = TypeVar("T")

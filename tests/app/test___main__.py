@@ -17,7 +17,7 @@ import pytest
 from app.__main__ import main
 from app.settings import get_settings
 from tests.app.support import Server
-from tests.model.test_imagenet import _refusing_proxy
+from tests.support.offline import use_refusing_proxy
 
 
 def test_invalid_setting_stops_the_server_naming_the_variable(
@@ -41,7 +41,7 @@ def test_ctrl_c_stops_the_server_quietly(
     # Started from a process whose urllib goes through a proxy that refuses everything (as
     # after an offline test, or behind a proxy without no_proxy): the readiness probe of the
     # loopback server must not go through it.
-    _refusing_proxy(monkeypatch)
+    use_refusing_proxy(monkeypatch)
     monkeypatch.setattr(urllib.request, "_opener", None)  # restored after the test
     urllib.request.install_opener(urllib.request.build_opener())  # with the proxy
     server = Server(

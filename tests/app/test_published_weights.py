@@ -16,8 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 from app.main import create_app
 from app.settings import Settings, SettingsError
 from tests.app.support import PATIENCE_S, Server, chromium, in_process
-from tests.model.test_imagenet import _refusing_proxy
 from tests.model.test_published import _photos
+from tests.support.offline import use_refusing_proxy
 
 
 def test_serves_torchvision_coco_with_coco_names(
@@ -82,7 +82,7 @@ def _demo_page_labels(server: Server, photo: Path) -> set[str]:
 
 def test_offline_start_names_the_url_and_the_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _refusing_proxy(monkeypatch)
+    use_refusing_proxy(monkeypatch)
     app = create_app(Settings(weights="torchvision:coco", device="cpu", precision="fp32"))
 
     async def start() -> None:

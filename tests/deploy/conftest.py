@@ -20,7 +20,7 @@ from tests.deploy.support import FIGURES, REPO, compose, unavailable
 
 HERE = Path(__file__).parent
 BASE_IMAGE = "debian:bookworm-slim"  # the Dockerfile's FROM, stood in by engine.py
-BUILD_TIMEOUT_S = 1800  # about 4.5 min here (several GB of wheels); a slow mirror gets more
+BUILD_TIMEOUT_S = 1800  # several GB of wheels (docs/performance.md); a slow mirror gets room
 
 
 @pytest.hookimpl(tryfirst=True)  # before the -m selection looks at the markers

@@ -29,7 +29,7 @@ SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # Inside the stand-in, at a path of its own: installing Debian's ca-certificates in a build
 # (python3 pulls it in) rewrites /etc/ssl/certs/ca-certificates.crt without the proxy's CA.
 STAND_IN_CA_BUNDLE = "/usr/local/share/ca-bundle/host-ca-certificates.crt"
-ENGINE_START_TIMEOUT_S = 60.0  # dockerd plus its containerd; about 3 s when idle
+ENGINE_START_TIMEOUT_S = 60.0  # dockerd plus its containerd, on a machine perhaps busy
 ENGINE_STOP_TIMEOUT_S = 30.0  # dockerd's own shutdown timeout is 15 s, plus containerd's
 
 
@@ -157,7 +157,7 @@ class Engine:
             ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()],
             capture_output=True,
             check=True,
-            timeout=600,  # about 35 s here; the mirror may be slow
+            timeout=600,  # a Debian mirror may be slow (docs/performance.md has a run)
         )
         bundle = rootfs / STAND_IN_CA_BUNDLE.lstrip("/")
         bundle.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ DOCKERFILE = REPO / "Dockerfile"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
 K8S_DIR = REPO / "deploy" / "k8s"
-# Container start to /readyz 200 took 3.6 to 5.4 s here; the first start after a build reads its
-# several GB from a cold disk cache.
+# Start to /readyz 200 takes seconds (docs/performance.md); the first start after a build reads
+# its several GB from a cold disk cache, and the machine may be busy.
 READY_TIMEOUT_S = 120.0
 
 # The README's curl example: a 480x360 scene, a red circle in (40, 60)-(220, 240) and a green

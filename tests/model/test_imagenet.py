@@ -1,4 +1,3 @@
-import socket
 import time
 
 import pytest
@@ -9,6 +8,7 @@ from torch import nn
 from model import ssd300_vgg16
 from model.imagenet import imagenet_cache_path, load_vgg16_backbone
 from model.train import main as train_main
+from tests.support.offline import use_refusing_proxy
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +96,9 @@ def test_imagenet_by_name_loads_from_a_seeded_cache(vgg16_state, tmp_path, monke
     assert torch.equal(_base_convs(network)[0].weight, vgg16_state["features.0.weight"])
 
 
-def _refusing_proxy(monkeypatch) -> str:
-    """Send every HTTP(S) request to a local port nobody listens on: offline, for real."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    return f"127.0.0.1:{port}"
-
-
 def test_imagenet_offline_fails_at_once_saying_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _refusing_proxy(monkeypatch)
+    use_refusing_proxy(monkeypatch)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16_bn-6c64b313.pth"
     started = time.monotonic()
     with pytest.raises(FileNotFoundError) as caught:
@@ -126,7 +114,7 @@ def test_imagenet_offline_fails_at_once_saying_where_to_put_the_file(tmp_path, m
 
 def test_training_cli_names_the_missing_imagenet_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _refusing_proxy(monkeypatch)
+    use_refusing_proxy(monkeypatch)
     out = tmp_path / "x.safetensors"
     args = ["--data", "synthetic:8", "--out", str(out), "--backbone-weights", "imagenet"]
     assert train_main([*args, "--batch-size", "2", "--workers", "0"]) == 2

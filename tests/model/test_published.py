@@ -23,7 +23,7 @@ from model.published import SSD_PYTORCH_VOC_SHA256, VOC_CLASSES
 from model.quantize import main as quantize_main
 from model.ssd import fold_unused_slots
 from model.train import main as train_main
-from tests.model.test_imagenet import _refusing_proxy
+from tests.support.offline import use_refusing_proxy
 
 COCO = SSD300_VGG16_Weights.COCO_V1
 PHOTOS = 3  # coco128 photos in the end-to-end comparison
@@ -119,7 +119,7 @@ def test_converted_file_describes_itself_and_loads_offline(
     with torch.no_grad():
         expected = load_checkpoint("torchvision:coco").network(x)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # the file alone is enough
-    _refusing_proxy(monkeypatch)
+    use_refusing_proxy(monkeypatch)
     with torch.no_grad():
         loc, conf = load_checkpoint(out).network(x)
     assert torch.equal(loc, expected[0]) and torch.equal(conf, expected[1])
@@ -128,7 +128,7 @@ def test_converted_file_describes_itself_and_loads_offline(
 
 def test_torchvision_coco_offline_names_the_url_and_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _refusing_proxy(monkeypatch)
+    use_refusing_proxy(monkeypatch)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "ssd300_vgg16_coco-b556d3b4.pth"
     with pytest.raises(FileNotFoundError) as caught:
         Detector.load("torchvision:coco", device="cpu", precision="fp32")

@@ -1,9 +1,10 @@
 """``python -m app`` as a child process on a free local port: for tests and benchmarks that
 need the real server (its sockets, signals and stdout), started and stopped the same way.
 
-It lives beside the entry point it runs, so the tests (``tests/app``, ``tests/deploy``) and
-the benchmark (``bench/service.py``) share one copy of the command, the port picking and the
-readiness wait. Only the standard library is used: nothing here is needed to serve.
+The tests (``tests/app``, ``tests/deploy``) and the benchmarks (``bench/service.py``,
+``bench/gpu.py``, run from the repository root so that ``tests`` is importable) share this one
+copy of the command, the port picking and the readiness wait. Nothing here is needed to serve,
+so it stays out of ``app/`` and out of the image. Only the standard library is used.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import IO, Self
 
 # The repository root: ``python -m app`` runs from here, so the default SSD_WEIGHTS resolves.
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Start-up imports torch and builds the model; on a busy 2-core machine that takes a while.
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
