@@ -1,8 +1,9 @@
 """The server around the app (``app/server.py``): header timeouts and caps, unread bodies,
 keep-alive, malformed framing, the connection cap.
 
-Real server: these limits live in uvicorn's protocol that ``python -m app`` runs, not in the
-ASGI app, and only show on real sockets (partial heads, trickled bytes, held connections).
+Real server: these limits live in front of the uvicorn protocol that ``python -m app`` runs
+(``app/connection_guard.py``), not in the ASGI app, and only show on real sockets (partial
+heads, trickled bytes, held connections).
 Timeouts are set short through the settings (``GUARDED_ENV``) so the suite stays fast.
 """
 
