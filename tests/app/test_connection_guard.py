@@ -135,6 +135,10 @@ def test_every_request_reports_its_answer_to_its_connection(running: Running) ->
     with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
         sock.sendall(get("/a"))
         read_until(sock, b"/a")
+        assert running.protocol.open, (
+            CHANGED + "uvicorn.Config(http=<class>) no longer runs the class as each "
+            "connection's protocol"
+        )
         sock.sendall(get("/b") + get("/c"))
         answers = read_until(sock, b"/c")
         assert statuses(answers) == [200, 200], answers
