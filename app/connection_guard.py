@@ -145,8 +145,6 @@ class GuardedConnection(asyncio.Protocol):
         """Bytes arrived: find the request boundaries in them, then hand them on."""
         if self._refusal is not None:
             return  # refused: nothing more is read
-        if self._timer is None and not self._in_body:  # the first byte of a next request
-            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
         self._ended_here, heads = False, self._heads
         try:
             self._parser.feed_data(data)
@@ -162,14 +160,20 @@ class GuardedConnection(asyncio.Protocol):
             else:
                 self._refuse(*(self._refusal or self._malformed(exc)), at_once=served_body)
             return
-        if self._in_head and not self._ended_here:
-            # A head that began in this read, after a request that ended in it, is counted
-            # from the next read on: at most one read of slack.
-            self._head_read += len(data)
-            if self._head_read > self.limits.max_header_bytes:
-                self._heads = heads
-                self._refuse(*self._head_too_large())
-                return
+        if self._in_head:
+            if self._timer is None:  # its first byte came in this read
+                self._arm(self.limits.header_timeout_s, self._on_header_timeout)
+            if not self._ended_here:
+                # A head that began in this read, after a request that ended in it, is
+                # counted from the next read on: at most one read of slack.
+                self._head_read += len(data)
+                if self._head_read > self.limits.max_header_bytes:
+                    self._heads = heads
+                    self._refuse(*self._head_too_large())
+                    return
+        elif self._timer is None and not self._in_body and self._heads == heads:
+            # Bytes that began no request (blank lines): they stop uvicorn's keep-alive timer.
+            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
         if self._served is not None:
             self._hand_on(self._served.data_received, data)
 
@@ -204,10 +208,9 @@ class GuardedConnection(asyncio.Protocol):
     # Parser callbacks (httptools calls these while data_received feeds it)
 
     def on_message_begin(self) -> None:
-        """A request begins: its head is awaited under the header timer."""
+        """A request begins: its head is awaited under the header timer (armed after the
+        read, unless the head ends in it)."""
         self._in_head, self._head_read, self._head_parsed = True, 0, 0
-        if self._timer is None:  # pipelined: it began behind a request whose body just ended
-            self._arm(self.limits.header_timeout_s, self._on_header_timeout)
 
     def on_url(self, url: bytes) -> None:
         """A piece of the request target."""
