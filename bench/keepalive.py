@@ -7,7 +7,12 @@ slows them alike. /healthz does no model work: what is measured is HTTP parsing,
 connection guard (``app/connection_guard.py``) and the app's middleware. Prints the median
 requests/s per checkout and the ratio to the first; never fails on a time.
 
+``--in-process`` measures instead the CPU time ``GuardedConnection`` of this checkout adds per
+request, in process, with a stub in place of uvicorn's protocol (and a bare httptools parse of
+the same request beside it), free of the noise of sockets and other processes.
+
     .venv/bin/python -m bench.keepalive [--repo PATH ...] [--clients 16] [--seconds 5]
+    .venv/bin/python -m bench.keepalive --in-process
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httptools
+
+from app.connection_guard import ConnectionLimits, GuardedConnection
 from app.server_process import REPO, free_port, server_command
 from app.settings import DEFAULT_WEIGHTS
 
@@ -72,6 +80,54 @@ async def window(port: int, clients: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
+# What curl sends, with two more headers browsers add.
+TYPICAL_REQUEST = (
+    b"GET /healthz HTTP/1.1\r\nHost: example\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n"
+    b"Accept-Encoding: gzip\r\nConnection: keep-alive\r\n\r\n"
+)
+
+
+class _Stub(asyncio.Protocol):
+    """Stands in for uvicorn's protocol (and for the transport): does nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Callbacks:
+    """The parser callbacks the guard registers, doing nothing."""
+
+    def on_message_begin(self) -> None: ...
+    def on_url(self, url: bytes) -> None: ...
+    def on_header(self, name: bytes, value: bytes) -> None: ...
+    def on_headers_complete(self) -> None: ...
+    def on_message_complete(self) -> None: ...
+
+
+async def in_process(requests: int) -> tuple[float, float]:
+    """Seconds of CPU per request: through ``GuardedConnection`` (its stub answering each at
+    once), and through a bare httptools parser with the same callbacks."""
+    limits = ConnectionLimits(
+        header_timeout_s=10, max_header_bytes=16384, body_timeout_s=30, max_connections=10
+    )
+    bound = {"limits": limits, "served_by": _Stub, "open": set()}
+    guard = type("GuardedConnection", (GuardedConnection,), bound)()
+    guard.connection_made(_Stub())  # type: ignore[arg-type]
+    start = time.process_time()
+    for _ in range(requests):
+        guard.data_received(TYPICAL_REQUEST)
+        guard.response_complete()
+    guarded = (time.process_time() - start) / requests
+    parser = httptools.HttpRequestParser(_Callbacks())
+    start = time.process_time()
+    for _ in range(requests):
+        parser.feed_data(TYPICAL_REQUEST)
+    return guarded, (time.process_time() - start) / requests
+
+
 def main() -> None:
     """Start a server per ``--repo``, measure them in alternating windows, print the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,7 +135,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0, help="per window")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--in-process", action="store_true", help="the guard's CPU per request")
     args = parser.parse_args()
+    if args.in_process:
+        guarded, bare = asyncio.run(in_process(200_000))
+        print(
+            f"GuardedConnection: {guarded * 1e6:.2f} us of CPU per request (a bare httptools "
+            f"parse of it: {bare * 1e6:.2f} us); {len(TYPICAL_REQUEST)}-byte request, 200,000 times"
+        )
+        return
     repos = [repo.resolve() for repo in args.repo or [REPO]]
     servers = [start(repo) for repo in repos]
     rates: list[list[float]] = [[] for _ in repos]
