@@ -7,7 +7,8 @@ the way with an httptools parser of its own: the parser uvicorn's protocol uses,
 the same request boundaries. Knowing where each head and body ends, it adds per connection:
 
 - a header timeout, from the connection opening (or the first byte after an answered request)
-  to the end of the headers: 408 and close; a connection that began no request is just closed;
+  to the end of the headers: 408 and close; a connection that began no request (nothing, or
+  only blank lines) is just closed;
 - a cap on the request line plus headers: 431 and close, before the head ends;
 - after an answer sent before its request body was read to the end, the rest of that body must
   arrive within the body timeout, or the connection closes;
@@ -16,7 +17,7 @@ the same request boundaries. Knowing where each head and body ends, it adds per 
 - JSON bodies on all of these, and 400 with the parser's reason for malformed framing: those
   bytes never reach uvicorn's protocol, which would answer in plain text.
 
-An answer to a request behind one still being served waits for that one's answer to go out.
+A refusal of a request behind one still being served waits for that one's answer to go out.
 
 The bytes do not show when an answer has gone out; ``ConnectionSignals``, ASGI middleware
 outside the app, reports it. It finds its connection in a context variable that
