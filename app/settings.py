@@ -89,13 +89,14 @@ class Settings(BaseSettings):
         description="after SIGTERM, the longest the process lives (SSD_DRAIN_S included): "
         "uploads still arriving 1 s before it are cut, queued work finishes",
     )
-    # Connection limits, enforced by the server that `python -m app` runs (app/server.py).
+    # Connection limits, enforced in front of the uvicorn that `python -m app` runs
+    # (app/server.py, app/connection_guard.py).
     header_timeout_s: float = Field(
         default=10.0,
         gt=0,
         le=600,
         description="a request's line and headers must arrive within this of the connection "
-        "opening or of the previous response; then 408 and close",
+        "opening or of its first byte on a kept-alive one; then 408 and close",
     )
     max_header_bytes: int = Field(
         default=16_384,  # h11's default max_incomplete_event_size, and nginx's 2 x 8 KiB

@@ -1,8 +1,9 @@
 """The server around the app (``app/server.py``): header timeouts and caps, unread bodies,
 keep-alive, malformed framing, the connection cap.
 
-Real server: these limits live in uvicorn's protocol that ``python -m app`` runs, not in the
-ASGI app, and only show on real sockets (partial heads, trickled bytes, held connections).
+Real server: these limits live in front of the uvicorn protocol that ``python -m app`` runs
+(``app/connection_guard.py``), not in the ASGI app, and only show on real sockets (partial
+heads, trickled bytes, held connections).
 Timeouts are set short through the settings (``GUARDED_ENV``) so the suite stays fast.
 """
 
@@ -70,6 +71,22 @@ def test_idle_keep_alive_connection_closes(guarded: Server) -> None:
         data, elapsed = read_all(sock)
     assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
     assert elapsed < 1 + LATENESS_S  # SSD_KEEP_ALIVE_S is 1 here
+
+
+def test_blank_lines_after_an_answer_do_not_hold_the_connection(guarded: Server) -> None:
+    # Blank lines between requests are allowed (RFC 9112, sec. 2.2) and begin no request, but
+    # each one stops uvicorn's keep-alive timer: the header timer must close the connection.
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        start = time.monotonic()
+        with pytest.raises(OSError):  # the server closes while we still send
+            while time.monotonic() - start < PATIENCE_S:
+                sock.sendall(b"\r\n")
+                time.sleep(0.25)
+        closed_after = time.monotonic() - start
+        data, _ = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
+    assert closed_after < HEADER_TIMEOUT_S + LATENESS_S
 
 
 def test_headers_over_the_cap_get_431_before_they_end(guarded: Server) -> None:
