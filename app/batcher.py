@@ -5,13 +5,11 @@ A batch is formed when ``max_batch_size`` images wait, when the oldest has waite
 itself with ``reserve`` as soon as it arrives), whichever comes first: waiting for company
 that is not coming only adds latency, as with a single client. A batch runs on one dedicated
 thread, so the event loop keeps accepting requests while it runs, and the next batch fills up
-in the meantime. When the next batch is full before the current one is done, it is staged at
-once on a second thread (``Detector.stage``: stacked, and on a GPU copied to the device on a
-stream of its own), so that it is ready when the model is free; a batch that is not full is
-formed only once the model is free, since until then more images can still join it. The
-model batches and unbatches: the batcher holds jobs, futures, timings and the opaque staged
-batch, never tensors it looks into. The queue is bounded; a full queue is refused at once
-(503).
+in the meantime. When the next batch is full before the current one is done, it is formed at
+once and waits for the model; a batch that is not full is formed only once the model is free,
+since until then more images can still join it. The model batches and unbatches
+(``Detector.run_batch``): the batcher holds jobs, futures and timings, never tensors it looks
+into. The queue is bounded; a full queue is refused at once (503).
 
 Before a batch runs, images whose client has gone away or whose deadline has passed are
 dropped. A failure inside a batch answers every image in it with ``InferenceFailedError``.
@@ -37,7 +35,7 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from model import Detections, Detector
-from model.detector import ModelInput, StagedBatch
+from model.detector import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +103,10 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._in_hand = 0  # batches formed and not yet done: staging, staged, or running
-        self._handoff: asyncio.Queue[tuple[list[_Entry], StagedBatch] | None] = asyncio.Queue(1)
-        # One thread: one batch at a time on the one model copy; and one to stage the next.
+        self._in_hand = 0  # batches formed and not yet done: waiting for the model, or running
+        self._handoff: asyncio.Queue[list[_Entry] | None] = asyncio.Queue(1)
+        # One thread: one batch at a time on the one model copy.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
-        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-staging")
         metrics.queue_depth.set_function(lambda: self.queue_depth)
         metrics.queue_capacity.set(max_queue)
 
@@ -161,15 +158,12 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
-        self._stager.shutdown(wait=True)
 
     async def warm_up(self) -> None:
         """Run the model's warm-up on the inference thread, so the first request is not the
-        slow one (nothing is recorded in the metrics). Up to ``max_batch_size``: on a GPU the
-        model then captures the forward pass of every batch size the batcher can form."""
+        slow one (nothing is recorded in the metrics)."""
         loop = asyncio.get_running_loop()
-        warm_up = functools.partial(self.detector.warm_up, self.max_batch_size)
-        await loop.run_in_executor(self._executor, warm_up)
+        await loop.run_in_executor(self._executor, self.detector.warm_up)
 
     async def submit(
         self,
@@ -227,8 +221,7 @@ class Batcher:
                         self._pending.remove(entry)
 
     async def _loop(self) -> None:
-        """Form batches and stage them; the runner (a task of its own) runs them in turn."""
-        loop = asyncio.get_running_loop()
+        """Form batches; the runner (a task of its own) runs them in turn."""
         runner = asyncio.create_task(self._run_batches(), name="ssd-batch-runner")
         try:
             while (batch := await self._next_batch()) is not None:
@@ -236,31 +229,23 @@ class Batcher:
                 if not batch:
                     continue
                 self._in_hand += 1
-                inputs = [entry.job.inputs for entry in batch]
-                try:
-                    staged = await loop.run_in_executor(self._stager, self.detector.stage, inputs)
-                except Exception as exc:
-                    self._failed(batch, exc)
-                    self._in_hand -= 1
-                    continue
-                await self._handoff.put((batch, staged))  # waits while one is staged already
+                await self._handoff.put(batch)  # waits while one is waiting already
         finally:
             await self._handoff.put(None)
             await runner
 
     async def _run_batches(self) -> None:
-        """Run the staged batches one at a time on the inference thread; answer their jobs."""
+        """Run the formed batches one at a time on the inference thread; answer their jobs."""
         loop = asyncio.get_running_loop()
-        while (item := await self._handoff.get()) is not None:
-            batch, staged = item
+        while (batch := await self._handoff.get()) is not None:
             try:
                 if all(entry.future.done() for entry in batch):
-                    continue  # every request gave up while its batch was staged
+                    continue  # every request gave up while its batch waited
                 started = time.monotonic()
                 for entry in batch:
                     waited = started - entry.enqueued
                     self.metrics.stage_duration.labels(stage="queue").observe(waited)
-                run = functools.partial(self._infer, [entry.job for entry in batch], staged)
+                run = functools.partial(self._infer, [entry.job for entry in batch])
                 try:
                     results = await loop.run_in_executor(self._executor, run)
                 except Exception as exc:
@@ -323,10 +308,10 @@ class Batcher:
             kept.append(entry)
         return kept
 
-    def _infer(self, jobs: list[Job], staged: StagedBatch) -> list[Detections]:
-        """One staged batch through the model, its metrics recorded (on the worker thread)."""
-        batch = self.detector.run_staged(
-            staged,
+    def _infer(self, jobs: list[Job]) -> list[Detections]:
+        """One batch through the model, its metrics recorded (on the worker thread)."""
+        batch = self.detector.run_batch(
+            [job.inputs for job in jobs],
             [job.size for job in jobs],
             [job.score_threshold for job in jobs],
             [job.max_detections for job in jobs],

@@ -11,6 +11,7 @@ one ``torchvision.ops.batched_nms`` call, keyed by (image, class).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,58 @@ def postprocess(
     results = []
     for idx in kept.split(per_image):
         results.append((boxes[idx], cand_scores[idx], class_idx[idx] + 1))
+    return results
+
+
+def postprocess_each(
+    loc: Tensor,
+    conf: Tensor,
+    default_boxes: Tensor,
+    image_sizes: list[tuple[int, int]],
+    score_thresholds: Sequence[float],
+    max_detections: Sequence[int],
+    *,
+    nms_iou: float = NMS_IOU,
+    top_k: int = TOP_K,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``postprocess`` with a score threshold (0..1) and a cap (>= 1) per image.
+
+    The batch is post-processed once at the lowest threshold and the highest cap, then each
+    image is cut to its own: NMS visits boxes in score order, so boxes below an image's
+    threshold never suppress boxes above it, and the result equals a run at that threshold
+    alone. Arguments and results otherwise as for ``postprocess``.
+
+    Raises:
+        ValueError: a threshold outside [0, 1], a cap below 1, or not one threshold and one
+            cap per image (each message gives the values or counts).
+    """
+    count = len(image_sizes)
+    thresholds, caps = list(score_thresholds), list(max_detections)
+    if len(thresholds) != count or len(caps) != count:
+        raise ValueError(
+            f"need one score threshold and one cap per image: got {len(thresholds)} "
+            f"thresholds and {len(caps)} caps for {count} images"
+        )
+    if any(not 0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"score_threshold must be in [0, 1], got {thresholds}")
+    if any(c < 1 for c in caps):
+        raise ValueError(f"max_detections must be >= 1, got {caps}")
+    if count == 0:
+        return []
+    outputs = postprocess(
+        loc,
+        conf,
+        default_boxes,
+        image_sizes,
+        score_threshold=min(thresholds),
+        nms_iou=nms_iou,
+        top_k=top_k,
+        max_detections=max(caps),
+    )
+    results = []
+    for (boxes, scores, class_ids), threshold, cap in zip(outputs, thresholds, caps, strict=True):
+        keep = (scores > threshold).nonzero().flatten()[:cap]
+        results.append((boxes[keep], scores[keep], class_ids[keep]))
     return results
 
 

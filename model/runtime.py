@@ -42,7 +42,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     ``auto`` is not resolved here: which precision is fastest is measured on the network, not
     read from the device (CPU flags mislead: a CPU with AVX-512 BF16 but no AMX runs SSD300
-    under bf16 at about 0.6x of fp32). The ``Detector`` times inference passes and
+    under bf16 at about 0.6x of fp32). ``Detector.load`` times inference passes and
     ``model.train`` times training steps (``model.autotune``).
 
     Raises:
@@ -51,8 +51,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """
     if precision == "auto":
         raise ValueError(
-            "precision 'auto' is measured, not resolved: Detector(precision='auto') and "
-            "model.train --precision auto time each candidate on the network"
+            "precision 'auto' is measured, not resolved: Detector.load(..., precision='auto') "
+            "and model.train --precision auto time each candidate on the network first"
         )
     if precision == INT8:
         if device.type != "cpu":
@@ -103,30 +103,14 @@ class Runtime:
         return network.to(self.device).to(memory_format=self.memory_format)
 
     def inputs(self, batch: Tensor) -> Tensor:
-        """A batch Tensor[N, C, H, W] on the device, in the network's memory layout; from the
-        CPU to a GPU through pinned memory (``staged``), so the copy does not block."""
-        on_device = self.staged(batch).to(self.device, non_blocking=True)
-        return on_device.contiguous(memory_format=self.memory_format)
+        """A batch Tensor[N, C, H, W] on the device, in the network's memory layout."""
+        return batch.to(self.device).contiguous(memory_format=self.memory_format)
 
-    def staged(self, batch: Tensor) -> Tensor:
-        """``batch`` in pinned (page-locked) host memory when it is a CPU tensor bound for a
-        GPU, so a ``non_blocking`` copy is truly asynchronous (from pageable memory CUDA
-        copies synchronously through a staging buffer); otherwise ``batch`` itself."""
-        if self.device.type != "cuda" or batch.device.type != "cpu" or batch.is_pinned():
-            return batch
-        return batch.pin_memory()
-
-    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager[object]:
-        """The context the forward pass runs in: autocast to the reduced type, or nothing.
-
-        ``cache=False`` turns off autocast's cache of weights cast to the reduced type: a
-        forward pass captured as a CUDA graph must cast inside the graph (the cache would hold
-        tensors freed when the context exits); inference, which uses each weight once per
-        pass, loses nothing by it.
-        """
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The context the forward pass runs in: autocast to the reduced type, or nothing."""
         if self.precision in ("fp32", INT8):
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache)
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler for training: enabled for fp16 on a GPU, where small gradients would

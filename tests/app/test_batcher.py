@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi import FastAPI
 from PIL import Image
 
@@ -304,18 +303,19 @@ def test_passed_deadline_gives_504(tiny_weights: Path) -> None:
 
 
 class FaultyDetector(Detector):
-    """A real Detector whose forward pass or decoding can be made to fail (fault injection)."""
+    """A real Detector whose forward pass or post-processing can be made to fail (fault
+    injection)."""
 
     fail_forward = False
     short_decode = False
 
-    def run_staged(self, *args, **kwargs):
+    def run_batch(self, *args, **kwargs):
         if self.fail_forward:
             raise RuntimeError("injected forward failure")
-        return super().run_staged(*args, **kwargs)
+        return super().run_batch(*args, **kwargs)
 
-    def decode(self, *args, **kwargs):
-        results = super().decode(*args, **kwargs)
+    def _postprocess(self, *args, **kwargs):
+        results = super()._postprocess(*args, **kwargs)
         return results[:-1] if self.short_decode else results
 
 
@@ -377,13 +377,13 @@ def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path) -> None:
     assert metric(text, "ssd_batch_size_count") == 1  # all three in one batch
     assert metric(text, "ssd_batch_size_sum") == 3
     assert [len(r.json()["detections"]) for r in responses][:2] == [5, 2]
-    # The reference: the same three images forwarded as one batch (same numerics as the
-    # server's batch), each decoded on its own at its own scalar threshold and cap.
+    # The reference: the same three images run as one batch (same numerics as the server's
+    # batch), all three at one request's threshold and cap, that request's row kept.
     inputs, size = detector.prepare(Image.open(io.BytesIO(NOISE)))
-    loc, conf = detector.forward(torch.stack([inputs] * 3))
     params = [(0.2, 5), (0.0, 2), (0.9, 100)]
     for i, (response, (threshold, cap)) in enumerate(zip(responses, params, strict=True)):
-        [alone] = detector.decode(loc[i : i + 1], conf[i : i + 1], [size], threshold, cap)
+        alone = detector.run_batch([inputs] * 3, [size] * 3, [threshold] * 3, [cap] * 3)
+        alone = alone.detections[i]
         got = response.json()["detections"]
         assert len(got) <= cap
         assert all(d["score"] > threshold - 1e-4 for d in got)
@@ -392,61 +392,56 @@ def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path) -> None:
 
 
 class GatedDetector(Detector):
-    """A real Detector that logs when it stages and runs batches, and whose first batch runs
-    only once ``release`` is set: the batch after it is formed while it runs."""
+    """A real Detector that logs when it runs batches, and whose first batch runs only once
+    ``release`` is set: the batch after it is formed while it runs."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.release = threading.Event()
         self.log: list[tuple[str, int, str]] = []
 
-    def stage(self, inputs):
-        self.log.append(("stage", len(inputs), threading.current_thread().name))
-        return super().stage(inputs)
-
-    def run_staged(self, staged, *args, **kwargs):
-        count = staged.tensor.shape[0]
-        self.log.append(("run", count, threading.current_thread().name))
+    def run_batch(self, inputs, *args, **kwargs):
+        self.log.append(("run", len(inputs), threading.current_thread().name))
         assert self.release.wait(timeout=30)
-        result = super().run_staged(staged, *args, **kwargs)
-        self.log.append(("done", count, threading.current_thread().name))
+        result = super().run_batch(inputs, *args, **kwargs)
+        self.log.append(("done", len(inputs), threading.current_thread().name))
         return result
 
 
-def test_a_full_batch_is_staged_while_the_one_before_runs(tiny_weights: Path) -> None:
+def test_a_full_batch_is_formed_while_the_one_before_runs(tiny_weights: Path) -> None:
     detector = GatedDetector.load(tiny_weights, device="cpu", precision="fp32")
     inputs, size = detector.prepare(Image.open(io.BytesIO(PNG)))
 
     def jobs(count: int) -> list[Job]:
         return [Job(inputs, size, 0.3, 10)] * count
 
-    async def scenario() -> list[list[int]]:
+    async def scenario() -> tuple[list[list[int]], int]:
         batcher = Batcher(detector, Metrics(8), max_batch_size=2, max_wait_s=0.0, max_queue=8)
         await batcher.start()
         deadline = time.monotonic() + 60
         sizes: list[list[int]] = [[], [], []]
         first = asyncio.create_task(batcher.submit(jobs(2), deadline, batch_sizes=sizes[0]))
         await _until(lambda: ("run", 2, "ssd-inference_0") in detector.log)
-        # The model is busy: a full batch is staged now; a partial one waits for the model.
+        # The model is busy: a full batch is formed (taken off the queue) now; a partial one
+        # waits in the queue for the model.
         second = asyncio.create_task(batcher.submit(jobs(2), deadline, batch_sizes=sizes[1]))
         third = asyncio.create_task(batcher.submit(jobs(1), deadline, batch_sizes=sizes[2]))
-        await _until(lambda: len(detector.log) == 3)
+        await _until(lambda: batcher.queue_depth == 1)
+        await asyncio.sleep(0.05)  # nothing more leaves the queue while the model is busy
+        waiting = batcher.queue_depth
         detector.release.set()
         await asyncio.gather(first, second, third)
         await batcher.stop()
-        return sizes
+        return sizes, waiting
 
-    sizes = asyncio.run(scenario())
-    assert sizes == [[2, 2], [2, 2], [1]]
+    sizes, waiting = asyncio.run(scenario())
+    assert sizes == [[2, 2], [2, 2], [1]] and waiting == 1
     assert detector.log == [
-        ("stage", 2, "ssd-staging_0"),
-        ("run", 2, "ssd-inference_0"),
-        ("stage", 2, "ssd-staging_0"),  # the second batch, staged while the first runs
-        ("done", 2, "ssd-inference_0"),
         ("run", 2, "ssd-inference_0"),
         ("done", 2, "ssd-inference_0"),
-        ("stage", 1, "ssd-staging_0"),  # the partial batch, formed once the model was free
-        ("run", 1, "ssd-inference_0"),
+        ("run", 2, "ssd-inference_0"),  # the second batch, formed while the first ran
+        ("done", 2, "ssd-inference_0"),
+        ("run", 1, "ssd-inference_0"),  # the partial batch, formed once the model was free
         ("done", 1, "ssd-inference_0"),
     ]
 
@@ -458,14 +453,12 @@ async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_warm_up_reaches_the_largest_batch_the_batcher_forms() -> None:
-    # On a GPU the model captures one forward pass per batch size at warm-up (model.cuda_graphs),
-    # so the batcher tells it the largest batch it will form; on the inference thread.
-    calls: list[tuple[int, str]] = []
+def test_warm_up_runs_on_the_inference_thread() -> None:
+    calls: list[str] = []
 
     class Recording:
-        def warm_up(self, max_batch_size: int = 1) -> None:
-            calls.append((max_batch_size, threading.current_thread().name))
+        def warm_up(self) -> None:
+            calls.append(threading.current_thread().name)
 
     async def scenario() -> None:
         detector: Any = Recording()  # only warm_up is called
@@ -474,4 +467,4 @@ def test_warm_up_reaches_the_largest_batch_the_batcher_forms() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
-    assert len(calls) == 1 and calls[0][0] == 16 and calls[0][1].startswith("ssd-inference")
+    assert len(calls) == 1 and calls[0].startswith("ssd-inference")

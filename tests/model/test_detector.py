@@ -15,6 +15,7 @@ from PIL import Image
 
 from model import Detector, autotune, ssd300_vgg16
 from model.checkpoint import save_checkpoint
+from model.postprocess import MAX_DETECTIONS
 from model.runtime import resolve_precision
 from tests.fake_clock import FakeClock
 
@@ -117,37 +118,21 @@ def test_class_name_count_must_match_the_network():
         Detector(_known_network(), NAMES, precision="int8")
 
 
-def test_per_image_thresholds_equal_separate_runs():
-    detector = Detector(_known_network(), NAMES)
-    g = torch.Generator().manual_seed(0)
-    loc = torch.randn(2, 8732, 4, generator=g) * 0.5
-    conf = torch.randn(2, 8732, 3, generator=g) * 1.5  # no saturated (tied) scores
-    sizes = [(640, 480), (300, 200)]
-    mixed = detector.decode(loc, conf, sizes, [0.05, 0.6], [200, 7])
-    for i, (threshold, cap) in enumerate([(0.05, 200), (0.6, 7)]):
-        alone = detector.decode(loc[i : i + 1], conf[i : i + 1], sizes[i : i + 1], threshold, cap)
-        assert torch.equal(mixed[i].boxes, alone[0].boxes)
-        assert torch.equal(mixed[i].scores, alone[0].scores)
-        assert mixed[i].labels == alone[0].labels
-    assert len(mixed[1]) == 7 and len(mixed[0]) > 7
-    with pytest.raises(ValueError, match="2 values for 1 images"):
-        detector.decode(loc[:1], conf[:1], sizes[:1], [0.1, 0.2])
-
-
-def test_prepare_forward_decode_equals_predict():
+def test_prepare_then_run_batch_equals_predict():
     detector = Detector(_known_network(), NAMES)
     image = Image.new("RGB", (64, 40), (200, 30, 30))
     inputs, size = detector.prepare(image)
-    assert inputs.shape == (3, 300, 300) and size == (64, 40)
-    loc, conf = detector.forward(inputs[None])
-    staged = detector.decode(loc, conf, [size])[0]
+    assert inputs.shape == (3, 300, 300) and inputs.dtype == torch.float32 and size == (64, 40)
+    [ran] = detector.run_batch([inputs], [size], [0.3], [MAX_DETECTIONS]).detections
     direct = detector.predict([image])[0]
-    assert torch.equal(staged.boxes, direct.boxes) and staged.labels == direct.labels
+    assert torch.equal(ran.boxes, direct.boxes) and ran.labels == direct.labels
 
 
-def test_auto_precision_is_the_fastest_measured_candidate():
+def test_auto_precision_is_measured_at_load_and_is_the_fastest_passing_candidate(tmp_path):
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
-    detector = Detector(_known_network(), NAMES, precision="auto")
+    path = tmp_path / "known.safetensors"
+    save_checkpoint(path, _known_network(), NAMES)
+    detector = Detector.load(path, device="cpu", precision="auto")
     choice = detector.precision_choice
     assert choice is not None and detector.precision == choice.precision
     assert set(choice.images_per_s) == set(autotune.candidates(torch.device("cpu")))
@@ -155,6 +140,14 @@ def test_auto_precision_is_the_fastest_measured_candidate():
     assert choice.precision == max(passing, key=passing.__getitem__)
     assert all(rate > 0 for rate in choice.images_per_s.values())
     assert detector.runtime.precision == choice.precision
+    assert Detector.load(path, device="cpu", precision="bf16").precision_choice is None
+
+
+def test_building_a_detector_measures_nothing_and_refuses_auto():
+    # Timing is the explicit step Detector.load runs for "auto", never a side effect of
+    # construction: the constructor takes a resolved precision only.
+    with pytest.raises(ValueError, match="'auto' is measured"):
+        Detector(_known_network(), NAMES, precision="auto")
     assert Detector(_known_network(), NAMES, precision="bf16").precision_choice is None
 
 
@@ -212,32 +205,10 @@ def test_run_batch_refuses_mismatched_lengths_naming_them():
     assert detector.run_batch([], [], [], []).detections == []
 
 
-def test_stage_then_run_staged_equals_run_batch_and_checks_lengths():
-    # The batcher stages the next batch on a thread of its own while the current one runs
-    # (app.batcher): the two halves give what run_batch gives in one call.
-    torch.manual_seed(0)
-    detector = Detector(ssd300_vgg16(3, width=0.125).eval(), NAMES)
-    g = torch.Generator().manual_seed(1)
-    images = [torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8, generator=g) for _ in "ab"]
-    prepared = [detector.prepare(image) for image in images]
-    inputs, sizes = [i for i, _ in prepared], [s for _, s in prepared]
-    staged = detector.stage(inputs)
-    assert staged.tensor.shape == (2, 3, 300, 300) and staged.ready is None  # no GPU, no event
-    assert staged.tensor.is_contiguous(memory_format=detector.runtime.memory_format)
-    halves = detector.run_staged(staged, sizes, [0.0, 0.2], [5, 3]).detections
-    whole = detector.run_batch(inputs, sizes, [0.0, 0.2], [5, 3]).detections
-    for got, expected in zip(halves, whole, strict=True):
-        assert torch.equal(got.boxes, expected.boxes) and got.labels == expected.labels
-    with pytest.raises(ValueError, match="2 images, 1 sizes, 2 score_thresholds and 2 max_"):
-        detector.run_staged(staged, sizes[:1], [0.1, 0.1], [1, 1])
-    with pytest.raises(ValueError, match="at least one input"):
-        detector.stage([])
-
-
 def test_run_batch_checks_one_result_per_input():
     class Short(Detector):
-        def decode(self, *args, **kwargs):
-            return super().decode(*args, **kwargs)[:-1]
+        def _postprocess(self, *args, **kwargs):
+            return super()._postprocess(*args, **kwargs)[:-1]
 
     detector = Short(_known_network(), NAMES)
     inputs, size = detector.prepare(Image.new("RGB", (20, 30)))
@@ -259,38 +230,27 @@ def test_warm_up_runs_a_blank_image_without_one_from_the_caller():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_on_a_gpu_staging_copies_from_pinned_memory_on_its_own_stream(precision):
+def test_on_a_gpu_run_batch_agrees_with_the_cpu(precision):
     torch.manual_seed(0)
     network = ssd300_vgg16(3, width=0.25, batch_norm=True).eval()
     cpu = Detector(copy.deepcopy(network), NAMES)  # a Detector moves its network: two copies
     detector = Detector(network, NAMES, device="cuda", precision=precision)
+    assert next(detector.network.parameters()).device.type == "cuda"
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8, generator=g) for _ in "abc"]
     prepared = [cpu.prepare(image) for image in images]
     inputs, sizes = [i for i, _ in prepared], [s for _, s in prepared]
-    batch = torch.stack(inputs)
-    pinned = detector.runtime.staged(batch)
-    assert pinned.is_pinned() and not batch.is_pinned() and torch.equal(pinned, batch)
-    assert detector.runtime.staged(pinned) is pinned  # already pinned: no second copy
-    # Two batches staged before either runs, as the batcher does (it stages the next batch
-    # while the current one runs); each waits for its own copy through its event.
-    first, second = detector.stage(inputs), detector.stage(inputs[:2])
-    for staged, count in ((first, 3), (second, 2)):
-        assert staged.ready is not None and staged.tensor.device.type == "cuda"
-        assert staged.tensor.is_contiguous(memory_format=detector.runtime.memory_format)
-        staged.ready.synchronize()
-        assert torch.equal(staged.tensor.cpu(), batch[:count])  # the bytes arrived intact
-    assert detector._copy_stream is not None
-    assert detector._copy_stream != torch.cuda.current_stream(detector.device)
     thresholds, caps = [0.0] * 3, [10] * 3
-    ran_first = detector.run_staged(first, sizes, thresholds, caps).detections
-    ran_second = detector.run_staged(second, sizes[:2], thresholds[:2], caps[:2]).detections
-    whole = detector.run_batch(inputs, sizes, thresholds, caps).detections
-    for got, expected in zip([*ran_first, *ran_second], [*whole, *whole[:2]], strict=True):
-        assert torch.equal(got.boxes, expected.boxes) and got.labels == expected.labels
+    ran = detector.run_batch(inputs, sizes, thresholds, caps)
+    assert len(ran.detections) == 3 and ran.forward_s > 0 and ran.postprocess_s > 0
+    for got in ran.detections:  # post-processed results come back on the CPU
+        assert got.boxes.device.type == "cpu" and len(got) == 10
     # The GPU's raw outputs against the CPU's: fp32 may run in TF32 and the reduced
     # precisions keep 8 (bf16) or 11 (fp16) bits, so they agree to a few hundredths.
+    batch = torch.stack(inputs)
     with torch.inference_mode():
-        theirs = cpu.forward(batch)
-        ours = [output.cpu() for output in detector.forward(batch)]
+        theirs = cpu.network(cpu.runtime.inputs(batch))
+        with detector.runtime.autocast():
+            ours = detector.network(detector.runtime.inputs(batch))
+    ours = [output.float().cpu() for output in ours]
     torch.testing.assert_close(ours, list(theirs), rtol=0.05, atol=0.05)

@@ -4,7 +4,7 @@ from torchvision.models.detection import ssd300_vgg16 as torchvision_ssd300
 
 from model.boxes import cxcywh_to_xyxy
 from model.default_boxes import make_default_boxes, preset_spec
-from model.postprocess import Detections, postprocess
+from model.postprocess import Detections, postprocess, postprocess_each
 
 PRIORS = make_default_boxes(preset_spec(300, "voc"), [38, 19, 10, 5, 3, 1])
 NUM_CLASSES = 6
@@ -117,3 +117,24 @@ def test_detections_rows_are_plain_python_in_score_order():
         ([5.0, 6.0, 7.5, 8.0], 0.5, 1, "circle"),
     ]
     assert all(type(v) in (float, int) for row in detections.rows() for v in row[1:3])
+
+
+def test_per_image_thresholds_and_caps_equal_separate_runs():
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(2, PRIORS.shape[0], 4, generator=g) * 0.5
+    conf = torch.randn(2, PRIORS.shape[0], 3, generator=g) * 1.5  # no saturated (tied) scores
+    sizes = [(640, 480), (300, 200)]
+    mixed = postprocess_each(loc, conf, PRIORS, sizes, [0.05, 0.6], [200, 7])
+    for i, (threshold, cap) in enumerate([(0.05, 200), (0.6, 7)]):
+        [alone] = postprocess_each(
+            loc[i : i + 1], conf[i : i + 1], PRIORS, sizes[i : i + 1], [threshold], [cap]
+        )
+        for got, expected in zip(mixed[i], alone, strict=True):
+            assert torch.equal(got, expected)
+    assert len(mixed[1][1]) == 7 and len(mixed[0][1]) > 7
+    with pytest.raises(ValueError, match="2 thresholds and 1 caps for 1 images"):
+        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [0.1, 0.2], [5])
+    with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\], got \[1.5\]"):
+        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [1.5], [5])
+    with pytest.raises(ValueError, match=r"max_detections must be >= 1, got \[0\]"):
+        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [0.1], [0])

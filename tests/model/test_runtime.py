@@ -59,27 +59,3 @@ def test_channels_last_on_a_gpu_for_reduced_precision_only():
     assert Runtime(gpu, "fp32").memory_format == torch.contiguous_format
     for precision in PRECISIONS:  # the CPU as before: channels_last whatever the precision
         assert Runtime.resolve("cpu", precision).memory_format == torch.channels_last
-
-
-def test_inputs_are_pinned_for_a_gpu_only(monkeypatch):
-    batch = torch.rand(2, 3, 8, 8)
-    cpu = Runtime.resolve("cpu", "fp32")
-    assert cpu.staged(batch) is batch  # nothing to pin for the CPU
-    assert torch.equal(cpu.inputs(batch), batch)
-    # Bound for a GPU, a pageable CPU batch is pinned once; a pinned one is left alone.
-    # (pin_memory itself needs CUDA, so a stand-in records the call.)
-    pinned = []
-    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self is not batch)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self + 0)
-    gpu = Runtime(torch.device("cuda"), "fp16")
-    staged = gpu.staged(batch)
-    assert pinned == [batch] and torch.equal(staged, batch)
-    assert gpu.staged(staged) is staged and len(pinned) == 1
-
-
-def test_the_autocast_cache_can_be_turned_off_for_capture():
-    runtime = Runtime.resolve("cpu", "bf16")
-    with runtime.autocast(cache=False):
-        assert not torch.is_autocast_cache_enabled()
-    with runtime.autocast():
-        assert torch.is_autocast_cache_enabled()
