@@ -27,7 +27,7 @@ _MAX_LOG_SCALE = math.log(1000.0 / 16)
 _MIN_SIZE = 1e-6
 
 
-def encode(
+def encode_boxes(
     boxes: Tensor, default_boxes: Tensor, variances: tuple[float, float] = VARIANCES
 ) -> Tensor:
     """Encode xyxy ``boxes`` (..., 4) against cxcywh ``default_boxes`` (..., 4), same frame.
@@ -42,10 +42,11 @@ def encode(
     return torch.cat([t_xy, t_wh], dim=-1)
 
 
-def decode(
+def decode_boxes(
     offsets: Tensor, default_boxes: Tensor, variances: tuple[float, float] = VARIANCES
 ) -> Tensor:
-    """Invert :func:`encode`: offsets (..., 4) and cxcywh default boxes (..., 4) to xyxy boxes."""
+    """Invert :func:`encode_boxes`: offsets (..., 4) and cxcywh default boxes (..., 4) to
+    xyxy boxes in their frame."""
     d_xy, d_wh = default_boxes[..., :2], default_boxes[..., 2:]
     xy = d_xy + offsets[..., :2] * variances[0] * d_wh
     log_scale = (offsets[..., 2:] * variances[1]).clamp(max=_MAX_LOG_SCALE)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.box_coding import encode
+from model.box_coding import encode_boxes
 from model.matching import match
 
 
@@ -100,7 +100,7 @@ class MultiBoxLoss(nn.Module):
             target_labels = torch.where(positive, labels.gather(1, index), 0)
             # (N, G, 4) gathered at (N, P) -> (N, P, 4)
             target_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
-            target_offsets = encode(target_boxes, self.default_boxes.expand_as(target_boxes))
+            target_offsets = encode_boxes(target_boxes, self.default_boxes.expand_as(target_boxes))
 
         num_pos = int(positive.sum())
         normalizer = max(num_pos, 1)

@@ -2,8 +2,9 @@
 
 The steps and defaults follow the authors' ``DetectionOutputLayer`` (ssd_pascal.py test
 settings) and torchvision's SSD: softmax; per class, keep scores above the threshold and at
-most the ``top_k`` best candidates (400); decode and clip to the image; per-class NMS at IoU
-0.45; keep the best ``max_detections`` (200) per image.
+most the ``top_k`` best candidates (400); decode their boxes (``box_coding.decode_boxes``) and
+clip them to the image; per-class NMS at IoU 0.45; keep the best ``max_detections`` (200) per
+image.
 
 There is no Python loop over classes or images: candidates of every image and class go into
 one ``torchvision.ops.batched_nms`` call, keyed by (image, class).
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from model.box_coding import decode
+from model.box_coding import decode_boxes
 
 # The authors' test-time settings (ssd_pascal.py: nms_threshold 0.45, top_k 400, keep_top_k 200).
 NMS_IOU = 0.45
@@ -91,7 +92,7 @@ def postprocess(
     image_idx, cand_prior, class_idx, cand_scores = _candidates(scores, score_threshold, top_k)
 
     # Decode only the candidates' boxes, clip in the relative frame, then scale per image.
-    boxes = decode(loc[image_idx, cand_prior].float(), default_boxes[cand_prior].float())
+    boxes = decode_boxes(loc[image_idx, cand_prior].float(), default_boxes[cand_prior].float())
     boxes = boxes.clamp(min=0.0, max=1.0)
     sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)  # (N, 2) as (w, h)
     boxes = boxes * sizes[image_idx].repeat(1, 2)

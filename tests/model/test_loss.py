@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.box_coding import encode
+from model.box_coding import encode_boxes
 from model.default_boxes import make_default_boxes, preset_spec
 from model.loss import MultiBoxLoss, pad_targets
 from model.matching import match
@@ -112,7 +112,7 @@ def test_image_without_objects_contributes_no_negatives():
 
 def test_encoded_targets_are_what_the_positive_is_trained_towards():
     gt = torch.tensor([[0.2, 0.42, 0.31, 0.6]])
-    target = encode(gt, PRIORS[2:3])
+    target = encode_boxes(gt, PRIORS[2:3])
     loc = torch.zeros(1, 8, 4)
     loc[0, 2] = target[0]
     # IoU of gt with prior 2 is the best (forced match), so the loc loss at the target is 0.
