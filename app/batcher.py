@@ -35,7 +35,7 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from model import Detections, Detector
-from model.detector import ModelInput
+from model.inference.detector import ModelInput
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from app.schemas import ModelRef
 from app.settings import Settings
 from app.uploads import BodyLimits
 from model import Detector
-from model.published import is_published, source_file
-from model.torch_cache import file_sha256
+from model.weights.published import is_published, source_file
+from model.weights.torch_cache import file_sha256
 
 # Hex digits of the checkpoint's sha256 used as the model version.
 VERSION_DIGITS = 12

@@ -44,17 +44,17 @@ from bench.__main__ import RESULTS, _machine_name, random_checkpoint
 from bench.service import start_server
 from bench.timing import load_figures, median_seconds
 from model import Detector
-from model.autotune import NOISE_STD
-from model.checkpoint import RunFiles
 from model.data.loader import AugmentedDataset, collate
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.data.transforms import EvalTransform
-from model.distributed import Processes
-from model.loss import MultiBoxLoss
-from model.runtime import Runtime
-from model.ssd import SSD
+from model.inference.autotune import NOISE_STD
+from model.inference.runtime import Runtime
+from model.network.loss import MultiBoxLoss
+from model.network.ssd import SSD
 from model.train import MOMENTUM, WEIGHT_DECAY
-from model.trainer import Optimisation, StepPlan, Trainer, TrainingData
+from model.training.distributed import Processes
+from model.training.trainer import Optimisation, StepPlan, Trainer, TrainingData
+from model.weights.checkpoint import RunFiles
 
 # Issue #27's targets, printed beside the figures.
 TARGETS = {

@@ -16,7 +16,7 @@ same command line. Every random choice is a function of ``--seed``, the epoch an
 index, so a resumed run sees exactly the batches an uninterrupted one would.
 
 This module is the command line: it reads the arguments and builds the parts; the loop is
-``model.trainer.Trainer``.
+``model.training.trainer.Trainer``.
 """
 
 from __future__ import annotations
@@ -32,26 +32,19 @@ from typing import Any
 
 import torch
 
-from model.autotune import candidates, choose_training_precision
-from model.budget import TimeBudget
-from model.checkpoint import (
-    RunFiles,
-    copy_matching_weights,
-    load_checkpoint,
-    load_training_state,
-)
 from model.data import SPEC_FORMS, load_dataset
 from model.data.loader import AugmentedDataset
 from model.data.mosaic import Mosaic
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
-from model.default_boxes import PRESETS
-from model.distributed import Processes
-from model.imagenet import load_vgg16_backbone
-from model.loss import MultiBoxLoss
-from model.runtime import PRECISIONS, Runtime
-from model.schedule import SCHEDULES, LrCurve
-from model.ssd import BUILDERS, SSD
-from model.trainer import (
+from model.inference.autotune import candidates, choose_training_precision
+from model.inference.runtime import PRECISIONS, Runtime
+from model.network.default_boxes import PRESETS
+from model.network.loss import MultiBoxLoss
+from model.network.ssd import BUILDERS, SSD
+from model.training.budget import TimeBudget
+from model.training.distributed import Processes
+from model.training.schedule import SCHEDULES, LrCurve
+from model.training.trainer import (
     DivergenceError,
     Optimisation,
     StepPlan,
@@ -59,6 +52,13 @@ from model.trainer import (
     TrainingData,
     Validation,
 )
+from model.weights.checkpoint import (
+    RunFiles,
+    copy_matching_weights,
+    load_checkpoint,
+    load_training_state,
+)
+from model.weights.imagenet import load_vgg16_backbone
 
 logger = logging.getLogger("model.train")
 
@@ -186,7 +186,7 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=PRESETS,
-        help="default-box tiling (model.default_boxes; default: --init's, else voc)",
+        help="default-box tiling (model.network.default_boxes; default: --init's, else voc)",
     )
     p.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
@@ -343,8 +343,9 @@ def _measured_precision(
     processes: Processes, network: SSD, loss: MultiBoxLoss, batch_size: int
 ) -> Processes:
     """``processes`` with the precision ``--precision auto`` measured on a training step
-    (``model.autotune.choose_training_precision``), ``network`` placed for it. Every process
-    measures; all train in the main process's choice, as clocks differ between processes."""
+    (``model.inference.autotune.choose_training_precision``), ``network`` placed for it. Every
+    process measures; all train in the main process's choice, as clocks differ between
+    processes."""
     device = processes.runtime.device
     choice = choose_training_precision(network, loss, device, batch_size)
     names = candidates(device)

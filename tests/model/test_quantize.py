@@ -1,5 +1,5 @@
-"""INT8 quantization (model.int8, model.quantize): the artifact, its loading, the command and
-the shipped artifact against the accuracy guard."""
+"""INT8 quantization (model.inference.int8, model.quantize): the artifact, its loading, the
+command and the shipped artifact against the accuracy guard."""
 
 import pickle
 from pathlib import Path
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from model import Detector, ssd300_vgg16
-from model.checkpoint import save_checkpoint
 from model.data.synthetic import SyntheticShapes
-from model.evaluate import score
-from model.int8 import (
+from model.evaluation.evaluate import score
+from model.inference.int8 import (
     QuantizableSSD,
     activation_qparams,
     int8_artifact_for,
@@ -21,10 +20,11 @@ from model.int8 import (
     rebuild,
     save_int8,
 )
-from model.postprocess import MAX_DETECTIONS, postprocess_each
-from model.preprocessing import preprocess
+from model.inference.runtime import resolve_precision
+from model.network.postprocess import MAX_DETECTIONS, postprocess_each
+from model.network.preprocessing import preprocess
 from model.quantize import main, quantize_network
-from model.runtime import resolve_precision
+from model.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "weights" / "ssd300_shapes.safetensors"
