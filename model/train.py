@@ -81,12 +81,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # mAP collapses for an evaluation now and then at this learning rate, the average's does
     # not. Batches of 8 at 0.01 (batches of 16 at 0.02 halved, the linear scaling rule), with
     # the warm-up (100 steps) and the average (0.99: about 100 steps) over as many photos as
-    # at 16: on raccoon the last checkpoint of a 20-minute run was its best, 0.736 and 0.775
-    # on two seeds against 0.706 and 0.711 at 16. A slower average lags; AdamW measured worse.
-    # (Those two on a 2-core Xeon.) The precision is timed on a training step (--precision
-    # auto): on a 2-core AMD EPYC a bf16 step (forward and backward) ran at 1.8x to 1.9x the
-    # images/s of fp32, and 20 minutes held 2,776 and 2,697 steps (seeds 0, 1) against 1,595
-    # in fp32, ending at 0.888 and 0.806 against 0.765 (augmentation does not speed up).
+    # at 16, since on raccoon they ended better than batches of 16; a slower average lags and
+    # AdamW did worse. The precision is timed on a training step (--precision auto), since
+    # where bf16 steps run faster a time budget holds more of them. The runs behind these
+    # choices, with their machines and figures: docs/performance-notes.md.
     "small-scratch": {
         "batch_norm": True,
         "width": 0.25,

@@ -1,22 +1,22 @@
 """``precision="auto"``: time each candidate precision on the real network, keep the fastest.
 
 CPU flags do not say which precision is fastest: a CPU with AVX-512 BF16 but no AMX runs
-SSD300 under bf16 autocast at about 0.6x of fp32 (issue #12), so the choice is measured on
-this machine, on the network itself, once, as a step of its own that callers run explicitly:
-inference passes when ``Detector.load(..., precision="auto")`` loads a network
-(``choose_inference_precision``; building a ``Detector`` never measures), whole training steps
-when ``model.train --precision auto`` starts (``choose_training_precision``).
+SSD300 under bf16 autocast slower than fp32 (issue #12; docs/performance-notes.md), so the
+choice is measured on this machine, on the network itself, once, as a step of its own that
+callers run explicitly: inference passes when ``Detector.load(..., precision="auto")`` loads a
+network (``choose_inference_precision``; building a ``Detector`` never measures), whole
+training steps when ``model.train --precision auto`` starts (``choose_training_precision``).
 
 The candidates are interleaved (fp32, bf16, fp32, bf16, ...) and each one's median time is
 kept, so a burst of load from another process slows every candidate alike rather than the one
 that happened to run then. A candidate whose first timed pass is clearly slower than the best
-so far (``SLOWER_BY``) is timed no more, and timing stops once one candidate is left, so a
-precision that is far off (bf16 on a CPU without native bf16) costs one timed pass, not
-several. A reduced precision is kept only if its results on the measured
-batch stay close to fp32's: for inference its class scores (``SCORE_TOLERANCE``), for a
-training step its loss terms (``LOSS_TOLERANCE``). The offline guard for inference, mAP@0.5
-on the synthetic test split, is ``tests/model/inference/test_precision_accuracy.py``; for training,
-the README's measured runs.
+(``SLOWER_BY``) is timed no more, and timing stops once one candidate is left, so a precision
+that is far off (bf16 on a CPU without native bf16) costs one timed pass, not several. A
+reduced precision is kept only if its results on the measured batch stay close to fp32's: for
+inference its class scores (``SCORE_TOLERANCE``), for a training step its loss terms
+(``LOSS_TOLERANCE``). The offline guard for inference, mAP@0.5 on the synthetic test split, is
+``tests/model/inference/test_precision_accuracy.py``; for training, the README's measured
+runs.
 """
 
 from __future__ import annotations
@@ -45,20 +45,21 @@ CANDIDATES: dict[str, Callable[[torch.device], bool]] = {
     # AVX-512 FP16 and unchecked for accuracy there), so it is a candidate on GPUs only.
     "fp16": lambda device: device.type == "cuda",
 }
-# Images per timed batch. The service batches up to 8 (SSD_MAX_BATCH_SIZE), but one pass of the
-# full-width SSD300 on one image already takes about 0.3 s on this 2-core CPU, so a batch of
-# 8 would not fit a 2 s budget; one image times the same kernels.
+# Images per timed batch. The service batches up to 8 (SSD_MAX_BATCH_SIZE), but on a small CPU a
+# full-width SSD300 pass on one image already takes a good part of BUDGET_S
+# (docs/performance-notes.md), so a batch of 8 would not fit it; one image times the same
+# kernels.
 BATCH_SIZE = 1
 # Timed passes per candidate: at least MIN_ROUNDS, more while the budget lasts (a median of
 # three already ignores one disturbed pass).
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 BUDGET_S = 2.0  # issue #12: "a few batches, a second or two"
-# A candidate whose first timed pass takes more than SLOWER_BY times the best passing
-# candidate's median so far is timed no more. A candidate truly faster than the best would be
-# dropped only if outside load slowed that one pass more than threefold; the ratios measured
-# in this repo are either close, where timing must go on (bf16 at 0.55-0.79x of fp32 on an
-# AVX-512 BF16 CPU without AMX, docs/benchmarks.md), or far (bf16 at about a tenth of fp32 on
-# a 2-core AVX2-only CPU, issue #24), where one pass settles it.
+# A candidate whose first timed pass takes more than SLOWER_BY times the fastest first timed
+# pass of a candidate that passes the guard is timed no more. A candidate truly faster than
+# the best would be dropped only if outside load slowed that one pass more than threefold; the
+# ratios recorded for this network (docs/performance-notes.md) are either within 2x, where
+# timing must go on, or about 10x (bf16 on a CPU without native bf16), where one pass
+# settles it.
 SLOWER_BY = 3.0
 # Largest difference in any class probability (0..1) between a reduced precision and fp32 on
 # the measured batch. bf16 keeps 8 significant bits (relative error 2**-8, about 0.004 per

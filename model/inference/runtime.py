@@ -42,8 +42,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     ``auto`` is not resolved here: which precision is fastest is measured on the network, not
     read from the device (CPU flags mislead: a CPU with AVX-512 BF16 but no AMX runs SSD300
-    under bf16 at about 0.6x of fp32). ``Detector.load`` times inference passes and
-    ``model.train`` times training steps (``model.inference.autotune``).
+    under bf16 slower than fp32, docs/performance-notes.md). ``Detector.load`` times inference
+    passes and ``model.train`` times training steps (``model.inference.autotune``).
 
     Raises:
         ValueError: ``precision`` is ``auto``, int8 off the CPU, or not a key of
