@@ -17,7 +17,7 @@ import pytest
 from app.__main__ import main
 from app.settings import get_settings
 from tests.app.support import Server
-from tests.model.test_imagenet import _refusing_proxy
+from tests.model.weights.test_imagenet import _refusing_proxy
 
 
 def test_invalid_setting_stops_the_server_naming_the_variable(

@@ -23,7 +23,7 @@ from model.quantize import main as quantize_main
 from model.train import main as train_main
 from model.weights.checkpoint import load_checkpoint, read_metadata
 from model.weights.published import SSD_PYTORCH_VOC_SHA256, VOC_CLASSES
-from tests.model.test_imagenet import _refusing_proxy
+from tests.model.weights.test_imagenet import _refusing_proxy
 
 COCO = SSD300_VGG16_Weights.COCO_V1
 PHOTOS = 3  # coco128 photos in the end-to-end comparison
