@@ -14,7 +14,7 @@ from model.evaluation.evaluate import detection_records, evaluate
 from model.train import main as train
 from model.weights.checkpoint import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
