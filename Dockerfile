@@ -61,5 +61,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-# Exec form: uvicorn is PID 1 and gets SIGTERM itself, which starts the drain (app/shutdown.py).
+# Exec form: uvicorn is PID 1 and gets SIGTERM itself, which starts the drain (app/signals.py).
 CMD ["/opt/venv/bin/python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]

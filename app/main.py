@@ -30,9 +30,9 @@ from app.service import Service
 from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_settings
 from app.signals import install_drain_handler, install_reload_handler
 from model import Detector
-from model.checkpoint import CheckpointError, read_metadata
-from model.published import is_published
-from model.runtime import resolve_device
+from model.inference.runtime import resolve_device
+from model.weights.checkpoint import CheckpointError, read_metadata
+from model.weights.published import is_published
 
 log = logging.getLogger("app")
 

@@ -27,8 +27,8 @@ from app.errors import ReloadFailedError, UnknownModelError
 from app.metrics import Metrics, ModelMetrics
 from app.schemas import ModelRef
 from model import Detector
-from model.published import is_published, source_file
-from model.torch_cache import file_sha256
+from model.weights.published import is_published, source_file
+from model.weights.torch_cache import file_sha256
 
 log = logging.getLogger(__name__)
 

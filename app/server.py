@@ -10,7 +10,7 @@ limits and the little it relies on beyond uvicorn's documented options.
 Body timeouts and the minimum body rate are the app's (``app/uploads.py``), where the answer
 can be counted; idle keep-alive connections close after uvicorn's ``timeout_keep_alive``; the
 bounded shutdown is uvicorn's ``timeout_graceful_shutdown`` plus the app's cut of slow uploads
-(``app/shutdown.py``).
+(``app/signals.py``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.published import is_published
+from model.weights.published import is_published
 
 ENV_PREFIX = "SSD_"
 # The shipped default model (weights/README.md is its model card).
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     weights: Path = Field(
         default=DEFAULT_WEIGHTS,
         description="checkpoint file (safetensors), or published weights by name: "
-        "torchvision:coco or ssd.pytorch:PATH (model/published.py)",
+        "torchvision:coco or ssd.pytorch:PATH (model/weights/published.py)",
     )
     models: str = Field(
         default="",
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         default="auto",
         description="auto: the fastest precision measured on the model at start-up "
-        "(model/autotune.py), int8 among them when its artifact is beside the weights; "
+        "(model/inference/autotune.py), int8 among them when its artifact is beside the weights; "
         "fp32, bf16, fp16, int8 force one",
     )
     max_batch_size: int = Field(default=8, ge=1, le=256, description="images per forward pass")
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         le=100_000,
         description="open connections at once; one more is answered 503 and closed",
     )
-    # Decoding budget (app/intake.py, app/decoding.py).
+    # Decoding budget (app/images.py).
     max_jpeg_scans: int = Field(
         default=100,
         ge=1,

@@ -38,14 +38,20 @@ from bench import machine
 from bench.load import run_clients
 from bench.service import start_server
 from bench.timing import load_figures, median_seconds
-from model import Detector, autotune, ssd300_vgg16
-from model.checkpoint import read_metadata, save_checkpoint
+from model import Detector, ssd300_vgg16
 from model.data.synthetic import CLASS_NAMES
-from model.int8 import activation_qparams, int8_artifact_for, int8_artifact_path, save_int8
-from model.preprocessing import PIXEL_MEAN
+from model.inference import autotune
+from model.inference.int8 import (
+    activation_qparams,
+    int8_artifact_for,
+    int8_artifact_path,
+    save_int8,
+)
+from model.inference.runtime import INT8
+from model.network.preprocessing import PIXEL_MEAN
+from model.network.ssd import SSD
 from model.quantize import calibration_batches, quantize_network
-from model.runtime import INT8
-from model.ssd import SSD
+from model.weights.checkpoint import read_metadata, save_checkpoint
 
 JPEGS = Path("../shared/datasets/raccoon/JPEGImages")  # real photos, 0.3-1 megapixel
 RESULTS = Path("bench/results")

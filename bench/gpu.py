@@ -1,10 +1,10 @@
 """``python -m bench.gpu``: issue #27's GPU figures in one run, one table, one JSON.
 
 (network) the full-width SSD300 (random weights, the shipped model's architecture otherwise)
-at batch 1, 8, 32, 64 and 128 in fp32, bf16 and fp16, eager and through CUDA graphs
-(``Detector.forward``; batches above the largest bucket, 64, run eagerly in both), beside
+at batch 1, 8, 32, 64 and 128 in fp32, bf16 and fp16, placed and run as ``Detector.run_batch``
+runs it (``Detector.runtime``: the device, channels_last for fp16/bf16, autocast), beside
 torchvision's ``ssd300_vgg16`` (weights=None) network (backbone and head, no transform or
-post-processing) in each precision, eager; inputs already on the GPU.
+post-processing) in each precision; inputs already on the GPU.
 (service) ``python -m app`` on the GPU (SSD_PRECISION=auto) under 64 and 256 concurrent
 clients posting 640x480 JPEGs over loopback, spread over a few client processes
 (``bench.load``): images/s and p50/p95/p99 latency.
@@ -43,17 +43,17 @@ from bench.__main__ import RESULTS, _machine_name, random_checkpoint
 from bench.service import start_server
 from bench.timing import load_figures, median_seconds
 from model import Detector
-from model.autotune import NOISE_STD
-from model.checkpoint import RunFiles
 from model.data.loader import AugmentedDataset, collate
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.data.transforms import EvalTransform
-from model.distributed import Processes
-from model.loss import MultiBoxLoss
-from model.runtime import Runtime
-from model.ssd import SSD
+from model.inference.autotune import NOISE_STD
+from model.inference.runtime import Runtime
+from model.network.loss import MultiBoxLoss
+from model.network.ssd import SSD
 from model.train import MOMENTUM, WEIGHT_DECAY
-from model.trainer import Optimisation, StepPlan, Trainer, TrainingData
+from model.training.distributed import Processes
+from model.training.trainer import Optimisation, StepPlan, Trainer, TrainingData
+from model.weights.checkpoint import RunFiles
 from tests.support.server_process import REPO
 
 # Issue #27's targets, printed beside the figures.
@@ -75,7 +75,7 @@ class Sizes:
     batches: tuple[int, ...]
     precisions: tuple[str, ...]
     repeats: int  # timed runs per figure (median kept)
-    warmup: int  # untimed runs before them (a CUDA graph's capture among them)
+    warmup: int  # untimed runs before them (cuDNN's first-call set-up among them)
     clients: tuple[int, ...]  # concurrency levels of the service
     requests_per_client: int
     client_processes: int  # the clients of a level are spread over this many processes
@@ -99,7 +99,9 @@ FULL = Sizes(
     client_processes=4,
     image_size=(640, 480),  # issue #27
     service_precision="auto",
-    service_max_batch=64,  # the largest CUDA-graph bucket (model.buckets.BUCKETS)
+    # The largest batch the service forms here; kept at the 64 of earlier runs (then the
+    # largest CUDA-graph bucket, since removed: docs/gpu-path.md) so their figures compare.
+    service_max_batch=64,
     train_batch=32,  # issue #27
     train_steps=10,
 )
@@ -139,21 +141,22 @@ def _timed_rate(run: Callable[[], object], images: int, sizes: Sizes) -> float:
 
 
 def network_rates(network: SSD, sizes: Sizes) -> dict[str, dict[str, dict[int, float]]]:
-    """Images/s of our network per ``precision/mode`` (mode eager or graphs) and batch size,
-    and of torchvision's per precision: ``{"ours": {...}, "torchvision": {...}}``."""
+    """Images/s of our network per precision and batch size, and of torchvision's per
+    precision: ``{"ours": {...}, "torchvision": {...}}``."""
     ours: dict[str, dict[int, float]] = {}
     for precision in sizes.precisions:
-        for mode in ("eager", "graphs"):
-            detector = Detector(
-                copy.deepcopy(network),
-                CLASS_NAMES,
-                device=sizes.device,
-                precision=precision,
-                cuda_graphs=mode == "graphs",
-            )
-            ours[f"{precision}/{mode}"] = _batch_rates(detector.forward, detector.runtime, sizes)
-            del detector  # its graphs' memory pools go with it
-            _free(sizes.device)
+        detector = Detector(
+            copy.deepcopy(network), CLASS_NAMES, device=sizes.device, precision=precision
+        )
+
+        @torch.inference_mode()
+        def forward(x: torch.Tensor, detector: Detector = detector) -> object:
+            with detector.runtime.autocast():
+                return detector.network(x)
+
+        ours[precision] = _batch_rates(forward, detector.runtime, sizes)
+        del detector, forward
+        _free(sizes.device)
     theirs = torchvision.models.detection.ssd300_vgg16(
         weights=None, weights_backbone=None, num_classes=len(CLASS_NAMES) + 1
     ).eval()

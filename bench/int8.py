@@ -1,4 +1,4 @@
-"""SSD300 forward pass on the CPU: fp32 channels_last against INT8 (``model.int8``).
+"""SSD300 forward pass on the CPU: fp32 channels_last against INT8 (``model.inference.int8``).
 
 Times the full-width network (random weights) and the shipped width-0.25 model, batch
 ``--batch``, in interleaved rounds, and prints the median ms/image and each candidate's speed
@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from model import ssd300_vgg16
-from model.checkpoint import load_checkpoint
 from model.data.synthetic import SyntheticShapes
-from model.preprocessing import preprocess
+from model.network.preprocessing import preprocess
+from model.network.ssd import SSD
 from model.quantize import quantize_network
-from model.ssd import SSD
+from model.weights.checkpoint import load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "ssd300_shapes.safetensors"
 CALIBRATION_IMAGES = 16

@@ -30,8 +30,8 @@ from pathlib import Path
 import httptools
 
 from app.connection_guard import ConnectionLimits, GuardedConnection
-from app.server_process import REPO, free_port, server_command
 from app.settings import DEFAULT_WEIGHTS
+from tests.support.server_process import REPO, free_port, server_command
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
 

@@ -20,9 +20,9 @@ import torch
 from torchvision.models.detection import ssd300_vgg16 as torchvision_ssd300
 
 from bench.timing import median_seconds
-from model.boxes import cxcywh_to_xyxy
-from model.default_boxes import make_default_boxes, preset_spec
-from model.postprocess import postprocess
+from model.network.boxes import cxcywh_to_xyxy
+from model.network.default_boxes import make_default_boxes, preset_spec
+from model.network.postprocess import postprocess
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ from app.settings import DEFAULT_WEIGHTS
 from bench.load import run_clients, scenes
 from bench.timing import median_seconds
 from model import Detector, ssd300_vgg16
-from model.checkpoint import save_checkpoint
 from model.data.synthetic import CLASS_NAMES
+from model.weights.checkpoint import save_checkpoint
 from tests.support.server_process import ServerProcess
 
 READY_TIMEOUT_S = 120.0

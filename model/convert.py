@@ -5,7 +5,7 @@ Command::
     python -m model.convert torchvision:coco --out weights/coco.safetensors
     python -m model.convert ssd.pytorch:ssd300_mAP_77.43_v2.pth --out weights/voc.safetensors
 
-The sources are ``model.published``'s. The checkpoint holds the weights, the architecture,
+The sources are ``model.weights.published``'s. The checkpoint holds the weights, the architecture,
 the class names, the normalization (mean, size, resize) and, under ``recipe["source"]``,
 where the weights came from (URL, file, sha256, whether it is the published file) and under
 which licence. An air-gapped host can then be handed the one file and serve it
@@ -22,14 +22,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.checkpoint import save_checkpoint
-from model.published import NAMES, convert, is_published
+from model.weights.checkpoint import save_checkpoint
+from model.weights.published import NAMES, convert, is_published
 
 log = logging.getLogger("model.convert")
 
 
 def convert_to_file(source: str, out: str | os.PathLike[str]) -> Path:
-    """Convert ``source`` (a ``model.published`` name) and write it to ``out`` as a checkpoint.
+    """Convert ``source`` (a ``model.weights.published`` name) and write it to ``out`` as a
+    checkpoint.
 
     Raises:
         FileNotFoundError: the source's file is missing (offline: the message says where to

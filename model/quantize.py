@@ -1,8 +1,8 @@
-"""Post-training static INT8 quantization of a checkpoint: the ``model.int8`` artifact.
+"""Post-training static INT8 quantization of a checkpoint: the ``model.inference.int8`` artifact.
 
 Calibrates activation ranges on train-split images of ``--data``, scores fp32 and the
 rebuilt int8 network on the test split of ``--guard-data`` (mAP@0.5, the accuracy guard), and
-writes the artifact beside the checkpoint (``model.int8.int8_artifact_path``) with both
+writes the artifact beside the checkpoint (``model.inference.int8.int8_artifact_path``) with both
 figures in its metadata.
 
 Command::
@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.checkpoint import load_checkpoint
 from model.convert import convert_to_file
 from model.data import SPEC_FORMS, load_dataset
-from model.detector import Detector
-from model.evaluate import evaluate
-from model.int8 import (
+from model.evaluation.evaluate import evaluate
+from model.inference.detector import Detector
+from model.inference.int8 import (
     ARTIFACT_SUFFIX,
     QuantizableSSD,
     activation_qparams,
@@ -42,9 +41,10 @@ from model.int8 import (
     save_int8,
     torch_ao_quiet,
 )
-from model.preprocessing import PIXEL_MEAN, preprocess
-from model.published import is_published
-from model.ssd import SSD
+from model.network.preprocessing import PIXEL_MEAN, preprocess
+from model.network.ssd import SSD
+from model.weights.checkpoint import load_checkpoint
+from model.weights.published import is_published
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def calibration_batches(
 ) -> Iterator[Tensor]:
     """Prepared Tensors[n, 3, S, S] of the first ``count`` images of ``data``'s train split
     (fewer if it is smaller), ``batch_size`` at a time, resized as ``resize`` says
-    (``model.preprocessing``)."""
+    (``model.network.preprocessing``)."""
     dataset = load_dataset(data, split="train")
     count = min(count, len(dataset))
     for start in range(0, count, batch_size):

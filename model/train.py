@@ -16,7 +16,7 @@ same command line. Every random choice is a function of ``--seed``, the epoch an
 index, so a resumed run sees exactly the batches an uninterrupted one would.
 
 This module is the command line: it reads the arguments and builds the parts; the loop is
-``model.trainer.Trainer``.
+``model.training.trainer.Trainer``.
 """
 
 from __future__ import annotations
@@ -32,26 +32,19 @@ from typing import Any
 
 import torch
 
-from model.autotune import candidates, choose_training_precision
-from model.budget import TimeBudget
-from model.checkpoint import (
-    RunFiles,
-    copy_matching_weights,
-    load_checkpoint,
-    load_training_state,
-)
 from model.data import SPEC_FORMS, load_dataset
 from model.data.loader import AugmentedDataset
 from model.data.mosaic import Mosaic
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
-from model.default_boxes import PRESETS
-from model.distributed import Processes
-from model.imagenet import load_vgg16_backbone
-from model.loss import MultiBoxLoss
-from model.runtime import PRECISIONS, Runtime
-from model.schedule import SCHEDULES, LrCurve
-from model.ssd import BUILDERS, SSD
-from model.trainer import (
+from model.inference.autotune import candidates, choose_training_precision
+from model.inference.runtime import PRECISIONS, Runtime
+from model.network.default_boxes import PRESETS
+from model.network.loss import MultiBoxLoss
+from model.network.ssd import BUILDERS, SSD
+from model.training.budget import TimeBudget
+from model.training.distributed import Processes
+from model.training.schedule import SCHEDULES, LrCurve
+from model.training.trainer import (
     DivergenceError,
     Optimisation,
     StepPlan,
@@ -59,6 +52,13 @@ from model.trainer import (
     TrainingData,
     Validation,
 )
+from model.weights.checkpoint import (
+    RunFiles,
+    copy_matching_weights,
+    load_checkpoint,
+    load_training_state,
+)
+from model.weights.imagenet import load_vgg16_backbone
 
 logger = logging.getLogger("model.train")
 
@@ -81,12 +81,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # mAP collapses for an evaluation now and then at this learning rate, the average's does
     # not. Batches of 8 at 0.01 (batches of 16 at 0.02 halved, the linear scaling rule), with
     # the warm-up (100 steps) and the average (0.99: about 100 steps) over as many photos as
-    # at 16: on raccoon the last checkpoint of a 20-minute run was its best, 0.736 and 0.775
-    # on two seeds against 0.706 and 0.711 at 16. A slower average lags; AdamW measured worse.
-    # (Those two on a 2-core Xeon.) The precision is timed on a training step (--precision
-    # auto): on a 2-core AMD EPYC a bf16 step (forward and backward) ran at 1.8x to 1.9x the
-    # images/s of fp32, and 20 minutes held 2,776 and 2,697 steps (seeds 0, 1) against 1,595
-    # in fp32, ending at 0.888 and 0.806 against 0.765 (augmentation does not speed up).
+    # at 16, since on raccoon they ended better than batches of 16; a slower average lags and
+    # AdamW did worse. The precision is timed on a training step (--precision auto), since
+    # where bf16 steps run faster a time budget holds more of them. The runs behind these
+    # choices, with their machines and figures: docs/performance-notes.md.
     "small-scratch": {
         "batch_norm": True,
         "width": 0.25,
@@ -186,7 +184,7 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=PRESETS,
-        help="default-box tiling (model.default_boxes; default: --init's, else voc)",
+        help="default-box tiling (model.network.default_boxes; default: --init's, else voc)",
     )
     p.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
@@ -343,8 +341,9 @@ def _measured_precision(
     processes: Processes, network: SSD, loss: MultiBoxLoss, batch_size: int
 ) -> Processes:
     """``processes`` with the precision ``--precision auto`` measured on a training step
-    (``model.autotune.choose_training_precision``), ``network`` placed for it. Every process
-    measures; all train in the main process's choice, as clocks differ between processes."""
+    (``model.inference.autotune.choose_training_precision``), ``network`` placed for it. Every
+    process measures; all train in the main process's choice, as clocks differ between
+    processes."""
     device = processes.runtime.device
     choice = choose_training_precision(network, loss, device, batch_size)
     names = candidates(device)

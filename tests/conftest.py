@@ -8,7 +8,7 @@ import torch
 from torchvision.models.detection import SSD300_VGG16_Weights
 from torchvision.models.detection import ssd300_vgg16 as torchvision_ssd300
 
-from model.torch_cache import cache_path
+from model.weights.torch_cache import cache_path
 
 # ../shared/datasets beside the repository root (see that folder's README.md). Never copied in.
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -1,5 +1,6 @@
 """The import graph of ``model/`` and ``app/``, read from the source: no cycles, data flowing one
-way (``app`` imports ``model``, never the reverse), and no torch in the HTTP layer.
+way (``app`` imports ``model``, never the reverse; inside ``model``, each room imports only the
+rooms below it), and no torch in the HTTP layer.
 
 Every ``import`` counts, including those inside functions: an import moved into a function
 hides a cycle from the interpreter, not from this test.
@@ -16,6 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "app")
 # The only app module that may touch pixels: it decodes request bytes into images.
 PIL_ALLOWED = {"app.images"}
+# The rooms (subpackages) of model/ and the other rooms each may import: from the network up
+# to evaluation and training. The commands (model.train, model.evaluate, model.quantize,
+# model.convert) and the package itself (model/__init__.py) sit above every room, so no room
+# imports them.
+ROOMS = {
+    "model.network": set(),
+    "model.weights": {"model.network"},
+    "model.data": {"model.network"},
+    "model.inference": {"model.network", "model.weights"},
+    "model.evaluation": {"model.network", "model.inference", "model.data"},
+    "model.training": {
+        "model.network",
+        "model.weights",
+        "model.data",
+        "model.inference",
+        "model.evaluation",
+    },
+}
 
 
 def _module_name(path: Path) -> str:
@@ -116,6 +135,44 @@ def test_no_import_cycles():
     assert _cycles(_graph()) == []
 
 
+def _room(name: str) -> str:
+    """The room of a module of model/ (``model.network.ssd``: ``model.network``); a command
+    or the package itself is its own."""
+    return ".".join(name.split(".")[:2])
+
+
+def _room_offenders(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Each module of a room to the modules it imports from rooms it may not import."""
+    offenders = {}
+    for name, targets in graph.items():
+        room = _room(name)
+        if room not in ROOMS:
+            continue
+        allowed = ROOMS[room] | {room}
+        wrong = sorted(t for t in targets if t.startswith("model") and _room(t) not in allowed)
+        if wrong:
+            offenders[name] = wrong
+    return offenders
+
+
+def test_every_module_of_model_is_in_a_room_or_a_command():
+    commands = {"model", "model.train", "model.evaluate", "model.quantize", "model.convert"}
+    outside = [n for n in _modules() if n.startswith("model") and n not in commands]
+    assert [n for n in outside if _room(n) not in ROOMS] == []
+
+
+def test_each_room_of_model_imports_only_the_rooms_below_it():
+    assert _room_offenders(_graph()) == {}
+    # The check itself: a room importing one above it, or a command, is named.
+    graph = _graph()
+    graph["model.network.ssd"] = graph["model.network.ssd"] | {"model.inference.detector"}
+    graph["model.weights.checkpoint"] = graph["model.weights.checkpoint"] | {"model.train"}
+    assert _room_offenders(graph) == {
+        "model.network.ssd": ["model.inference.detector"],
+        "model.weights.checkpoint": ["model.train"],
+    }
+
+
 def test_model_never_imports_app():
     offenders = {
         name: sorted(n for n in _imported(name, path) if n.split(".")[0] == "app")
@@ -158,5 +215,5 @@ def test_imports_inside_functions_count(tmp_path):
 def test_a_cycle_hidden_in_a_function_is_found_in_this_tree():
     # Today's tree has none, so check the finder on the graph with one edge added.
     graph = _graph()
-    graph["model.ssd"] = graph["model.ssd"] | {"model.detector"}
-    assert any({"model.ssd", "model.detector"} <= set(c) for c in _cycles(graph))
+    graph["model.network.ssd"] = graph["model.network.ssd"] | {"model.inference.detector"}
+    assert any({"model.network.ssd", "model.inference.detector"} <= set(c) for c in _cycles(graph))

@@ -45,9 +45,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from model.boxes import clip_and_sanitize
 from model.data.seeding import Purpose, text_key, torch_seed
-from model.preprocessing import to_rgb_tensor
+from model.network.boxes import clip_and_sanitize
+from model.network.preprocessing import to_rgb_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from model.boxes import xywh_to_xyxy
 from model.data.base import SPLITS, DetectionDataset, Record, holdout, image_size
+from model.network.boxes import xywh_to_xyxy
 
 
 class CocoDataset(DetectionDataset):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from model.boxes import box_iou, clip_and_sanitize
+from model.network.boxes import box_iou, clip_and_sanitize
 
 Sample = tuple[Tensor, Tensor, Tensor]  # (image, boxes, labels)
 

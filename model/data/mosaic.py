@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from model.boxes import clip_and_sanitize
 from model.data.crop import Sample
-from model.preprocessing import PIXEL_MEAN
+from model.network.boxes import clip_and_sanitize
+from model.network.preprocessing import PIXEL_MEAN
 
 __all__ = ["Mosaic"]
 

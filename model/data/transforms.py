@@ -12,8 +12,8 @@ Zoom-out and flip are torchvision's v2 ``RandomZoomOut`` and ``RandomHorizontalF
 do what the authors do. ``PhotometricDistort`` (here) and ``IoUCrop`` (``model.data.crop``)
 are written in this project because the authors' behaviour differs from torchvision's on
 purpose (their docstrings say how). The resize and mean subtraction are
-``model.preprocessing.preprocess``, the very function inference uses, so training, evaluation
-and the service see the same pixels.
+``model.network.preprocessing.preprocess``, the very function inference uses, so training,
+evaluation and the service see the same pixels.
 
 Sample format, in and out of every step: ``(image, boxes, labels)`` with
 
@@ -42,9 +42,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from model.boxes import clip_and_sanitize
 from model.data.crop import CAFFE_MIN_IOUS, IoUCrop, Sample, crop_sample
-from model.preprocessing import PIXEL_MEAN, preprocess
+from model.network.boxes import clip_and_sanitize
+from model.network.preprocessing import PIXEL_MEAN, preprocess
 
 __all__ = [
     "CAFFE_MIN_IOUS",
@@ -269,7 +269,7 @@ class Shrink:
 class Normalize:
     """The network input: ``preprocess``'s resize and mean subtraction; boxes made relative.
 
-    The image goes through :func:`model.preprocessing.preprocess` (``size`` x ``size``,
+    The image goes through :func:`model.network.preprocessing.preprocess` (``size`` x ``size``,
     bilinear, antialiased, minus ``mean``; paper sec. 3: 300 or 512), the function inference
     uses. Boxes are divided by (W, H, W, H) of the input image, which is where a resize to
     any size would leave them in relative coordinates.

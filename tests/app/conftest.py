@@ -12,7 +12,7 @@ import torch
 
 from app.main import create_app
 from model import Detector, ssd300_vgg16
-from model.checkpoint import save_checkpoint
+from model.weights.checkpoint import save_checkpoint
 from tests.app.support import (
     CLASS_NAMES,
     DEFAULT_ENV,

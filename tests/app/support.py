@@ -233,7 +233,7 @@ def sixteen_bit_png() -> bytes:
 
 
 def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """IoU of two xyxy boxes (a test-side check, independent of model.boxes)."""
+    """IoU of two xyxy boxes (a test-side check, independent of model.network.boxes)."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = w * h

@@ -1,6 +1,6 @@
 """The service process's resident memory: freed memory goes back to the system
 (``app/memory.py``), and tiny files declaring huge images cost little (the reduced-scale JPEG
-decode of ``app/intake.py`` under the pixel budget of ``app/decoding.py``).
+decode of ``app/images.py`` under its pixel budget).
 
 Real server: what is measured is the resident size (RSS) of the ``python -m app`` process,
 which a test process sharing its heap with the app could not tell apart from its own.

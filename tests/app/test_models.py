@@ -23,7 +23,7 @@ from app.metrics import Metrics
 from app.registry import BatchLimits, Registry
 from app.settings import Settings, SettingsError, get_settings
 from model import Detector, ssd300_vgg16
-from model.checkpoint import save_checkpoint
+from model.weights.checkpoint import save_checkpoint
 from tests.app.support import (
     CLASS_NAMES,
     DEFAULT_ENV,

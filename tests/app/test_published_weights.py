@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from app.main import create_app
 from app.settings import Settings, SettingsError
 from tests.app.support import PATIENCE_S, Server, chromium, in_process
-from tests.model.test_published import _photos
+from tests.model.weights.test_published import _photos
 from tests.support.offline import use_refusing_proxy
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from model import Detector, ssd300_vgg16
-from model.checkpoint import save_checkpoint
+from model.weights.checkpoint import save_checkpoint
 from tests.app.support import (
     CLASS_NAMES,
     DEFAULT_ENV,

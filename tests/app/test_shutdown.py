@@ -1,4 +1,4 @@
-"""SIGTERM (``app/shutdown.py``): /readyz turns 503 at once, new work is refused, the request in
+"""SIGTERM (``app/signals.py``): /readyz turns 503 at once, new work is refused, the request in
 flight finishes, and a stalled upload cannot hold the process past the cap.
 
 Real server: the point is a signal sent to the ``python -m app`` process and its exit.

@@ -10,7 +10,7 @@ import pytest
 
 from model import Detector
 from model.data.synthetic import SyntheticShapes
-from model.evaluate import predict_dataset
+from model.evaluation.evaluate import predict_dataset
 
 SHIPPED = Path(__file__).resolve().parents[2] / "weights" / "ssd300_shapes.safetensors"
 # Images of the synthetic test split that the shipped model is checked on: enough for mAP@0.5

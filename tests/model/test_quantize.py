@@ -1,5 +1,5 @@
-"""INT8 quantization (model.int8, model.quantize): the artifact, its loading, the command and
-the shipped artifact against the accuracy guard."""
+"""INT8 quantization (model.inference.int8, model.quantize): the artifact, its loading, the
+command and the shipped artifact against the accuracy guard."""
 
 import pickle
 from pathlib import Path
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from model import Detector, ssd300_vgg16
-from model.checkpoint import save_checkpoint
 from model.data.synthetic import SyntheticShapes
-from model.evaluate import score
-from model.int8 import (
+from model.evaluation.evaluate import score
+from model.inference.int8 import (
     QuantizableSSD,
     activation_qparams,
     int8_artifact_for,
@@ -21,9 +20,11 @@ from model.int8 import (
     rebuild,
     save_int8,
 )
-from model.preprocessing import preprocess
+from model.inference.runtime import resolve_precision
+from model.network.postprocess import MAX_DETECTIONS, postprocess_each
+from model.network.preprocessing import preprocess
 from model.quantize import main, quantize_network
-from model.runtime import resolve_precision
+from model.weights.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "weights" / "ssd300_shapes.safetensors"
@@ -88,15 +89,17 @@ def test_artifact_round_trip_without_pickle(calibrated, tiny, tmp_path, monkeypa
     inputs = _images(2, split="test")
     with torch.inference_mode():
         expected = quantized(inputs.contiguous(memory_format=torch.channels_last))
-    loc, conf = detector.forward(inputs)
+    with torch.inference_mode():
+        loc, conf = detector.network(detector.runtime.inputs(inputs))
     assert torch.equal(loc, expected[0]) and torch.equal(conf, expected[1])
     # the same detections through the public path as through the calibrated network
     images = [SyntheticShapes(2, split="test")[i][0] for i in range(2)]
     sizes = [(int(image.shape[2]), int(image.shape[1])) for image in images]
     ours = detector.predict(images, score_threshold=0.01)
-    reference = detector.decode(*expected, sizes, score_threshold=0.01)
-    for a, b in zip(ours, reference, strict=True):
-        assert torch.equal(a.boxes, b.boxes) and a.labels == b.labels
+    default_boxes = quantized.get_buffer("default_boxes")
+    reference = postprocess_each(*expected, default_boxes, sizes, [0.01] * 2, [MAX_DETECTIONS] * 2)
+    for a, (boxes, _, class_ids) in zip(ours, reference, strict=True):
+        assert torch.equal(a.boxes, boxes) and torch.equal(a.class_ids, class_ids)
 
 
 def test_int8_without_artifact_names_the_expected_file(tiny):

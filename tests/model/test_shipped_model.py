@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model import Detector
-from model.evaluate import predict_dataset, score
+from model.evaluation.evaluate import predict_dataset, score
 from tests.model.hand_drawn import hand_drawn_set
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from model import Detector, ssd300_vgg16
-from model.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
-from model.evaluate import evaluate
+from model.evaluation.evaluate import evaluate
 from model.train import RECIPES, _datasets, _parse_args, main
+from model.weights.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1"]

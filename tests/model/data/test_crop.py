@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.boxes import box_iou
 from model.data.crop import CAFFE_MIN_IOUS, IoUCrop, crop_sample
+from model.network.boxes import box_iou
 from tests.model.data.support import no_boxes, random_boxes, random_image, seeded
 
 

@@ -14,7 +14,7 @@ from model.data.transforms import (
     TrainTransform,
     ZoomOut,
 )
-from model.preprocessing import PIXEL_MEAN, preprocess
+from model.network.preprocessing import PIXEL_MEAN, preprocess
 from tests.model.data.support import no_boxes, random_image
 
 MEAN_U8 = torch.tensor(PIXEL_MEAN, dtype=torch.float32).to(torch.uint8)[:, None, None]

@@ -1,0 +1,295 @@
+"""The Detector: images of any size and colour mode in, detections in each image's pixels out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model.inference.autotune import BATCH_SIZE, PrecisionChoice, choose_inference_precision
+from model.inference.int8 import QuantizableSSD, int8_artifact_for, load_int8
+from model.inference.runtime import INT8, Runtime, resolve_device
+from model.network.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess_each
+from model.network.preprocessing import PIXEL_MEAN, RESIZES, ImageLike, preprocess, to_rgb_tensor
+from model.network.ssd import SSD
+from model.weights.checkpoint import load_checkpoint
+
+log = logging.getLogger("model.inference.detector")
+
+
+class Detector:
+    """An SSD network with its class names, ready to run on images.
+
+    One batch API: ``prepare`` each image (on any thread), then ``run_batch`` the prepared
+    inputs with per-image settings; ``predict`` does both. The service, the evaluator
+    (``model.evaluation.evaluate``) and the trainer's validation all run batches through it.
+
+    Args:
+        network: an ``SSD`` (from a builder or a checkpoint), or for ``"int8"`` a network
+            quantized by ``model.quantize``.
+        class_names: names of the foreground classes, for class ids 1..C-1.
+        device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` run under autocast, or ``"int8"``
+            for a ``network`` quantized by ``model.quantize`` (CPU only). Never ``"auto"``:
+            building a Detector measures nothing; ``Detector.load(..., precision="auto")``
+            times the candidates first (``model.inference.autotune.choose_inference_precision``) and
+            builds the Detector at the winner.
+        pixel_mean: RGB mean subtracted from 0-255 pixels, as the network was trained with.
+        resize: how images are resized to the input, as the network was trained with
+            (``model.network.preprocessing.RESIZES``).
+        nms_iou, top_k: post-processing settings (paper defaults 0.45 and 400).
+        precision_choice: what the measurement that chose ``precision`` found, if one ran.
+    """
+
+    def __init__(
+        self,
+        network: SSD | QuantizableSSD,
+        class_names: Sequence[str],
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        resize: str = "antialias",
+        nms_iou: float = NMS_IOU,
+        top_k: int = TOP_K,
+        precision_choice: PrecisionChoice | None = None,
+    ) -> None:
+        if len(class_names) != network.num_classes - 1:
+            raise ValueError(
+                f"the network has {network.num_classes - 1} foreground classes but "
+                f"{len(class_names)} class names were given"
+            )
+        self.runtime = Runtime.resolve(device, precision)
+        if (self.runtime.precision == INT8) == isinstance(network, SSD):
+            raise ValueError(
+                f"precision {self.runtime.precision!r} does not fit a {type(network).__name__}: "
+                "int8 runs a network quantized by model.quantize (Detector.load(path, "
+                "precision='int8')), and only int8 does"
+            )
+        self.device = self.runtime.device
+        self.precision = self.runtime.precision
+        self.precision_choice = precision_choice
+        self.class_names = list(class_names)
+        self.input_size = network.input_size
+        self.pixel_mean = tuple(float(m) for m in pixel_mean)
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+        self.resize = resize
+        self.nms_iou = nms_iou
+        self.top_k = top_k
+        self.network: nn.Module = self.runtime.place(network).eval()
+        self._default_boxes: Tensor = network.get_buffer("default_boxes").to(self.device)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike[str],
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+    ) -> Detector:
+        """Load a checkpoint written by ``model.weights.checkpoint.save_checkpoint``, or published
+        weights by name (``torchvision:coco``, ``ssd.pytorch:PATH``; ``model.weights.published``),
+        converted as they load.
+
+        ``precision`` is as for the constructor, or ``"auto"`` (the service's default too):
+        load, time each candidate this device offers on the network
+        (``model.inference.autotune.choose_inference_precision``, logged; ``precision_choice`` keeps
+        the figures), and build the Detector at the fastest that passes the accuracy guard.
+        ``int8`` reads the quantized network from the artifact beside the checkpoint
+        (``model.inference.int8.int8_artifact_path``; FileNotFoundError naming it when absent), and
+        ``auto`` on the CPU lets it compete when it is there.
+        """
+        if precision == INT8:
+            network, checkpoint = load_int8(source)
+        else:
+            checkpoint = load_checkpoint(source)
+            network = checkpoint.network
+        pixel_mean = checkpoint.normalization.get("mean", PIXEL_MEAN)
+        resize = checkpoint.normalization.get("resize", "antialias")
+        choice = None
+        if precision == "auto":
+            on = resolve_device(device)
+            quantized = None
+            if on.type == "cpu" and int8_artifact_for(source) is not None:
+                quantized, _ = load_int8(source)
+            inputs = _noise_inputs(network.input_size, pixel_mean, resize)
+            choice = choose_inference_precision(network, on, inputs, quantized)
+            precision = choice.precision
+            if precision == INT8:
+                assert quantized is not None
+                network = quantized
+        return cls(
+            network,
+            checkpoint.class_names,
+            device=device,
+            precision=precision,
+            pixel_mean=pixel_mean,
+            resize=resize,
+            precision_choice=choice,
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Sequence[ImageLike],
+        score_threshold: float = 0.3,
+        max_detections: int = MAX_DETECTIONS,
+    ) -> list[Detections]:
+        """Detect objects in a batch of images, run as one forward pass: ``prepare`` each, then
+        ``run_batch`` them with the same settings.
+
+        Args:
+            images: PIL images (any mode: L, RGB, RGBA, CMYK, P, 16-bit) or uint8
+                Tensors[C, H, W] with C in (1, 3, 4), each of any size.
+            score_threshold: keep detections scoring strictly above this (0..1).
+            max_detections: at most this many detections per image.
+
+        Returns:
+            One ``Detections`` per image, boxes xyxy in that image's pixels.
+        """
+        if len(images) == 0:
+            return []
+        prepared = [self.prepare(image) for image in images]
+        count = len(prepared)
+        return self.run_batch(
+            [inputs for inputs, _ in prepared],
+            [size for _, size in prepared],
+            [score_threshold] * count,
+            [max_detections] * count,
+        ).detections
+
+    @torch.inference_mode()
+    def run_batch(
+        self,
+        inputs: Sequence[ModelInput],
+        sizes: Sequence[tuple[int, int]],
+        score_thresholds: Sequence[float],
+        max_detections: Sequence[int],
+    ) -> BatchResult:
+        """Prepared images in, one ``Detections`` per image out: stack, move to the device,
+        one forward pass, post-processing. The one way a batch runs.
+
+        Args:
+            inputs: network inputs from ``prepare``, each float32 Tensor[3, S, S].
+            sizes: each image's (width, height) in pixels, the frame its boxes come back in
+                (``prepare`` gives the decoded image's; a caller that decoded at reduced scale
+                passes the full size).
+            score_thresholds: per image, keep detections scoring strictly above this (0..1).
+            max_detections: per image, at most this many detections (>= 1).
+
+        Returns:
+            The detections, one per input in order, and the seconds the forward pass (with
+            the stacking and the copy to the device) and the post-processing (box decoding,
+            NMS, the cut to each image's settings) took.
+
+        Raises:
+            ValueError: the four sequences differ in length (the message gives the lengths),
+                or a threshold or cap is out of range.
+            RuntimeError: the model gave a number of results other than the inputs'.
+        """
+        count = len(inputs)
+        _check_lengths(count, sizes, score_thresholds, max_detections)
+        if count == 0:
+            return BatchResult([], 0.0, 0.0)
+        start = time.perf_counter()
+        batch = self.runtime.inputs(torch.stack(list(inputs)))  # N x [3, S, S] -> [N, 3, S, S]
+        with self.runtime.autocast():
+            loc, conf = self.network(batch)
+        if self.device.type == "cuda":  # kernels run asynchronously: count them here
+            torch.cuda.synchronize(self.device)
+        forwarded = time.perf_counter()
+        detections = self._postprocess(loc, conf, sizes, score_thresholds, max_detections)
+        done = time.perf_counter()
+        if len(detections) != count:
+            raise RuntimeError(f"the model returned {len(detections)} results for {count} inputs")
+        return BatchResult(detections, forward_s=forwarded - start, postprocess_s=done - forwarded)
+
+    def warm_up(self) -> None:
+        """Run a blank (black) image through ``run_batch``, so the first real batch does not
+        pay for the backend's first-call set-up. Call it on the thread that will run batches.
+        """
+        side = self.input_size
+        inputs, size = self.prepare(torch.zeros((3, side, side), dtype=torch.uint8))
+        self.run_batch([inputs], [size], [0.0], [1])
+
+    def prepare(self, image: ImageLike) -> tuple[Tensor, tuple[int, int]]:
+        """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
+
+        CPU-only work (colour conversion, resize, mean subtraction): safe to run in a thread.
+        """
+        rgb = to_rgb_tensor(image)
+        size = (int(rgb.shape[2]), int(rgb.shape[1]))
+        return preprocess([rgb], self.input_size, self.pixel_mean, self.resize)[0], size
+
+    def _postprocess(
+        self,
+        loc: Tensor,
+        conf: Tensor,
+        sizes: Sequence[tuple[int, int]],
+        score_thresholds: Sequence[float],
+        max_detections: Sequence[int],
+    ) -> list[Detections]:
+        """Raw outputs (loc Tensor[N, P, 4], conf Tensor[N, P, C] logits) to detections on the
+        CPU, with class names, in each image's pixels
+        (``model.network.postprocess.postprocess_each``)."""
+        outputs = postprocess_each(
+            loc.float(),
+            conf.float(),
+            self._default_boxes,
+            list(sizes),
+            score_thresholds,
+            max_detections,
+            nms_iou=self.nms_iou,
+            top_k=self.top_k,
+        )
+        results = []
+        for boxes, scores, class_ids in outputs:
+            labels = [self.class_names[i - 1] for i in class_ids.tolist()]
+            results.append(Detections(boxes.cpu(), scores.cpu(), class_ids.cpu(), labels))
+        return results
+
+
+def _noise_inputs(side: int, pixel_mean: Sequence[float], resize: str) -> Tensor:
+    """``BATCH_SIZE`` prepared noise images, Tensor[N, 3, side, side] float32, to time the
+    precisions on; seeded, so every start measures the same inputs."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+    prepared = preprocess([pixels], side, tuple(float(m) for m in pixel_mean), resize)[0]
+    return torch.stack([prepared] * BATCH_SIZE)
+
+
+# What ``Detector.prepare`` makes of one image (float32 Tensor[3, S, S]) and ``run_batch``
+# takes back: callers that only queue it (the service's batcher) name it by this.
+ModelInput = Tensor
+
+
+def _check_lengths(
+    count: int,
+    sizes: Sequence[object],
+    score_thresholds: Sequence[object],
+    max_detections: Sequence[object],
+) -> None:
+    """Raise ValueError, naming every length, unless the ``count`` inputs and the three
+    per-image sequences agree."""
+    lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
+    if len(set(lengths)) != 1:
+        raise ValueError(
+            f"run_batch needs one size, threshold and cap per image; got {count} inputs, "
+            f"{lengths[1]} sizes, {lengths[2]} score_thresholds and {lengths[3]} max_detections"
+        )
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What ``Detector.run_batch`` gives: one ``Detections`` per input, in order, and the
+    wall-clock seconds of the batch's forward pass (with its stacking and copy to the device)
+    and of its post-processing."""
+
+    detections: list[Detections]
+    forward_s: float
+    postprocess_s: float

@@ -1,0 +1,104 @@
+"""Images in, network input out: colour-mode handling, resizing and SSD's normalisation.
+
+The authors' Caffe models take BGR pixel values 0-255 minus the ImageNet mean (104, 117, 123),
+with no scaling. Images here are RGB, so the mean is (123, 117, 104). The image is resized to
+the network size ignoring its aspect ratio, as the paper does (sec. 3): antialiased, on the
+uint8 pixels, for networks trained here; or, for weights trained elsewhere
+(``model.weights.published``), as their training resized: ``"bilinear"``, without antialiasing, on
+float pixels, as torchvision's detection transform (``F.interpolate``) and ssd.pytorch's
+``cv2.resize`` do. A checkpoint names its resize in ``normalization["resize"]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+# The authors' mean_value in RGB order (ssd_pascal.py: [104, 117, 123] for BGR). No std.
+PIXEL_MEAN = (123.0, 117.0, 104.0)
+# Transparent pixels are shown on white, as a browser or image viewer would show them.
+_BACKGROUND = (255, 255, 255)
+
+ImageLike = Image.Image | Tensor
+RESIZES = ("antialias", "bilinear")  # see the module docstring
+
+
+def to_rgb_tensor(image: ImageLike) -> Tensor:
+    """Any PIL image or uint8 Tensor[C, H, W] (C in 1, 3, 4) as a uint8 RGB Tensor[3, H, W].
+
+    Greyscale is replicated, alpha is composited on white, CMYK and palette images are
+    converted by Pillow, and 16/32-bit greyscale is scaled down to 8 bits (Pillow's own
+    conversion would clip it instead).
+    """
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(_pil_to_rgb(image))
+    if not isinstance(image, Tensor):
+        raise TypeError(f"expected a PIL image or a uint8 Tensor[C, H, W], got {type(image)}")
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            "expected a uint8 Tensor[C, H, W] with C in (1, 3, 4), "
+            f"got dtype {image.dtype} and shape {tuple(image.shape)}"
+        )
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"image has no pixels: shape {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        return image.expand(3, -1, -1).contiguous()
+    if image.shape[0] == 4:
+        rgb, alpha = image[:3].float(), image[3:].float() / 255.0
+        background = torch.tensor(_BACKGROUND, dtype=torch.float32)[:, None, None]
+        return (rgb * alpha + background * (1.0 - alpha)).round().to(torch.uint8)
+    return image
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image has no pixels: size {image.size}")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        # I;16 is 16-bit by definition; Pillow also opens 16-bit greyscale PNGs as "I", so an
+        # "I" image with values above 8 bits is taken as 16-bit. "F" is read as 0..255.
+        sixteen_bit = image.mode.startswith("I;16") or (
+            image.mode == "I" and pixels.max(initial=0) > 255
+        )
+        full_scale = 65535.0 if sixteen_bit else 255.0
+        grey = np.clip(pixels / full_scale * 255.0, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(grey)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, _BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def preprocess(
+    images: list[Tensor],
+    size: int,
+    mean: tuple[float, ...] = PIXEL_MEAN,
+    resize: str = "antialias",
+) -> Tensor:
+    """uint8 RGB Tensors[3, H, W] to the network input: float32 Tensor[N, 3, size, size].
+
+    Each image is resized to ``size`` x ``size`` (bilinear; ``resize`` as in the module
+    docstring), and ``mean`` (RGB) is subtracted from the 0-255 values. The work runs where
+    the images are (CPU or GPU; all on one device).
+    """
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images[0].device)[:, None, None]
+    antialias = resize == "antialias"
+    resized = [
+        TF.resize(
+            img if antialias else img.float(),
+            [size, size],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            antialias=antialias,
+        )
+        for img in images
+    ]
+    return torch.stack(resized).float() - mean_t
