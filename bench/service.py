@@ -38,8 +38,9 @@ READY_TIMEOUT_S = 120.0
 
 
 def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    """The sample ``name`` summed over its labels (one series per model)."""
+    found = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for value in found)
 
 
 def start_server(
