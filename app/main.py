@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -132,20 +132,23 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             on_cut=lifecycle.cut_uploads.set,
             cut_after_s=config.shutdown_timeout_s - UPLOAD_CUT_MARGIN_S,
         )
-        restore_sighup = install_reload_handler(registry.reload_all, loop)
+        restore_sighup: Callable[[], None] | None = None
         try:
             try:
                 await registry.start()
             except SettingsError as exc:
                 log.error("cannot start: %s", exc)
                 raise
+            # Only now: a SIGHUP before every model is loaded would have nothing to reload.
+            restore_sighup = install_reload_handler(registry.reload_all, loop)
             lifecycle.ready = True
             for line in registry.describe():
                 log.info("serving %s", line)
             yield
         finally:
             lifecycle.draining = True
-            restore_sighup()
+            if restore_sighup is not None:
+                restore_sighup()
             restore_sigterm()
             await registry.stop()
             await run_in_threadpool(service.pipeline.pool.shutdown)

@@ -98,6 +98,8 @@ class Pipeline:
         """
         deadline = time.monotonic() + self.request_timeout_s
         self.lifecycle.check_accepting()
+        # No await between picking the copy and being admitted to it: a swap, which runs on
+        # this event loop, cannot come between, so the copy's batcher is still running.
         copy = self.registry.get(model)
         threshold = self.score_threshold if score_threshold is None else score_threshold
         cap = self.max_detections if max_detections is None else max_detections
