@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 # The --data forms, as the command lines' help gives them (load_dataset says what each means).
-SPEC_FORMS = "voc:PATH[:SPLIT], coco:IMAGES:JSON, synthetic[:N]"
+SPEC_FORMS = "voc:PATH[:SPLIT], coco:IMAGES:JSON, coco:FOLDER (Roboflow), synthetic[:N]"
+# The annotation file of each split folder of Roboflow's COCO export.
+ROBOFLOW_COCO_FILE = "_annotations.coco.json"
 # Default lengths of the synthetic dataset when the spec gives no N.
 SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_EVAL_LENGTH = 10_000, 500
 
@@ -57,6 +59,8 @@ def load_dataset(
         ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.data.coco ("all" and
             "test": every image; "train" and "val" split the file as a VOC folder without
             split files)
+        ``coco:FOLDER``  Roboflow's COCO export: FOLDER/_annotations.coco.json, the images
+            beside it (one such folder per split: train/, valid/, test/)
         ``synthetic[:N]``  procedural shapes, see model.data.synthetic; N samples, by default
             SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
             ("val" has its own stream; "test" and "all" share the test stream)
@@ -80,8 +84,16 @@ def load_dataset(
             classes=classes,
             use_difficult=use_difficult,
         )
-    if kind == "coco" and ":" in rest:
-        images_dir, annotations = rest.rsplit(":", 1)
+    if kind == "coco" and rest:
+        if ":" in rest and not Path(rest).is_dir():
+            images_dir, annotations = rest.rsplit(":", 1)
+        else:
+            images_dir, annotations = rest, str(Path(rest) / ROBOFLOW_COCO_FILE)
+            if not Path(annotations).is_file():
+                raise FileNotFoundError(
+                    f"coco:FOLDER needs {ROBOFLOW_COCO_FILE} in the folder (or use "
+                    f"coco:IMAGES_DIR:ANNOTATIONS_JSON): not found: {annotations}"
+                )
         return CocoDataset(
             images_dir, annotations, classes=classes, split=split, val_fraction=val_fraction
         )
@@ -95,7 +107,4 @@ def load_dataset(
             raise ValueError(f"synthetic:N needs a positive integer N, got {spec!r}")
         stream = split if split in ("train", "val") else "test"
         return SyntheticShapes(int(rest) if rest else default, split=stream)
-    raise ValueError(
-        "data spec must be voc:PATH[:SPLIT], coco:IMAGES_DIR:ANNOTATIONS_JSON or "
-        f"synthetic[:N], got {spec!r}"
-    )
+    raise ValueError(f"data spec must be one of {SPEC_FORMS}, got {spec!r}")

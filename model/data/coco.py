@@ -7,6 +7,7 @@ Samples follow the contract in ``model.data.base``, with the COCO-only "areas" a
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 
 from model.data.base import SPLITS, DetectionDataset, Record, holdout, image_size
 from model.network.boxes import xywh_to_xyxy
+
+logger = logging.getLogger(__name__)
 
 
 class CocoDataset(DetectionDataset):
@@ -27,7 +30,10 @@ class CocoDataset(DetectionDataset):
 
     Boxes are ``[x, y, width, height]`` in pixel-edge coordinates, turned into xyxy. Categories,
     sorted by id, become labels 1..C-1 with their names kept, all of the file's categories
-    whether used or not; ``label_to_category_id`` and ``category_id_to_label`` map between the
+    whether used or not, but placeholders: a category that no annotation uses and that is
+    named as another category's supercategory (Roboflow's exports carry their dataset's name
+    as category 0, the supercategory of every real class) is dropped and logged.
+    ``label_to_category_id`` and ``category_id_to_label`` map between the
     two. With ``classes`` fixed, categories are matched by name and annotations of other
     categories are skipped and counted. ``iscrowd`` annotations are never training boxes; they
     go to ``target["crowd_boxes"]`` and ``target["crowd_labels"]``. Each annotation's ``area``
@@ -55,6 +61,7 @@ class CocoDataset(DetectionDataset):
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot read COCO annotations {annotations}: {error}") from error
         if classes is None:
+            categories = self._drop_placeholders(categories, data.get("annotations", []))
             classes = [c["name"] for c in categories]
         super().__init__(f"coco:{images_dir}:{annotations}", classes)
         label_of_name = {name: k for k, name in enumerate(self.class_names, start=1)}
@@ -75,6 +82,26 @@ class CocoDataset(DetectionDataset):
         by_id.update(dict.fromkeys(other_split))
         self._index_objects(data.get("annotations", []), by_id)
         self._finish_index()
+
+    @staticmethod
+    def _drop_placeholders(
+        categories: list[dict[str, Any]], annotations: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """``categories`` without the placeholders (see the class), which are logged."""
+        used = {ann.get("category_id") for ann in annotations if isinstance(ann, dict)}
+        placeholders = [
+            c
+            for c in categories
+            if c["id"] not in used
+            and any(o is not c and o.get("supercategory") == c["name"] for o in categories)
+        ]
+        if placeholders:
+            logger.info(
+                "COCO categories dropped as placeholders (no annotation uses them, and they "
+                "name other categories' supercategory): %s",
+                ", ".join(f"{c['id']} {c['name']!r}" for c in placeholders),
+            )
+        return [c for c in categories if not any(c is p for p in placeholders)]
 
     def _index_images(
         self, images: list[dict[str, Any]], images_dir: Path

@@ -1,9 +1,11 @@
 """model.data.coco: coco128 from ../shared/datasets, and bad COCO JSON built in tmp_path."""
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from model.data import CocoDataset, load_dataset
@@ -127,3 +129,51 @@ def test_coco_bad_data_and_a_wrong_image_size(tmp_path):
     assert report["malformed_objects"] == 1
     dataset[0]
     assert dataset.report()["size_mismatches"] == 1  # counted once per image, not per load
+
+
+def test_roboflow_folder_drops_its_placeholder_category(coco128, tmp_path, caplog):
+    # Roboflow's COCO export: one folder per split, _annotations.coco.json beside the images,
+    # and category 0 named after the dataset, the supercategory of every real class, unused.
+    data = json.loads((coco128 / "annotations" / "instances.json").read_text())
+    data["categories"] = [{"id": 0, "name": "coco128-things", "supercategory": "none"}] + [
+        {**c, "supercategory": "coco128-things"} for c in data["categories"]
+    ]
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for image in data["images"]:
+        (folder / image["file_name"]).symlink_to(coco128 / "images" / image["file_name"])
+    (folder / "_annotations.coco.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="model.data.coco"):
+        dataset = load_dataset(f"coco:{folder}", split="all")
+    original = load_dataset(_coco_spec(coco128), split="all")
+    # The 9 real categories no annotation uses stay: only the placeholder goes.
+    assert dataset.class_names == original.class_names and len(dataset.class_names) == 80
+    assert dataset.category_id_to_label == original.category_id_to_label
+    assert sum(len(dataset.target(i)["boxes"]) for i in range(len(dataset))) == 929
+    dropped = [r.getMessage() for r in caplog.records if "placeholder" in r.getMessage()]
+    assert len(dropped) == 1 and "0 'coco128-things'" in dropped[0]
+    # Its split folders hold the file; a folder without one is named.
+    with pytest.raises(FileNotFoundError, match=r"_annotations\.coco\.json"):
+        load_dataset(f"coco:{coco128 / 'images'}", split="all")
+
+
+def test_placeholder_kept_when_used_or_fixed_by_classes(tmp_path):
+    write_image(tmp_path / "a.jpg", size=(50, 40))
+    categories = [
+        {"id": 0, "name": "pets", "supercategory": "none"},
+        {"id": 1, "name": "cat", "supercategory": "pets"},
+        {"id": 2, "name": "dog", "supercategory": "pets"},
+    ]
+    images = [{"id": 1, "file_name": "a.jpg", "width": 50, "height": 40}]
+    box = {"image_id": 1, "bbox": [1, 1, 10, 10], "iscrowd": 0}
+    for used in ([2], [0, 2]):
+        annotations = [{"id": k, "category_id": c, **box} for k, c in enumerate(used)]
+        (tmp_path / "_annotations.coco.json").write_text(
+            json.dumps({"categories": categories, "images": images, "annotations": annotations})
+        )
+        dataset = load_dataset(f"coco:{tmp_path}", split="all")
+        # Unused "cat" is a real class (nobody's supercategory); "pets" only while unused.
+        expected = ["cat", "dog"] if used == [2] else ["pets", "cat", "dog"]
+        assert dataset.class_names == expected
+    fixed = load_dataset(f"coco:{tmp_path}", split="all", classes=["pets", "dog"])
+    assert fixed.class_names == ["pets", "dog"]

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from model.data import SyntheticShapes, load_dataset
+from model.data import SPEC_FORMS, SyntheticShapes, load_dataset
 
 
 def test_synthetic_spec_lengths_and_streams():
@@ -18,14 +18,21 @@ def test_synthetic_spec_lengths_and_streams():
     assert target["crowd_labels"].dtype == torch.int64 and target["crowd_labels"].shape == (0,)
 
 
-@pytest.mark.parametrize("spec", ["", "voc", "coco:only_one_path", "synthetic:-3", "yolo:x"])
+@pytest.mark.parametrize("spec", ["", "voc", "coco", "synthetic:-3", "yolo:x", "x:y"])
 def test_bad_specs_name_themselves(spec):
     with pytest.raises(ValueError, match=re.escape(repr(spec))):
         load_dataset(spec, split="train")
 
 
+def test_bad_spec_errors_list_every_form():
+    with pytest.raises(ValueError, match=re.escape(SPEC_FORMS)):
+        load_dataset("yolo:x", split="train")
+    assert "coco:FOLDER" in SPEC_FORMS
+
+
 def test_bad_split_and_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="'training'"):
         load_dataset("synthetic", split="training")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_dataset(f"voc:{tmp_path / 'nowhere'}", split="train")
+    for kind in ("voc", "coco"):
+        with pytest.raises(FileNotFoundError, match="nowhere"):
+            load_dataset(f"{kind}:{tmp_path / 'nowhere'}", split="train")
