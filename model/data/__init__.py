@@ -7,6 +7,7 @@ it back, so there is no cycle to hide.
     base.py       the sample contract, DetectionDataset (index, clip, count bad data), SPLITS
     voc.py        VocDataset: Pascal VOC XML, in a VOCdevkit or any folder
     coco.py       CocoDataset: COCO JSON
+    yolo.py       YoloDataset: YOLO text labels and their data.yaml
     synthetic.py  SyntheticShapes: procedural shapes, no download
     seeding.py    the one seeding scheme (numpy SeedSequence over integer keys)
     transforms.py the paper's training augmentation and the eval transform
@@ -22,6 +23,7 @@ from model.data.base import SPLITS, DetectionDataset
 from model.data.coco import CocoDataset
 from model.data.synthetic import SyntheticShapes
 from model.data.voc import VocDataset
+from model.data.yolo import YoloDataset
 
 __all__ = [
     "SPEC_FORMS",
@@ -32,11 +34,15 @@ __all__ = [
     "DetectionDataset",
     "SyntheticShapes",
     "VocDataset",
+    "YoloDataset",
     "load_dataset",
 ]
 
 # The --data forms, as the command lines' help gives them (load_dataset says what each means).
-SPEC_FORMS = "voc:PATH[:SPLIT], coco:IMAGES:JSON, coco:FOLDER (Roboflow), synthetic[:N]"
+SPEC_FORMS = (
+    "voc:PATH[:SPLIT], coco:IMAGES:JSON, coco:FOLDER (Roboflow), yolo:DATA.YAML[:SPLIT], "
+    "synthetic[:N]"
+)
 # The annotation file of each split folder of Roboflow's COCO export.
 ROBOFLOW_COCO_FILE = "_annotations.coco.json"
 # Default lengths of the synthetic dataset when the spec gives no N.
@@ -61,6 +67,8 @@ def load_dataset(
             split files)
         ``coco:FOLDER``  Roboflow's COCO export: FOLDER/_annotations.coco.json, the images
             beside it (one such folder per split: train/, valid/, test/)
+        ``yolo:DATA_YAML[:SPLIT]``  YOLO labels, see model.data.yolo; SPLIT (one of SPLITS)
+            fixes the part of the yaml used, whatever ``split`` asks for
         ``synthetic[:N]``  procedural shapes, see model.data.synthetic; N samples, by default
             SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
             ("val" has its own stream; "test" and "all" share the test stream)
@@ -97,6 +105,13 @@ def load_dataset(
         return CocoDataset(
             images_dir, annotations, classes=classes, split=split, val_fraction=val_fraction
         )
+    if kind == "yolo" and rest:
+        path, part = rest, ""
+        if not Path(rest).exists() and ":" in rest:
+            path, part = rest.rsplit(":", 1)
+            if part not in SPLITS:
+                raise ValueError(f"yolo:DATA_YAML:SPLIT needs SPLIT in {SPLITS}, got {spec!r}")
+        return YoloDataset(path, split=part or split, val_fraction=val_fraction, classes=classes)
     if kind == "synthetic":
         if classes is not None and list(classes) != SyntheticShapes.class_names:
             raise ValueError(

@@ -3,10 +3,10 @@
     python -m model.evaluate --weights W --data D [--json OUT] [--save-detections OUT]
         [--plot PNG]
 
-``--data`` takes the training module's forms (``voc:PATH[:SPLIT]``, ``coco:IMAGES:JSON``,
-``synthetic[:N]``). Detections are made by the same ``Detector`` the service uses, at the
-evaluation score threshold of the paper and torchvision (0.01), and scored in each image's
-own pixels.
+``--data`` takes the training module's forms (``model.data.SPEC_FORMS``: VOC, COCO, Roboflow's
+COCO folder, YOLO's data.yaml, synthetic). Detections are made by the same ``Detector`` the
+service uses, at the evaluation score threshold of the paper and torchvision (0.01), and scored
+in each image's own pixels.
 """
 
 from __future__ import annotations

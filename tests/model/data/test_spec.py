@@ -18,7 +18,9 @@ def test_synthetic_spec_lengths_and_streams():
     assert target["crowd_labels"].dtype == torch.int64 and target["crowd_labels"].shape == (0,)
 
 
-@pytest.mark.parametrize("spec", ["", "voc", "coco", "synthetic:-3", "yolo:x", "x:y"])
+@pytest.mark.parametrize(
+    "spec", ["", "voc", "coco", "synthetic:-3", "yolo", "yolo:nowhere.yaml:training", "x:y"]
+)
 def test_bad_specs_name_themselves(spec):
     with pytest.raises(ValueError, match=re.escape(repr(spec))):
         load_dataset(spec, split="train")
@@ -26,13 +28,13 @@ def test_bad_specs_name_themselves(spec):
 
 def test_bad_spec_errors_list_every_form():
     with pytest.raises(ValueError, match=re.escape(SPEC_FORMS)):
-        load_dataset("yolo:x", split="train")
-    assert "coco:FOLDER" in SPEC_FORMS
+        load_dataset("yolo", split="train")
+    assert "yolo:DATA.YAML[:SPLIT]" in SPEC_FORMS and "coco:FOLDER" in SPEC_FORMS
 
 
 def test_bad_split_and_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="'training'"):
         load_dataset("synthetic", split="training")
-    for kind in ("voc", "coco"):
+    for kind in ("voc", "yolo", "coco"):
         with pytest.raises(FileNotFoundError, match="nowhere"):
             load_dataset(f"{kind}:{tmp_path / 'nowhere'}", split="train")
