@@ -188,7 +188,8 @@ class YoloDataset(DetectionDataset):
 
     def _add_lines(self, record: Record, label_file: str, lines: list[str]) -> None:
         """Add each good line of a label file to ``record``; count and log the bad ones."""
-        parsed: list[tuple[int, int, list[float]]] = []  # line number, label, cxcywh or xyxy
+        # line number, label, normalised box, whether it is cxcywh (else xyxy, a segment's)
+        parsed: list[tuple[int, int, list[float], bool]] = []
         for number, line in enumerate(lines, start=1):
             fields = line.split()
             if not fields:
@@ -208,13 +209,15 @@ class YoloDataset(DetectionDataset):
         width, height = record.size
         scale = torch.tensor([width, height, width, height], dtype=torch.float64)
         # (G, 4) normalised xyxy -> pixels, with the export's rounding at the edges undone
-        normalised = torch.tensor([box for _, _, box in parsed], dtype=torch.float64)
+        normalised = torch.tensor([box for _, _, box, _ in parsed], dtype=torch.float64)
+        centred = torch.tensor([is_cxcywh for *_, is_cxcywh in parsed])
+        normalised[centred] = cxcywh_to_xyxy(normalised[centred])
         normalised[normalised.abs() < ROUNDING] = 0.0
         normalised[(normalised - 1).abs() < ROUNDING] = 1.0
         boxes = normalised * scale
         _, keep = clip_and_sanitize(boxes, (height, width))
         rows = zip(parsed, boxes.tolist(), keep.tolist(), strict=True)
-        for (number, label, _), box, kept in rows:
+        for (number, label, *_), box, kept in rows:
             if not kept:
                 self._counts["zero_area_boxes"] += 1
                 self._log_line(label_file, number, "no area inside the image; line skipped")
@@ -224,9 +227,10 @@ class YoloDataset(DetectionDataset):
                 self._log_line(label_file, number, "box clipped to the image")
             self._add_object(record, box, label)
 
-    def _parse_line(self, fields: list[str]) -> tuple[int, list[float]] | str:
-        """(label, normalised xyxy box) of one line's fields, or "report_key:why" for a bad
-        line ("unlisted:..." for a class left out by ``classes``)."""
+    def _parse_line(self, fields: list[str]) -> tuple[int, list[float], bool] | str:
+        """(label, normalised box, whether the box is cxcywh rather than xyxy) of one line's
+        fields, or "report_key:why" for a bad line ("unlisted:" for a class left out by
+        ``classes``)."""
         if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
             return (
                 f"malformed_objects:{len(fields)} fields, not 5 (class cx cy w h) nor an odd "
@@ -253,12 +257,10 @@ class YoloDataset(DetectionDataset):
                 f"malformed_objects:{outside[0]} outside 0-1 by more than {TOLERANCE} "
                 "(not normalised?); line skipped"
             )
-        if len(values) == 4:
-            box = cxcywh_to_xyxy(torch.tensor(values, dtype=torch.float64)).tolist()
-        else:  # a segment: x1 y1 x2 y2 ..., its bounding box
-            xs, ys = values[0::2], values[1::2]
-            box = [min(xs), min(ys), max(xs), max(ys)]
-        return self._label_of_id[class_id], box
+        if len(values) == 4:  # cx cy w h, turned into xyxy per file (one call, not per line)
+            return self._label_of_id[class_id], values, True
+        xs, ys = values[0::2], values[1::2]  # a segment: x1 y1 x2 y2 ..., its bounding box
+        return self._label_of_id[class_id], [min(xs), min(ys), max(xs), max(ys)], False
 
     def _log_line(self, label_file: str, number: int, why: str) -> None:
         self._logged += 1
