@@ -477,6 +477,9 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
     try:
         trainer = build_trainer(args, started, clock)
         if trainer.processes.is_main:
+            curve = trainer.optimisation.curve
+            if curve is not None and (note := curve.scaled_warmup()):
+                logger.info("%s", note)
             length = f"{args.minutes:g} minutes" if args.minutes else f"{trainer.plan.total} steps"
             logger.info(
                 "training %s on %s: %d images, classes %s, %s (%d steps per epoch)",

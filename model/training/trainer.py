@@ -391,8 +391,13 @@ class Trainer:
         if total is None or total == self.plan.total:
             return
         self.plan = replace(self.plan, total=total)
-        if self.optimisation.curve is not None:
-            self.optimisation.curve.total = total  # the learning-rate curve ends with the run
+        curve = self.optimisation.curve
+        if curve is not None:
+            warmup = curve.warmup
+            curve.total = total  # the learning-rate curve ends with the run
+            note = curve.scaled_warmup()
+            if note and curve.warmup != warmup and self.processes.is_main:
+                logger.info("%s", note)  # a warm-up is never shortened silently
         bar.total = total
         bar.refresh()
         self._log({"step": self.step, "planned_steps": total})
