@@ -214,6 +214,8 @@ def test_divergence_stops_with_the_step_and_writes_nothing(tmp_path, capsys):
             "1e12",
             "--warmup-steps",
             "1",
+            "--clip-grad-norm",
+            "0",  # the loss's own check (clipping, a random start's default, is the next test)
             "--eval-every",
             "0",
             *TINY,
@@ -221,6 +223,18 @@ def test_divergence_stops_with_the_step_and_writes_nothing(tmp_path, capsys):
     )
     assert code == 3
     assert "non-finite loss at step" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_divergence_under_clipping_stops_before_the_weights_turn_nan(tmp_path, capsys):
+    # Clipping scales an infinite gradient by 0, so the weights would turn NaN under a finite
+    # loss; the step is refused at once, and nothing is written (synthetic:8 in batches of 4
+    # ends an epoch, and saves, every 2 steps).
+    out = tmp_path / "nan.safetensors"
+    args = ["--data", "synthetic:8", "--out", str(out), "--steps", "4", "--batch-size", "4",
+            "--lr", "1e12", "--warmup-steps", "1", "--eval-every", "0", *TINY]  # fmt: skip
+    assert main([*args, "--clip-grad-norm", "5"]) == 3
+    assert "non-finite gradient norm at step 2" in capsys.readouterr().err
     assert not out.exists()
 
 
