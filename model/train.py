@@ -4,6 +4,10 @@ Reads any ``--data`` form of ``model.data`` (``voc:PATH[:SPLIT]``, ``coco:IMAGES
 ``synthetic[:N]``), applies the paper's augmentation, minimises the MultiBox loss with SGD
 (momentum 0.9, weight decay 5e-4, as the authors; or AdamW with ``--optimizer adamw``) under
 a warm-up then step or cosine schedule, and writes a ``Detector`` checkpoint every epoch.
+From random weights (no ``--init``, no ``--backbone-weights``) the flags not given default to a
+stable start (BatchNorm, a capped gradient norm, and ``--recipe small-scratch``'s batch size,
+learning rate and warm-up); from trained weights, to the paper's. The log's first
+lines say which, and how a run too short for its warm-up scales it down.
 Besides ``--out``:
 
 * ``<out stem>.state.safetensors``: model, optimiser, scheduler, step and RNG state, for
@@ -115,6 +119,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "precision": "auto",
     },
 }
+# The flags a random start (no --init, no --backbone-weights) takes from small-scratch when
+# neither they nor a --recipe are given: the ones its stability rests on. The paper's recipe
+# (no BatchNorm, no clipping, lr 1e-3 for 32 images) assumes ImageNet weights; from random
+# weights a VGG without BatchNorm diverged at it within 4 steps (issue #23: loss 9.9, 182.7,
+# 1.35e6, NaN). BatchNorm, the gradient-norm cap and the warm-up keep the first steps small,
+# and small-scratch's learning rate was measured with them (and with its batch size, since the
+# rate is per batch: the linear scaling rule). Its width, mosaics, average and precision are
+# choices for speed and accuracy, not stability: a plain run keeps the paper's.
+SCRATCH_FLAGS = ("batch_norm", "batch_size", "lr", "clip_grad_norm", "warmup_steps")
+SCRATCH_DEFAULTS = {name: RECIPES["small-scratch"][name] for name in SCRATCH_FLAGS}
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -130,6 +144,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     chosen, _ = parser.parse_known_args(argv)
     if chosen.recipe:
         parser.set_defaults(**RECIPES[chosen.recipe])
+    elif not (chosen.init or chosen.backbone_weights):
+        parser.set_defaults(**SCRATCH_DEFAULTS)
     args = parser.parse_args(argv)
     if args.epochs is None and args.steps is None and args.minutes is None:
         args.epochs = 1
@@ -186,7 +202,13 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PRESETS,
         help="default-box tiling (model.network.default_boxes; default: --init's, else voc)",
     )
-    p.add_argument("--batch-norm", action="store_true", help="BatchNorm after every conv")
+    p.add_argument(
+        "--batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="BatchNorm after every conv (default: on from a random start, off with --init or "
+        "--backbone-weights, as the paper)",
+    )
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = paper)")
     backbone = p.add_mutually_exclusive_group()
     backbone.add_argument(
@@ -214,7 +236,13 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         help="train for this much wall time: the steps that fit, measured as the run goes "
         "(the learning-rate schedule is fitted to them); the best checkpoint is kept",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help=f"per process (default: {SCRATCH_DEFAULTS['batch_size']} from a random start, else "
+        "32 as the paper)",
+    )
     p.add_argument(
         "--optimizer",
         default="sgd",
@@ -222,13 +250,26 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         help="sgd: the authors' (momentum 0.9, weight decay 5e-4); adamw: torch's AdamW "
         "(weight decay 0.01)",
     )
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help=f"base learning rate (default: {SCRATCH_DEFAULTS['lr']} from a random start, else "
+        "0.001 as the paper)",
+    )
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
-    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=500,
+        help="linear warm-up, scaled down in a run too short for it, as the log says "
+        f"(default: {SCRATCH_DEFAULTS['warmup_steps']} from a random start, else 500)",
+    )
     p.add_argument(
         "--clip-grad-norm",
         type=float,
-        help="clip the gradient's global L2 norm to this (default: no clipping)",
+        help="clip the gradient's global L2 norm to this (default: "
+        f"{SCRATCH_DEFAULTS['clip_grad_norm']} from a random start, else no clipping; 0: none)",
     )
     p.add_argument(
         "--ema",
@@ -272,6 +313,24 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         choices=SAVE_DTYPES,
         help="dtype of the weights in the written checkpoints",
+    )
+
+
+def defaults_in_use(args: argparse.Namespace) -> str:
+    """One line for the log: which defaults the run's flags came from, and why."""
+    values = ", ".join(f"{k.replace('_', '-')} {getattr(args, k)}" for k in SCRATCH_FLAGS)
+    if args.recipe:
+        return f"defaults: --recipe {args.recipe} ({values}; flags given win)"
+    if args.init or args.backbone_weights:
+        start = "--init" if args.init else "--backbone-weights"
+        return (
+            f"defaults: the paper's ({values}; flags given win), as the network starts from "
+            f"{start} weights"
+        )
+    return (
+        f"defaults: small-scratch's stable start ({values}; flags given win), as the network "
+        "starts from random weights (no --init or --backbone-weights), where the paper's "
+        "recipe diverges"
     )
 
 
@@ -477,6 +536,10 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
     try:
         trainer = build_trainer(args, started, clock)
         if trainer.processes.is_main:
+            logger.info("%s", defaults_in_use(args))
+            curve = trainer.optimisation.curve
+            if curve is not None and (note := curve.scaled_warmup()):
+                logger.info("%s", note)
             length = f"{args.minutes:g} minutes" if args.minutes else f"{trainer.plan.total} steps"
             logger.info(
                 "training %s on %s: %d images, classes %s, %s (%d steps per epoch)",

@@ -244,7 +244,8 @@ class Trainer:
             labels: per image, int64 Tensor[K] of class ids 1..C-1.
 
         Raises:
-            DivergenceError: the loss is not finite (checked before the weights change).
+            DivergenceError: the loss, or the gradient's norm when it is clipped, is not
+                finite (checked before the weights change).
         """
         runtime, opt = self.processes.runtime, self.optimisation
         self.wrapped.train()
@@ -263,7 +264,15 @@ class Trainer:
         opt.scaler.scale(terms.total).backward()
         if opt.clip_grad_norm:
             opt.scaler.unscale_(opt.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), opt.clip_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), opt.clip_grad_norm)
+            # Clipping scales an infinite gradient by 0: NaN weights under a finite loss, which
+            # the loss check above would only catch a step later, and an epoch's end between
+            # would fail to save them. fp16's scaler skips such steps itself.
+            if not opt.scaler.is_enabled() and not torch.isfinite(norm):
+                raise DivergenceError(
+                    f"non-finite gradient norm at step {self.step + 1} ({norm.item()}) under a "
+                    f"loss of {values[0].item():.4g}; the step is not taken. Lower --lr."
+                )
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
@@ -391,8 +400,13 @@ class Trainer:
         if total is None or total == self.plan.total:
             return
         self.plan = replace(self.plan, total=total)
-        if self.optimisation.curve is not None:
-            self.optimisation.curve.total = total  # the learning-rate curve ends with the run
+        curve = self.optimisation.curve
+        if curve is not None:
+            warmup = curve.warmup
+            curve.total = total  # the learning-rate curve ends with the run
+            note = curve.scaled_warmup()
+            if note and curve.warmup != warmup and self.processes.is_main:
+                logger.info("%s", note)  # a warm-up is never shortened silently
         bar.total = total
         bar.refresh()
         self._log({"step": self.step, "planned_steps": total})

@@ -2,6 +2,7 @@
 (with --recipe small-scratch, the command the README leads with)."""
 
 import json
+import math
 
 import pytest
 
@@ -135,8 +136,12 @@ def test_minutes_with_the_recipe_trains_what_fits_and_fits_the_schedule_to_it(tm
     # The cosine curve ends with the run: its last rate is the curve's end, not the 1000-epoch
     # provisional plan's (which would still be the base rate).
     assert steps[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
-    # Up to the plan at step 10 the rate was the provisional curve's, still at its base.
-    assert steps[9]["lr"] == pytest.approx(0.005, rel=1e-5) and steps[10]["lr"] < 0.003
+    # Up to the plan at step 10 the rate was the provisional curve's, still at its base. Then
+    # the 20-step curve's: its asked 5-step warm-up fits (re-pointed, issue #23: it used to be
+    # cut to a tenth of the run, 2 steps), so the rate logged after step 11 is step 12's, 6 of
+    # 15 steps into the cosine.
+    assert steps[9]["lr"] == pytest.approx(0.005, rel=1e-5)
+    assert steps[10]["lr"] == pytest.approx(0.005 * 0.5 * (1 + math.cos(math.pi * 6 / 15)))
     assert clock.now == 13.5  # the final epoch end read it twice, the loop's restart once
     assert any("val_map50" in r for r in records)
     assert out.with_suffix(".best.safetensors").is_file() and out.with_suffix(".png").is_file()

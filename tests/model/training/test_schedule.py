@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.training.schedule import lr_factor
+from model.training.schedule import LrCurve, lr_factor
 
 
 def test_linear_warmup_reaches_the_base_rate_at_its_last_step():
@@ -61,3 +61,40 @@ def test_without_warmup_equals_torchs_schedulers():
 def test_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="'linear'"):
         lr_factor(0, total=10, warmup=0, schedule="linear")
+
+
+def _curve(total: int, warmup_limit: int) -> list[float]:
+    curve = LrCurve(total=total, warmup_limit=warmup_limit, schedule="cosine")
+    return [curve(step) for step in range(total)]
+
+
+def test_a_4_step_run_keeps_a_2_step_warm_up():
+    # Asked 500: a tenth of 4 steps is 0, the 10-step floor is capped at half the run: 2.
+    # Warm-up 1/2, 2/2; then cosine over the other 2 steps: progress 0, then 1/2 -> 0.5.
+    assert LrCurve(total=4, warmup_limit=500, schedule="cosine").warmup == 2
+    assert _curve(4, 500) == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def test_a_40_step_run_warms_up_for_the_floor():
+    # Asked 100: a tenth of 40 is 4, under the floor of 10 (at most half of 40): 10 steps of
+    # 0.1 .. 1.0, then cosine over 30 steps: 0.5 * (1 + cos(pi * (step - 10) / 30)).
+    factors = _curve(40, 100)
+    assert factors[:11] == pytest.approx([0.1 * k for k in range(1, 11)] + [1.0])
+    assert factors[20] == pytest.approx(0.75)  # progress 1/3: (1 + 1/2) / 2
+    assert factors[25] == pytest.approx(0.5)  # progress 1/2
+    assert factors[30] == pytest.approx(0.25)  # progress 2/3: (1 - 1/2) / 2
+    assert factors[39] == pytest.approx(0.5 * (1 + math.cos(math.pi * 29 / 30)))
+
+
+def test_warm_up_is_as_asked_when_the_run_has_room_and_a_tenth_of_a_long_run():
+    assert LrCurve(total=40, warmup_limit=5, schedule="cosine").warmup == 5
+    assert LrCurve(total=40, warmup_limit=0, schedule="cosine").warmup == 0
+    assert LrCurve(total=1000, warmup_limit=500, schedule="step").warmup == 100
+    assert LrCurve(total=1, warmup_limit=500, schedule="cosine").warmup == 1
+
+
+def test_a_scaled_warm_up_says_so():
+    assert LrCurve(total=40, warmup_limit=5, schedule="cosine").scaled_warmup() is None
+    note = LrCurve(total=4, warmup_limit=500, schedule="cosine").scaled_warmup()
+    assert note is not None
+    assert "from 500 steps to 2" in note and "the run is 4 steps" in note
