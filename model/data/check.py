@@ -123,7 +123,7 @@ def suggestions(result: dict[str, Any]) -> list[str]:
         tips.append(
             f"{small} Try a larger input: --size 512."
             if size == 300
-            else f"{small} Try --preset fine, or training on crops of the images."
+            else f"{small} 512 is the largest input: try training on crops of the images."
         )
     return tips
 
@@ -141,7 +141,7 @@ def table(result: dict[str, Any]) -> str:
         "bad data repaired or skipped: "
         + (", ".join(f"{k} {n}" for k, n in result["bad_data"].items() if n) or "none"),
         "",
-        f"box size at the {size}x{size} input, px   "
+        f"{f'box size at the {size}x{size} input, px':<38}"
         + "".join(f"{f'p{p}':>8}" for p in result["percentiles"]),
     ]
     for key, values in result["box_sizes_px"].items():
