@@ -13,6 +13,7 @@ it back, so there is no cycle to hide.
     transforms.py the paper's training augmentation and the eval transform
     crop.py       the authors' IoU-constrained crop (one step of that augmentation)
     loader.py     augmented samples keyed by (epoch, index) and each epoch's batches
+    check.py      ``python -m model.data check SPEC``: sizes, classes and default-box coverage
 """
 
 from __future__ import annotations

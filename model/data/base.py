@@ -36,9 +36,10 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -67,6 +68,15 @@ REPORT_KEYS = (
     "zero_area_boxes",
     "size_mismatches",
 )
+
+
+class Annotation(NamedTuple):
+    """One image's size and objects, as ``annotations()`` gives them (crowd regions left out)."""
+
+    width: int  # pixels
+    height: int  # pixels
+    boxes: Tensor  # float32 [G, 4], xyxy, absolute 0-based pixel-edge coordinates
+    labels: Tensor  # int64 [G], 1..C-1
 
 
 @dataclass
@@ -128,6 +138,16 @@ class DetectionDataset(Dataset):
             target["areas"] = torch.tensor(record.areas, dtype=torch.float64)
             target["crowd_areas"] = torch.tensor(record.crowd_areas, dtype=torch.float64)
         return target
+
+    def annotations(self) -> Iterator[Annotation]:
+        """Every image's indexed size and boxes, in index order, with no image decoded.
+
+        The size is the one the boxes were clipped to while indexing (the annotation's or
+        the image header's); a wrong declared size is found only when the image is loaded.
+        """
+        for index, record in enumerate(self.records):
+            target = self.target(index)
+            yield Annotation(*record.size, target["boxes"], target["labels"])
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         if not -len(self) <= index < len(self):

@@ -19,6 +19,7 @@ visible in the final image, antialiased edges included.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from model.data.base import Annotation
 from model.data.seeding import Purpose, numpy_generator
 
 CLASS_NAMES = ["circle", "square", "triangle", "star", "cross", "bar"]
@@ -114,6 +116,13 @@ class SyntheticShapes(Dataset):
     def report(self) -> dict[str, int]:
         """Bad-data counts, as the file-backed datasets give them: none here."""
         return {}
+
+    def annotations(self) -> Iterator[Annotation]:
+        """Every sample's size and boxes, as ``DetectionDataset.annotations`` gives them; here
+        each image is drawn, since its boxes are the pixels left visible."""
+        for index in range(self.length):
+            image, target = self[index]
+            yield Annotation(image.shape[2], image.shape[1], target["boxes"], target["labels"])
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
         if not -self.length <= index < self.length:

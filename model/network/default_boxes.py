@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model.network.boxes import box_iou, cxcywh_to_xyxy
+
 
 @dataclass(frozen=True)
 class DefaultBoxSpec:
@@ -98,6 +100,11 @@ _ASPECT_RATIOS = {
     512: ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
 }
 PRESETS = ("voc", "coco", "fine")
+# The IoU at which a default box counts as covering a box: the matching threshold of the
+# paper (sec. 2.2), so a covered box gets positives from the per-prediction pass.
+COVER_IOU = 0.5
+# Ground-truth boxes per IoU block in best_iou: 1,024 x 24,564 (SSD512) float32 is ~100 MB.
+_IOU_CHUNK = 1024
 CLIPS = ("none", "wh", "cxcywh")  # see the module docstring
 
 
@@ -161,3 +168,29 @@ def make_default_boxes(spec: DefaultBoxSpec, feature_map_sizes: list[int]) -> Te
         )
         per_map.append(boxes.reshape(-1, 4))
     return torch.cat(per_map).to(torch.float32)
+
+
+def best_iou(boxes: Tensor, default_boxes: Tensor) -> Tensor:
+    """Each box's highest IoU with any default box, as a float32 Tensor[G].
+
+    Args:
+        boxes: Tensor[G, 4], xyxy, relative to the image (0-1 of its width and height,
+            which is the network input after a plain resize).
+        default_boxes: Tensor[P, 4], (cx, cy, w, h) relative to the input, as
+            ``make_default_boxes`` gives them.
+    """
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"expected boxes of shape [G, 4], got {tuple(boxes.shape)}")
+    priors = cxcywh_to_xyxy(default_boxes.to(torch.float32))
+    boxes = boxes.to(torch.float32)
+    # (G, P) in blocks of rows -> (G,)
+    best = [box_iou(block, priors).amax(dim=1) for block in boxes.split(_IOU_CHUNK)]
+    return torch.cat(best) if best else torch.zeros(0)
+
+
+def coverage(boxes: Tensor, default_boxes: Tensor, iou: float = COVER_IOU) -> float:
+    """The share of ``boxes`` (xyxy, relative) that some default box ((cx, cy, w, h),
+    relative) overlaps at IoU >= ``iou``; 1.0 when there are no boxes. See ``best_iou``."""
+    if len(boxes) == 0:
+        return 1.0
+    return (best_iou(boxes, default_boxes) >= iou).double().mean().item()

@@ -252,6 +252,22 @@ def ssd512_vgg16(
     )
 
 
+def default_boxes(size: int, preset: str, clip_boxes: str = "none") -> Tensor:
+    """The default boxes of ``ssd{size}_vgg16(..., preset=preset)``: float32 Tensor[P, 4],
+    (cx, cy, w, h) relative to the input, equal to that network's ``default_boxes``.
+
+    The feature-map sides come from the same VGG16 stages, made on the meta device, so no
+    weights are allocated (width and batch norm do not change the sides).
+    """
+    if size not in (300, 512):
+        raise ValueError(f"size must be 300 or 512, got {size}")
+    extras = EXTRAS_300 if size == 300 else EXTRAS_512
+    with torch.device("meta"):
+        stages, _ = vgg16_stages(extras, width=1.0, batch_norm=False)
+    spec = replace(preset_spec(size, preset), clip=clip_boxes)
+    return make_default_boxes(spec, output_sides(stages, size))
+
+
 BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16}
 
 

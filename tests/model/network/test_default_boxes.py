@@ -4,11 +4,19 @@ import pytest
 import torch
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.ops import box_convert
+from torchvision.ops import box_iou as torchvision_box_iou
 
 from model.data.synthetic import SyntheticShapes
 from model.network.boxes import box_iou
-from model.network.default_boxes import DefaultBoxSpec, make_default_boxes, preset_spec
-from model.network.ssd import ssd300_vgg16, ssd512_vgg16
+from model.network.default_boxes import (
+    PRESETS,
+    DefaultBoxSpec,
+    best_iou,
+    coverage,
+    make_default_boxes,
+    preset_spec,
+)
+from model.network.ssd import default_boxes, ssd300_vgg16, ssd512_vgg16
 
 
 def test_tiny_configuration_matches_hand_computed_boxes():
@@ -132,3 +140,30 @@ def test_fine_preset_gives_small_synthetic_objects_a_default_box():
 
     assert covered("coco") < 0.15
     assert covered("fine") > covered("coco") + 0.25  # measured 0.12 and 0.47
+
+
+@pytest.mark.parametrize(
+    ("builder", "size"), [(ssd300_vgg16, 300), (ssd512_vgg16, 512)], ids=["300", "512"]
+)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_default_boxes_without_a_network_equal_the_networks(builder, size, preset):
+    network = builder(2, width=0.125, preset=preset)
+    assert torch.equal(default_boxes(size, preset), network.default_boxes)
+
+
+def test_coverage_of_default_boxes_and_of_a_box_far_smaller_than_any():
+    priors = default_boxes(300, "voc")
+    # Three boxes that are default boxes (conv4_3: rows 0..5775, conv7: 5776.., the 1x1 map's
+    # last one) and a 1 px box, whose IoU with the smallest default box (30 px) is 1/900.
+    exact = box_convert(priors[[1234, 6000, 8731]], "cxcywh", "xyxy")
+    tiny = torch.tensor([[0.5, 0.5, 0.5 + 1 / 300, 0.5 + 1 / 300]])
+    boxes = torch.cat([exact, tiny])
+    assert coverage(boxes, priors) == 0.75
+    best = best_iou(boxes, priors)
+    torch.testing.assert_close(best[:3], torch.ones(3))
+    # Cross-check against torchvision's box_iou over every default box at once.
+    reference = torchvision_box_iou(boxes, box_convert(priors, "cxcywh", "xyxy")).amax(dim=1)
+    torch.testing.assert_close(best, reference)
+    assert best[3] < 0.01
+    assert coverage(boxes, priors, iou=0.0) == 1.0
+    assert coverage(torch.zeros(0, 4), priors) == 1.0
