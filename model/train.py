@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from model.data import SPEC_FORMS, load_dataset
+from model.data import SPEC_FORMS, load_dataset, split_spec
 from model.data.loader import AugmentedDataset
 from model.data.mosaic import Mosaic
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
@@ -166,14 +166,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("data")
     p.add_argument("--data", required=True, help=SPEC_FORMS)
-    p.add_argument("--val-data", help="validation data (default: the held-out part of --data)")
+    p.add_argument(
+        "--val-data",
+        help="validation data, its 'val' part (default: the 'val' part of --data's dataset; "
+        "docs/training.md, 'Splits')",
+    )
     p.add_argument("--classes", help="comma-separated class names (default: from the data)")
     p.add_argument(
         "--val-fraction",
         type=float,
         default=0.1,
-        help="the part of --data held out for validation when it has no split files and no "
-        "--val-data is given",
+        help="the part of a dataset without split files held out as its 'val' part (none "
+        "of --data when --val-data names another dataset)",
     )
     p.add_argument("--ignore-difficult", action="store_true", help="drop VOC difficult objects")
     p.add_argument("--max-zoom-out", type=float, default=4.0, help="zoom-out ratio (paper: 4)")
@@ -353,6 +357,8 @@ def build_trainer(
     processes = Processes.start(args.device, "fp32" if measure else args.precision)
     torch.manual_seed(args.seed)  # the network's initial weights
     train_set, validation = _datasets(args)
+    if processes.is_main:
+        logger.info("%s", split_summary(train_set, validation))
     class_names = list(train_set.class_names)
     network = _network(args, class_names, is_main=processes.is_main)
     processes.runtime.place(network)
@@ -417,24 +423,54 @@ def _measured_precision(
 def _datasets(args: argparse.Namespace) -> tuple[Any, Validation | None]:
     """The training set, and the validation data unless ``--eval-every 0``.
 
-    With ``--val-data`` nothing of ``--data`` is held out: its "train" part is all of it
-    (or its split file's images)."""
+    The training set is the "train" part of ``--data``; validation the "val" part of
+    ``--val-data``, or without it of ``--data``'s dataset (its ``:SPLIT`` dropped). Where both
+    name one dataset they are its two parts, so they never share an image; where
+    ``--val-data`` names another dataset and ``--data`` names no part, ``--data`` is used
+    whole (or its split file's "train" images): nothing of it is held out."""
+    source, part = split_spec(args.data)
+    val_spec = args.val_data or source
+    whole = part is None and not _same_dataset(val_spec, source)
     train_set = load_dataset(
         args.data,
         split="train",
-        val_fraction=0.0 if args.val_data else args.val_fraction,
+        val_fraction=0.0 if whole else args.val_fraction,
         classes=args.classes.split(",") if args.classes else None,
         use_difficult=not args.ignore_difficult,
     )
     if args.eval_every <= 0:
         return train_set, None
     val_set = load_dataset(
-        args.val_data or args.data,
+        val_spec,
         split="val",
         val_fraction=args.val_fraction,
         classes=list(train_set.class_names),
     )
     return train_set, Validation(val_set, batch_size=args.batch_size, workers=args.workers)
+
+
+def _same_dataset(spec: str, other: str) -> bool:
+    """Whether two ``--data`` specs name one dataset, whatever part each names (paths
+    compared resolved)."""
+
+    def key(spec: str) -> tuple[str, ...]:
+        kind, _, rest = split_spec(spec)[0].partition(":")
+        return kind, *(str(Path(piece).resolve()) for piece in rest.split(":") if piece)
+
+    return key(spec) == key(other)
+
+
+def split_summary(train_set: Any, validation: Validation | None) -> str:
+    """One line for the log: how many images train and validate, and where each comes from
+    (the datasets' names say the file or the holdout); images in both are counted."""
+    line = f"split: training on {len(train_set)} images of {train_set.name}"
+    if validation is None:
+        return f"{line}; no validation (--eval-every 0)"
+    val_set = validation.dataset
+    line += f"; validating on {len(val_set)} images of {val_set.name}"
+    paths = [{r.path.resolve() for r in getattr(d, "records", [])} for d in (train_set, val_set)]
+    shared = len(paths[0] & paths[1])
+    return f"{line}; {shared} images in both" if shared else line
 
 
 def _network(args: argparse.Namespace, class_names: list[str], *, is_main: bool) -> SSD:

@@ -49,6 +49,16 @@ def raccoon() -> Path:
 
 
 @pytest.fixture(scope="session")
+def raccoon_unsplit(raccoon: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The raccoon photos and annotations as a VOC folder without split files (no
+    ImageSets/): links to the shared folders, nothing copied."""
+    root = tmp_path_factory.mktemp("raccoon_unsplit")
+    for name in ("Annotations", "JPEGImages"):
+        (root / name).symlink_to(raccoon / name, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def coco128() -> Path:
     """The coco128 COCO-JSON dataset (128 images, 80 categories)."""
     return _shared("coco128")

@@ -37,6 +37,7 @@ __all__ = [
     "VocDataset",
     "YoloDataset",
     "load_dataset",
+    "split_spec",
 ]
 
 # The --data forms, as the command lines' help gives them (load_dataset says what each means).
@@ -50,6 +51,17 @@ ROBOFLOW_COCO_FILE = "_annotations.coco.json"
 SYNTHETIC_TRAIN_LENGTH, SYNTHETIC_EVAL_LENGTH = 10_000, 500
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """A ``--data`` spec's dataset and the part its ``:SPLIT`` names, or None where it names
+    none: ``voc:PATH:val`` -> (``voc:PATH``, "val"). Only the VOC and YOLO forms take a
+    ``:SPLIT``; a PATH that exists as written is never split, even with a colon in it."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("voc", "yolo") and rest and not Path(rest).exists() and ":" in rest:
+        path, part = rest.rsplit(":", 1)
+        return f"{kind}:{path}", part or None
+    return spec, None
+
+
 def load_dataset(
     spec: str,
     *,
@@ -61,8 +73,9 @@ def load_dataset(
     """The dataset a ``--data`` spec names, for one purpose.
 
     Specs:
-        ``voc:PATH[:SPLIT]``  Pascal VOC, see model.data.voc (SPLIT names
-            ImageSets/Main/SPLIT.txt)
+        ``voc:PATH[:SPLIT]``  Pascal VOC, see model.data.voc; SPLIT names
+            ImageSets/Main/SPLIT.txt where that file exists, else (one of SPLITS) the part
+            of the folder that ``split=SPLIT`` takes, whatever ``split`` asks for
         ``coco:IMAGES_DIR:ANNOTATIONS_JSON``  COCO JSON, see model.data.coco ("all" and
             "test": every image; "train" and "val" split the file as a VOC folder without
             split files)
@@ -74,20 +87,24 @@ def load_dataset(
             SYNTHETIC_TRAIN_LENGTH for "train" and SYNTHETIC_EVAL_LENGTH otherwise
             ("val" has its own stream; "test" and "all" share the test stream)
 
-    ``split`` is one of SPLITS ("train", "val", "test", "all"); ``val_fraction`` is the part
-    of a VOC folder without split files (or of a COCO file) held out for "val"; ``classes``
-    fixes the class list.
+    ``split`` is one of SPLITS ("train", "val", "test", "all"), the part taken where the spec
+    names none (a spec's ``:SPLIT`` wins, so ``voc:PATH:val`` and ``voc:PATH`` with
+    ``split="val"`` are the same images); ``val_fraction`` is the part of a VOC folder without
+    split files (or of a COCO file, or of a YOLO train entry without a val entry) held out for
+    "val"; ``classes`` fixes the class list.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    source, part = split_spec(spec)
     kind, _, rest = spec.partition(":")
     if kind == "voc" and rest:
-        path, image_set = rest, None
-        if not Path(rest).exists() and ":" in rest:
-            path, image_set = rest.rsplit(":", 1)
+        path, image_set = source.partition(":")[2], part
+        # A split file wins; without one, a part's name takes that part as split= would.
+        if part in SPLITS and not (Path(path) / "ImageSets" / "Main" / f"{part}.txt").is_file():
+            image_set, split = None, part
         return VocDataset(
             path,
-            image_set=image_set or None,
+            image_set=image_set,
             split=split,
             val_fraction=val_fraction,
             classes=classes,
@@ -107,12 +124,12 @@ def load_dataset(
             images_dir, annotations, classes=classes, split=split, val_fraction=val_fraction
         )
     if kind == "yolo" and rest:
-        path, part = rest, ""
-        if not Path(rest).exists() and ":" in rest:
-            path, part = rest.rsplit(":", 1)
-            if part not in SPLITS:
-                raise ValueError(f"yolo:DATA_YAML:SPLIT needs SPLIT in {SPLITS}, got {spec!r}")
-        return YoloDataset(path, split=part or split, val_fraction=val_fraction, classes=classes)
+        if part is not None and part not in SPLITS:
+            raise ValueError(f"yolo:DATA_YAML:SPLIT needs SPLIT in {SPLITS}, got {spec!r}")
+        yaml_path = source.partition(":")[2]
+        return YoloDataset(
+            yaml_path, split=part or split, val_fraction=val_fraction, classes=classes
+        )
     if kind == "synthetic":
         if classes is not None and list(classes) != SyntheticShapes.class_names:
             raise ValueError(

@@ -63,7 +63,12 @@ class CocoDataset(DetectionDataset):
         if classes is None:
             categories = self._drop_placeholders(categories, data.get("annotations", []))
             classes = [c["name"] for c in categories]
-        super().__init__(f"coco:{images_dir}:{annotations}", classes)
+        part = f"{split}: every image" if split in ("all", "test") else split
+        if split == "val":
+            part = f"val: held out {val_fraction:g}"
+        elif split == "train":
+            part = f"train: the rest of a holdout of {val_fraction:g}"
+        super().__init__(f"coco:{images_dir}:{annotations} ({part})", classes)
         label_of_name = {name: k for k, name in enumerate(self.class_names, start=1)}
         self.category_id_to_label = {
             c["id"]: label_of_name[c["name"]] for c in categories if c["name"] in label_of_name

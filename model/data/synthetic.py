@@ -105,6 +105,7 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"objects must be (min, max) with 1 <= min <= max, got {objects}")
         self.length = length
         self.split = split
+        self.name = f"synthetic ({split} stream)"
         self.seed = seed
         self.objects = objects
         self.clutter = clutter

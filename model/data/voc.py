@@ -23,9 +23,10 @@ class VocDataset(DetectionDataset):
     else by the XML's stem.
 
     Which images: ``image_set`` names ``ImageSets/Main/{image_set}.txt`` and is used as is.
-    Without it, "all" and "test" take every image; "train" and "val" take
-    ``ImageSets/Main/{split}.txt`` when it exists; else "val" takes the deterministic
-    ``holdout(stems, val_fraction)`` and "train" the rest.
+    Without it, "all" takes every image; "train", "val" and "test" take
+    ``ImageSets/Main/{split}.txt`` when it exists; else "test" takes every image, "val" the
+    deterministic ``holdout(stems, val_fraction)`` and "train" the rest. The dataset's
+    ``name`` says which (the file, or the holdout and its fraction).
 
     Coordinates: VOC stores 1-based, inclusive pixel indices (VOC devkit, VOCevaldet.m computes
     a box's width as ``xmax - xmin + 1``). Pixel i (1-based) spans the pixel-edge interval
@@ -57,7 +58,6 @@ class VocDataset(DetectionDataset):
         xml_files, image_dirs = _voc_layout(root)
         if not xml_files:
             raise FileNotFoundError(f"no VOC .xml annotation files in {root} or its sub-folders")
-        name = f"voc:{root}" + (f":{image_set}" if image_set else f" ({split})")
         # Image ids are XML stems (VOC's convention), whichever folder the XML sits in.
         parsed = {path.stem: _parse_voc_xml(path) for path in xml_files}
         if classes is None:
@@ -65,8 +65,8 @@ class VocDataset(DetectionDataset):
             classes = sorted(
                 {obj[0] for entry in entries for obj in entry[1] if obj[1] is not None}
             )
-        super().__init__(name, classes)
-        selected = self._select(root, sorted(parsed), image_set, split, val_fraction)
+        selected, source = self._select(root, sorted(parsed), image_set, split, val_fraction)
+        super().__init__(f"voc:{root} ({source})", classes)
         label_of = {c: k for k, c in enumerate(self.class_names, start=1)}
         keep_difficult = use_difficult or split != "train"
         images = _image_index(image_dirs)
@@ -103,20 +103,26 @@ class VocDataset(DetectionDataset):
     @staticmethod
     def _select(
         root: Path, stems: list[str], image_set: str | None, split: str, val_fraction: float
-    ) -> list[str]:
-        """The image ids (XML stems) this dataset uses, in order."""
+    ) -> tuple[list[str], str]:
+        """The image ids (XML stems) this dataset uses, in order, and where they come from."""
         set_dir = root / "ImageSets" / "Main"
         if image_set is not None:
             set_file = set_dir / f"{image_set}.txt"
             if not set_file.is_file():
-                raise FileNotFoundError(f"VOC image set {image_set!r} not found: {set_file}")
-            return _read_image_set(set_file)
+                raise FileNotFoundError(
+                    f"VOC image set {image_set!r} not found: {set_file} (without a split "
+                    f"file, only {', '.join(SPLITS)} name parts of the folder)"
+                )
+            return _read_image_set(set_file), f"ImageSets/Main/{image_set}.txt"
+        if split != "all" and (set_dir / f"{split}.txt").is_file():
+            return _read_image_set(set_dir / f"{split}.txt"), f"ImageSets/Main/{split}.txt"
         if split in ("all", "test"):
-            return stems
-        if (set_dir / f"{split}.txt").is_file():
-            return _read_image_set(set_dir / f"{split}.txt")
+            return stems, f"{split}: every image"
         held_out = holdout(stems, val_fraction)
-        return [s for s in stems if (s in held_out) == (split == "val")]
+        if split == "val":
+            return [s for s in stems if s in held_out], f"val: held out {val_fraction:g}"
+        rest = f"the rest of a holdout of {val_fraction:g}" if held_out else "nothing held out"
+        return [s for s in stems if s not in held_out], f"train: {rest}"
 
 
 def _voc_layout(root: Path) -> tuple[list[Path], list[Path]]:

@@ -190,7 +190,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--split",
         default="all",
         choices=SPLITS,
-        help="which part of --data (default: every image)",
+        help="which part of --data (default: every image; a part the spec names wins, as "
+        "voc:PATH:val; docs/training.md, 'Splits')",
     )
     parser.add_argument(
         "--val-fraction",

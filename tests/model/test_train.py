@@ -13,7 +13,7 @@ from PIL import Image
 from model import Detector, ssd300_vgg16
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.evaluation.evaluate import evaluate
-from model.train import RECIPES, SCRATCH_DEFAULTS, _datasets, _parse_args, main
+from model.train import RECIPES, SCRATCH_DEFAULTS, _datasets, _parse_args, main, split_summary
 from model.weights.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -411,11 +411,61 @@ def test_the_default_command_trains_stably_on_real_photos(tmp_path, raccoon, cap
     assert "warm-up scaled down from 100 steps to 10: the run is 30 steps" in caplog.text
 
 
-def test_val_data_leaves_all_of_data_for_training(tmp_path):
+def _file_names(dataset) -> set[str]:
+    return {dataset.target(i)["file_name"] for i in range(len(dataset))}
+
+
+def test_val_data_of_another_dataset_leaves_all_of_data_for_training(tmp_path):
     folder = f"voc:{_shapes_folder(tmp_path / 'shapes')}"
+    other = f"voc:{_shapes_folder(tmp_path / 'other')}"
     held = _datasets(_parse_args(["--data", folder, "--out", "x.safetensors"]))
     assert (len(held[0]), len(held[1].dataset)) == (3, 1)  # round(4 * 0.1) -> at least one
     given = _datasets(
-        _parse_args(["--data", folder, "--val-data", folder, "--out", "x.safetensors"])
+        _parse_args(["--data", folder, "--val-data", other, "--out", "x.safetensors"])
     )
     assert (len(given[0]), len(given[1].dataset)) == (4, 1)
+    assert split_summary(*given) == (
+        f"split: training on 4 images of {folder} (train: nothing held out); "
+        f"validating on 1 images of {other} (val: held out 0.1)"
+    )
+    # A part named on purpose is taken as named, and images in both parts are counted.
+    overlap = _datasets(_parse_args(["--data", f"{folder}:all", "--out", "x.safetensors"]))
+    assert split_summary(*overlap).endswith("; 1 images in both")
+    # Re-pointed (issue #23): --val-data naming --data's own folder used to leave all four
+    # images for training, the validation image among them; one dataset now gives its two
+    # parts, as without --val-data.
+    same = _datasets(
+        _parse_args(["--data", folder, "--val-data", folder, "--out", "x.safetensors"])
+    )
+    assert [_file_names(d) for d in (same[0], same[1].dataset)] == [
+        _file_names(d) for d in (held[0], held[1].dataset)
+    ]
+
+
+def test_split_names_train_on_the_holdouts_parts_and_the_log_says_so(
+    tmp_path, raccoon_unsplit, caplog
+):
+    # Issue #23: on a VOC folder without split files, --data voc:PATH:train failed ("image set
+    # 'train' not found"), and --data voc:PATH --val-data voc:PATH:val trained on all of
+    # PATH, validation images included. Every form below means the holdout's two parts.
+    spec, everything = f"voc:{raccoon_unsplit}", 200
+    forms = [
+        [spec],
+        [f"{spec}:train", "--val-data", f"{spec}:val"],
+        [spec, "--val-data", f"{spec}:val"],
+        [f"{spec}:train"],
+    ]
+    for form in forms:
+        train, validation = _datasets(_parse_args(["--data", *form, "--out", "x.safetensors"]))
+        names = (_file_names(train), _file_names(validation.dataset))
+        assert (len(names[0]), len(names[1])) == (180, 20), form
+        assert names[0].isdisjoint(names[1]) and len(names[0] | names[1]) == everything, form
+    out = tmp_path / "split.safetensors"
+    with caplog.at_level("INFO", logger="model.train"):
+        code = main(["--data", spec, "--val-data", f"{spec}:val", "--out", str(out),
+                     "--steps", "2", "--batch-size", "2", *TINY])  # fmt: skip
+    assert code == 0 and out.is_file()
+    assert (
+        f"split: training on 180 images of voc:{raccoon_unsplit} (train: the rest of a holdout "
+        f"of 0.1); validating on 20 images of voc:{raccoon_unsplit} (val: held out 0.1)\n"
+    ) in caplog.text

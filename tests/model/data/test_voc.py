@@ -59,6 +59,54 @@ def test_raccoon_coordinates_against_the_xml_by_hand(raccoon):
 # VOC layouts built in tmp_path --------------------------------------------------------------
 
 
+def _names(dataset) -> list[str]:
+    return [dataset.target(i)["file_name"] for i in range(len(dataset))]
+
+
+def test_split_names_are_the_holdouts_parts_without_split_files(raccoon_unsplit):
+    # Issue #23: voc:PATH:train failed ("image set 'train' not found") where evaluate's
+    # --split train worked; a part's name now means the same in the spec and in split=.
+    spec = f"voc:{raccoon_unsplit}"
+    everything = _names(load_dataset(spec, split="all"))
+    parts = {}
+    for part in ("train", "val"):
+        parts[part] = _names(load_dataset(spec, split=part))
+        # The spec's part wins over split=, as for yolo:DATA_YAML:SPLIT.
+        for asked in ("all", "train", "val"):
+            assert _names(load_dataset(f"{spec}:{part}", split=asked)) == parts[part]
+    assert (len(parts["train"]), len(parts["val"]), len(everything)) == (180, 20, 200)
+    assert set(parts["train"]).isdisjoint(parts["val"])
+    assert sorted(parts["train"] + parts["val"]) == everything
+    assert _names(load_dataset(f"{spec}:test", split="train")) == everything
+    assert _names(load_dataset(f"{spec}:all", split="val")) == everything
+    # The dataset's name says where its images come from.
+    assert load_dataset(f"{spec}:val", split="all").name.endswith("(val: held out 0.1)")
+
+
+def test_split_files_win_over_the_holdout(tmp_path):
+    for i in range(6):
+        _xml(tmp_path / "Annotations" / f"{i:06d}.xml", f"{i:06d}.jpg", [("bird", 2, 2, 9, 9)])
+        write_image(tmp_path / "JPEGImages" / f"{i:06d}.jpg")
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("000000\n000002\n000004\n")
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("000005\n")
+    spec = f"voc:{tmp_path}"
+    listed = [f"JPEGImages/{i:06d}.jpg" for i in (0, 2, 4)]
+    assert _names(load_dataset(f"{spec}:train", split="val")) == listed
+    assert _names(load_dataset(spec, split="train")) == listed
+    # test.txt is used for "test" too (it used to be ignored: "test" took every image).
+    assert _names(load_dataset(spec, split="test")) == ["JPEGImages/000005.jpg"]
+    assert _names(load_dataset(f"{spec}:test", split="all")) == ["JPEGImages/000005.jpg"]
+    assert load_dataset(spec, split="train").name.endswith("(ImageSets/Main/train.txt)")
+    # Without val.txt, "val" is still the holdout of every image (and "all" every image);
+    # it may share images with train.txt (here 000002), as before.
+    held_out = sorted(holdout([f"{i:06d}" for i in range(6)], 0.2))
+    assert _names(load_dataset(spec, split="val", val_fraction=0.2)) == [
+        f"JPEGImages/{stem}.jpg" for stem in held_out
+    ]
+    assert len(load_dataset(f"{spec}:all", split="train")) == 6
+
+
 def _xml(path: Path, filename: str | None, objects: list[tuple], size=(64, 48)) -> None:
     """objects: (name, xmin, ymin, xmax, ymax[, difficult]) in VOC's 1-based pixel indices."""
     parts = [f"<filename>{filename}</filename>" if filename is not None else ""]

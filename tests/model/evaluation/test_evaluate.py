@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model import Detector, ssd300_vgg16
-from model.evaluation.evaluate import detection_records, evaluate
+from model.data import load_dataset
+from model.evaluation.evaluate import detection_records, evaluate, main
 from model.train import main as train
 from model.weights.checkpoint import save_checkpoint
 
@@ -167,3 +168,23 @@ def test_records_use_coco_category_ids_and_xywh_boxes():
     coco_ids = detection_records(detections, truths, ["person", "bicycle"], {1: 1, 2: 90})
     assert coco_ids[0]["category_id"] == 90
     assert not math.isnan(records[0]["score"])
+
+
+def test_a_split_named_in_the_spec_is_the_split_flags_part(raccoon_unsplit, tmp_path):
+    # Issue #23: on a VOC folder without split files, --data voc:PATH:val failed ("image set
+    # 'val' not found") while --data voc:PATH --split val scored the holdout; both score it.
+    weights = tmp_path / "random.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(weights, ssd300_vgg16(2, width=0.125, batch_norm=True).eval(), ["raccoon"])
+    spec, outputs = f"voc:{raccoon_unsplit}", []
+    for form in ([f"{spec}:val"], [spec, "--split", "val"]):
+        report, detections = tmp_path / f"report{len(outputs)}.json", tmp_path / "d.json"
+        argv = ["--weights", str(weights), "--data", *form, "--device", "cpu", "--json",
+                str(report), "--save-detections", str(detections)]  # fmt: skip
+        assert main(argv) == 0
+        outputs.append((json.loads(report.read_text()), json.loads(detections.read_text())))
+    assert outputs[0] == outputs[1]
+    held_out = load_dataset(spec, split="val")
+    assert outputs[0][0]["num_images"] == len(held_out) == 20
+    ids = {held_out.target(i)["image_id"] for i in range(20)}
+    assert outputs[0][1] and {d["image_id"] for d in outputs[0][1]} <= ids
