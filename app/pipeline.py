@@ -146,7 +146,7 @@ class Pipeline:
                     inputs, _ = copy.detector.prepare(decoded.image)
                 except (ValueError, TypeError) as exc:  # the model's word for an unusable image
                     raise InvalidImageError(f"cannot use the image: {exc}") from None
-                copy.metrics.stage("decode", time.perf_counter() - started)
+                copy.batcher.metrics.stage("decode", time.perf_counter() - started)
                 return Job(inputs, decoded.size, threshold, cap)
 
             return await self.pool.run(opened.pixels, deadline, work)

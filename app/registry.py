@@ -52,7 +52,6 @@ class Copy:
     ref: ModelRef
     detector: Detector
     batcher: Batcher
-    metrics: ModelMetrics
 
 
 class _Slot:
@@ -222,7 +221,7 @@ class Registry:
         )
         await batcher.warm_up()
         await batcher.start()
-        return Copy(ModelRef(name=slot.name, version=version), detector, batcher, slot.metrics)
+        return Copy(ModelRef(name=slot.name, version=version), detector, batcher)
 
     def _read(self, source: Path) -> tuple[Detector, str]:
         """Load ``source`` and its version, checking that the file did not change meanwhile

@@ -98,6 +98,29 @@ async def in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+def detect_scope(length: int, query: bytes = b"") -> dict[str, Any]:
+    """The ASGI scope a server passes on for ``POST /detect?query`` with a PNG body of
+    ``length`` bytes, for tests that drive the app's receive and send themselves."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/detect",
+        "raw_path": b"/detect",
+        "query_string": query,
+        "root_path": "",
+        "headers": [
+            (b"host", b"app"),
+            (b"content-type", b"image/png"),
+            (b"content-length", str(length).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+
+
 # The guarded server's connection limits: short, so the tests of them stay fast.
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 2.0

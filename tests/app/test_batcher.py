@@ -32,7 +32,14 @@ from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
 from model import Detector
-from tests.app.support import PATIENCE_S, encode, in_process, metric, shapes_image
+from tests.app.support import (
+    PATIENCE_S,
+    detect_scope,
+    encode,
+    in_process,
+    metric,
+    shapes_image,
+)
 
 PNG = encode(shapes_image((320, 240)), "PNG")
 # Noise: random weights on a flat background give many exactly tied scores, and NMS among
@@ -175,24 +182,7 @@ async def _post_then_hang_up(
     on, and report the client gone (``http.disconnect``) once ``hang_up`` is set; returns the
     messages the app sent. With ``sent_of``, the request announces a body of that many bytes
     and stalls after ``body`` until it hangs up."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/detect",
-        "raw_path": b"/detect",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"app"),
-            (b"content-type", b"image/png"),
-            (b"content-length", str(sent_of or len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = detect_scope(sent_of or len(body))
     sent: list[dict] = []
     body_sent = False
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 
+from app.errors import ReloadFailedError
 from app.main import create_app
 from app.metrics import Metrics
 from app.registry import BatchLimits, Registry
@@ -28,6 +29,7 @@ from tests.app.support import (
     CLASS_NAMES,
     DEFAULT_ENV,
     check_answer,
+    detect_scope,
     encode,
     in_process,
     metric,
@@ -189,20 +191,7 @@ async def test_reload_swaps_in_the_new_file_and_a_bad_file_leaves_the_old_servin
 async def _stalled_post(app: FastAPI, body: bytes, release: asyncio.Event) -> dict:
     """POST ``body`` to /detect through the ASGI interface, its upload stalling after 8 bytes
     until ``release`` is set; the JSON answer."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/detect",
-        "raw_path": b"/detect",
-        "query_string": b"score_threshold=0",
-        "root_path": "",
-        "headers": [(b"host", b"app"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = detect_scope(len(body), b"score_threshold=0")
     chunks = [body[:8], body[8:]]
     sent: list[dict] = []
 
@@ -276,12 +265,9 @@ def test_a_copy_that_fails_its_warm_up_is_not_switched_to(checkpoints: dict[str,
         registry = Registry({"m": checkpoints["shapes_v1"]}, "m", load, Metrics(2), limits)
         await registry.start()
         first = registry.get()
-        try:
+        with pytest.raises(ReloadFailedError) as failed:
             await registry.reload("m")
-        except Exception as exc:
-            message = str(exc)
-        else:
-            raise AssertionError("the reload succeeded")
+        message = failed.value.message
         still = registry.get()
         await registry.stop()
         assert still is first and type(still.detector) is Detector
