@@ -94,6 +94,13 @@ class Metrics:
             ["model", "version", "device", "precision"],
             registry=r,
         )
+        self.copies = Gauge(
+            "ssd_model_copies",
+            "Copies of each model in memory: 1, and 2 while a reload loads beside the one serving "
+            "or the old one finishes its requests; more means copies are not being freed",
+            ["model"],
+            registry=r,
+        )
         self.reloads = Counter(
             "ssd_model_reloads",
             "Reloads of a model's weights, by result (ok, failed)",
@@ -126,6 +133,7 @@ class ModelMetrics:
         self._images = metrics.images.labels(model=name)
         self.queue_depth = metrics.queue_depth.labels(model=name)
         self.queue_capacity = metrics.queue_capacity.labels(model=name)
+        self.copies = metrics.copies.labels(model=name)
         for result in RELOAD_RESULTS:
             metrics.reloads.labels(model=name, result=result)
         self._info: tuple[str, ...] | None = None

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,7 +64,13 @@ class _Slot:
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
         self.current: Copy | None = None
+        # Every copy's Detector while anything holds it: what ``ssd_model_copies`` counts.
+        self.loaded: weakref.WeakSet[Detector] = weakref.WeakSet()
         self.lock = asyncio.Lock()  # one load at a time per model
+
+    def copies(self) -> float:
+        """Copies of this model in memory (``ssd_model_copies``)."""
+        return len(self.loaded)
 
     def queue_depth(self) -> float:
         """Images waiting for the copy serving now."""
@@ -114,6 +121,7 @@ class Registry:
         for slot in self._slots.values():
             slot.metrics.queue_capacity.set(limits.max_queue)
             slot.metrics.queue_depth.set_function(slot.queue_depth)
+            slot.metrics.copies.set_function(slot.copies)
 
     @property
     def names(self) -> list[str]:
@@ -210,6 +218,7 @@ class Registry:
             detector, version = await loop.run_in_executor(self._loader, self._read, slot.source)
         else:
             version = await loop.run_in_executor(self._loader, version_of, slot.source)
+        slot.loaded.add(detector)
         limits = self._limits
         batcher = Batcher(
             detector,

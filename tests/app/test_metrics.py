@@ -52,6 +52,7 @@ async def test_exposition_has_the_fixed_names(
         "ssd_rejected_total": "counter",
         "ssd_model_info": "gauge",
         "ssd_model_reloads_total": "counter",
+        "ssd_model_copies": "gauge",
     }
     for name, kind in types.items():
         assert f"# TYPE {name} {kind}" in text, name

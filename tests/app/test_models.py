@@ -242,11 +242,14 @@ async def test_a_request_admitted_to_the_old_copy_finishes_there_and_the_copy_is
         fruit = await client.post("/models/fruit/reload")
         gc.collect()
         freed = old() is None and old_fruit() is None
+        text = (await client.get("/metrics")).text
     assert answer["model"]["version"] == v1
     assert fresh.json()["model"]["version"] == v2
     assert reloaded.status_code == 200 and reloaded.json()["version"] == v2
     assert fruit.status_code == 200
     assert freed, [gc.get_referrers(copy()) for copy in (old, old_fruit) if copy() is not None]
+    for name in ("served", "fruit"):
+        assert metric(text, "ssd_model_copies", model=name) == 1
 
 
 class _FailsWarmUp(Detector):
