@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.data import SPEC_FORMS, load_dataset, split_spec
@@ -42,9 +43,10 @@ from model.data.mosaic import Mosaic
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
 from model.inference.autotune import candidates, choose_training_precision
 from model.inference.runtime import PRECISIONS, Runtime
-from model.network.default_boxes import PRESETS
+from model.network.box_fitting import fit_default_boxes
+from model.network.default_boxes import FITTED, PRESETS
 from model.network.loss import MultiBoxLoss
-from model.network.ssd import BUILDERS, SSD
+from model.network.ssd import BUILDERS, SSD, feature_map_sides
 from model.training.budget import TimeBudget
 from model.training.distributed import Processes
 from model.training.schedule import SCHEDULES, LrCurve
@@ -203,8 +205,10 @@ def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=300, choices=[300, 512])
     p.add_argument(
         "--preset",
-        choices=PRESETS,
-        help="default-box tiling (model.network.default_boxes; default: --init's, else voc)",
+        choices=(*PRESETS, FITTED),
+        help="default-box tiling (model.network.default_boxes; default: --init's, else voc); "
+        f"{FITTED}: sizes and aspect ratios fitted to the training boxes, recorded in the "
+        "checkpoint (model.network.box_fitting)",
     )
     p.add_argument(
         "--batch-norm",
@@ -360,7 +364,7 @@ def build_trainer(
     if processes.is_main:
         logger.info("%s", split_summary(train_set, validation))
     class_names = list(train_set.class_names)
-    network = _network(args, class_names, is_main=processes.is_main)
+    network = _network(args, train_set, is_main=processes.is_main)
     processes.runtime.place(network)
     plan = _plan(args, len(train_set), processes.world)
     loss = MultiBoxLoss(network.default_boxes).to(processes.runtime.device)
@@ -473,15 +477,31 @@ def split_summary(train_set: Any, validation: Validation | None) -> str:
     return f"{line}; {shared} images in both" if shared else line
 
 
-def _network(args: argparse.Namespace, class_names: list[str], *, is_main: bool) -> SSD:
-    """A fresh network for ``class_names`` (plus background), with ``--backbone-weights`` or
-    ``--init`` loaded into it."""
+def _network(args: argparse.Namespace, train_set: Any, *, is_main: bool) -> SSD:
+    """A fresh network for ``train_set``'s classes (plus background), with
+    ``--backbone-weights`` or ``--init`` loaded into it, and its default boxes fitted to
+    ``train_set``'s under ``--preset fitted``."""
+    class_names = list(train_set.class_names)
     builder = BUILDERS[f"ssd{args.size}_vgg16"]
     init = load_checkpoint(args.init) if args.init else None
     # The default boxes the --init weights were trained with, unless --preset asks otherwise.
     source = init.network.architecture if init else None
+    box_sizes = None
     if args.preset is None:
         args.preset = source.preset if source else "voc"
+        if source and source.box_sizes is not None and source.size == args.size:
+            box_sizes = source.box_sizes
+    if args.preset == FITTED and box_sizes is None:
+        boxes = [annotation.relative() for annotation in train_set.annotations()]
+        fit = fit_default_boxes(
+            np.concatenate(boxes or [np.zeros((0, 4))]),
+            args.size,
+            feature_map_sides(args.size),
+            seed=args.seed,
+        )
+        box_sizes = fit.spec.sizes()
+        if is_main:
+            logger.info("%s", fit.summary())
     clip = source.clip_boxes if source and source.preset == args.preset else "none"
     network = builder(
         len(class_names) + 1,
@@ -489,6 +509,7 @@ def _network(args: argparse.Namespace, class_names: list[str], *, is_main: bool)
         preset=args.preset,
         width=args.width,
         clip_boxes=clip,
+        box_sizes=box_sizes,
     )
     if args.backbone_weights:
         load_vgg16_backbone(network, args.backbone_weights)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -77,6 +78,12 @@ class Annotation(NamedTuple):
     height: int  # pixels
     boxes: Tensor  # float32 [G, 4], xyxy, absolute 0-based pixel-edge coordinates
     labels: Tensor  # int64 [G], 1..C-1
+
+    def relative(self) -> np.ndarray:
+        """The boxes as float64 [G, 4], xyxy in 0-1 of the image's width and height: where
+        they lie in the network's input after a plain resize."""
+        scale = np.array([self.width, self.height, self.width, self.height], dtype=np.float64)
+        return self.boxes.numpy().astype(np.float64).reshape(-1, 4) / scale
 
 
 @dataclass

@@ -3,9 +3,10 @@
 It reads annotations only (no image is decoded, but for the synthetic data, which is drawn):
 the images, boxes and classes; the bad data the reader repaired or skipped; the boxes' sizes
 at the network input (a plain resize of the whole image to S x S, as
-``model.network.preprocessing`` does); and, for each default-box preset at both input sizes,
-the share of boxes that some default box overlaps at IoU >= 0.5 (``coverage``). It ends with
-a suggestion when the fit is poor.
+``model.network.preprocessing`` does); and, for each default-box preset and for boxes fitted
+to this data (``model.network.box_fitting``, what ``model.train --preset fitted`` does) at both
+input sizes, the share of boxes that some default box overlaps at IoU >= 0.5. It ends with a
+suggestion when the fit is poor.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model.data import SPEC_FORMS, SPLITS, load_dataset
-from model.network.default_boxes import COVER_IOU, PRESETS, coverage
-from model.network.ssd import default_boxes
+from model.network.box_fitting import fit_default_boxes
+from model.network.default_boxes import COVER_IOU, FITTED, PRESETS
+from model.network.ssd import feature_map_sides
 
 SIZES = (300, 512)  # the network input sizes (model.train --size)
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -37,21 +38,27 @@ SMALL_SIDE = 30.0
 # sec. 3.6), enough of the data to act on. A judgment call, stated here.
 SMALL_SHARE = 0.2
 _DEFAULT_PRESET = "voc"  # model.train's preset from a random start
+CANDIDATES = (*PRESETS, FITTED)  # the --preset values; on a tie the earlier one is named
 
 
-def box_table(dataset: Any, size: int) -> tuple[Counter[int], np.ndarray, list[np.ndarray]]:
+def box_table(dataset: Any, size: int) -> tuple[Counter[int], np.ndarray, np.ndarray]:
     """Box counts per label, the boxes' (width, height) at a ``size`` x ``size`` input as a
-    float64 array [G, 2] in input pixels, and each image's boxes as xyxy relative to its image
-    (float64 [G_i, 4]), from ``dataset.annotations()`` (no image decoded)."""
+    float64 array [G, 2] in input pixels, and the boxes as xyxy relative to their images
+    (float64 [G, 4]), from ``dataset.annotations()`` (no image decoded)."""
     per_label: Counter[int] = Counter()
     sizes, relative = [], []
-    for width, height, boxes, labels in dataset.annotations():
-        per_label.update(labels.tolist())
-        pixels = boxes.numpy().astype(np.float64).reshape(-1, 4)
-        relative.append(pixels / np.array([width, height, width, height], dtype=np.float64))
+    for annotation in dataset.annotations():
+        per_label.update(annotation.labels.tolist())
+        relative.append(annotation.relative())
+        pixels = annotation.boxes.numpy().astype(np.float64).reshape(-1, 4)
         # Sides in pixels first, then scaled: a 30 px side at a 300 px image stays 30.0.
-        sizes.append((pixels[:, 2:] - pixels[:, :2]) * size / np.array([width, height]))
-    return per_label, np.concatenate(sizes or [np.zeros((0, 2))]), relative
+        scale = size / np.array([annotation.width, annotation.height])
+        sizes.append((pixels[:, 2:] - pixels[:, :2]) * scale)
+    return (
+        per_label,
+        np.concatenate(sizes or [np.zeros((0, 2))]),
+        np.concatenate(relative or [np.zeros((0, 4))]),
+    )
 
 
 def figures(
@@ -61,9 +68,8 @@ def figures(
     (see the module docstring), and the boxes' (width, height) at the input (``box_table``)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
-    per_label, wh, relative = box_table(dataset, size)
+    per_label, wh, boxes = box_table(dataset, size)
     sides = {"width": wh[:, 0], "height": wh[:, 1], "sqrt_area": np.sqrt(wh.prod(axis=1))}
-    boxes = torch.from_numpy(np.concatenate(relative or [np.zeros((0, 4))]))
     result: dict[str, Any] = {
         "data": spec,
         "split": split,
@@ -81,10 +87,13 @@ def figures(
         "small_side_px": SMALL_SIDE,
         "small_share": float((sides["sqrt_area"] < SMALL_SIDE).mean()) if len(wh) else 0.0,
         "coverage_iou": COVER_IOU,
-        "coverage": {
-            str(s): {p: coverage(boxes, default_boxes(s, p)) for p in PRESETS} for s in SIZES
-        },
+        "coverage": {},
+        "fitted": {},
     }
+    for s in SIZES:
+        fit = fit_default_boxes(boxes, s, feature_map_sides(s))
+        result["coverage"][str(s)] = fit.coverage
+        result["fitted"][str(s)] = fit.spec.sizes()
     result["suggestions"] = suggestions(result)
     return result, wh
 
@@ -95,20 +104,20 @@ def suggestions(result: dict[str, Any]) -> list[str]:
     if not result["boxes"]:
         return ["No boxes: nothing to train on."]
     here = result["coverage"][str(size)]
-    best = max(PRESETS, key=here.get)
-    best_512 = max(PRESETS, key=result["coverage"]["512"].get)
+    best = max(CANDIDATES, key=here.get)
+    best_512 = max(CANDIDATES, key=result["coverage"]["512"].get)
     share_512 = result["coverage"]["512"][best_512]
     if here[best] < COVERAGE_FLOOR:
         poor = (
             f"Only {here[best]:.0%} of the boxes have a default box at IoU >= {COVER_IOU} at "
-            f"{size} px (best preset {best!r}; under {COVERAGE_FLOOR:.0%} is poor)."
+            f"{size} px (best: --preset {best}; under {COVERAGE_FLOOR:.0%} is poor)."
         )
         if size == 300 and share_512 > here[best]:
             tips.append(f"{poor} Try --size 512 --preset {best_512} ({share_512:.0%}).")
         else:
             tips.append(
-                f"{poor} No preset fits: default boxes fitted to this data, or training on "
-                "crops of the images, would."
+                f"{poor} No tiling fits: training on crops of the images, where the objects "
+                "are larger, would."
             )
     elif here[_DEFAULT_PRESET] < COVERAGE_FLOOR:
         tips.append(
@@ -150,11 +159,12 @@ def table(result: dict[str, Any]) -> str:
         f"boxes under {SMALL_SIDE:.0f} px (sqrt area): {result['small_share']:.1%}",
         "",
         f"{'boxes with a default box at IoU >= ' + str(result['coverage_iou']):<46}"
-        + "".join(f"{p:>8}" for p in PRESETS),
+        + "".join(f"{p:>8}" for p in CANDIDATES),
     ]
     for s, shares in result["coverage"].items():
         mark = "  <- --size" if int(s) == size else ""
-        lines.append(f"{f'SSD{s}':<46}" + "".join(f"{shares[p]:>8.1%}" for p in PRESETS) + mark)
+        row = "".join(f"{shares[p]:>8.1%}" for p in CANDIDATES)
+        lines.append(f"{f'SSD{s}':<46}{row}{mark}")
     lines += ["", *(result["suggestions"] or ["The default boxes fit this data: no change."])]
     return "\n".join(lines)
 
@@ -185,12 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="report a dataset's fit before training")
     check.add_argument("spec", metavar="SPEC", help=SPEC_FORMS)
     check.add_argument("--split", default="all", choices=SPLITS)
+    check.add_argument(
+        "--classes", help="comma-separated class names to keep, as model.train's --classes"
+    )
     check.add_argument("--size", type=int, default=300, choices=SIZES, help="network input")
     check.add_argument("--plot", type=Path, help="write histograms of box sizes (PNG)")
     check.add_argument("--json", type=Path, help="write the figures (JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    dataset = load_dataset(args.spec, split=args.split)
+    classes = args.classes.split(",") if args.classes else None
+    dataset = load_dataset(args.spec, split=args.split, classes=classes)
     result, wh = figures(dataset, args.spec, args.split, args.size)
     print(table(result))
     if args.json:

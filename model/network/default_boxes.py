@@ -20,12 +20,13 @@ All boxes are (cx, cy, w, h) relative to the network input size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-
-from model.network.boxes import box_iou, cxcywh_to_xyxy
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class DefaultBoxSpec:
     min_sizes: tuple[float, ...]
     max_sizes: tuple[float, ...]
     steps: tuple[int, ...]
-    aspect_ratios: tuple[tuple[int, ...], ...]
+    aspect_ratios: tuple[tuple[float, ...], ...]
     clip: str = "none"
 
     def __post_init__(self) -> None:
@@ -59,6 +60,32 @@ class DefaultBoxSpec:
     def boxes_per_location(self) -> list[int]:
         """Boxes per cell on each map: two squares plus a pair per aspect ratio."""
         return [2 + 2 * len(ratios) for ratios in self.aspect_ratios]
+
+    def shapes(self, k: int) -> list[tuple[float, float]]:
+        """The (w, h) of map ``k``'s boxes relative to the input, in a cell's order (module
+        docstring), before any clipping."""
+        s_k = self.min_sizes[k] / self.size
+        s_prime = math.sqrt(self.min_sizes[k] * self.max_sizes[k]) / self.size
+        wh = [(s_k, s_k), (s_prime, s_prime)]
+        for ratio in self.aspect_ratios[k]:
+            root = math.sqrt(ratio)
+            wh += [(s_k * root, s_k / root), (s_k / root, s_k * root)]
+        return wh
+
+    def centres(self, k: int, side: int) -> np.ndarray:
+        """The cell centres of map ``k`` (``side`` cells a row) along one axis, relative to the
+        input, float64, as clipped by ``clip``."""
+        centres = (np.arange(side, dtype=np.float64) + 0.5) * self.steps[k] / self.size
+        return centres.clip(0.0, 1.0) if self.clip == "cxcywh" else centres
+
+    def sizes(self) -> dict[str, Any]:
+        """Min and max sizes and aspect ratios, JSON-ready: what a checkpoint records of
+        fitted boxes (``Architecture.box_sizes``; ``box_spec`` reads it back)."""
+        return {
+            "min_sizes": list(self.min_sizes),
+            "max_sizes": list(self.max_sizes),
+            "aspect_ratios": [list(r) for r in self.aspect_ratios],
+        }
 
 
 def authors_sizes(
@@ -100,11 +127,12 @@ _ASPECT_RATIOS = {
     512: ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
 }
 PRESETS = ("voc", "coco", "fine")
+# Boxes fitted to a dataset (model.network.box_fitting): the authors' tiling (steps, maps,
+# boxes per cell) with sizes and aspect ratios of their own, recorded in the checkpoint.
+FITTED = "fitted"
 # The IoU at which a default box counts as covering a box: the matching threshold of the
 # paper (sec. 2.2), so a covered box gets positives from the per-prediction pass.
 COVER_IOU = 0.5
-# Ground-truth boxes per IoU block in best_iou: 1,024 x 24,564 (SSD512) float32 is ~100 MB.
-_IOU_CHUNK = 1024
 CLIPS = ("none", "wh", "cxcywh")  # see the module docstring
 
 
@@ -130,6 +158,40 @@ def preset_spec(size: int, preset: str) -> DefaultBoxSpec:
     )
 
 
+def box_spec(
+    size: int, preset: str, box_sizes: dict[str, Any] | None = None, clip: str = "none"
+) -> DefaultBoxSpec:
+    """The default boxes a network records as ``preset`` (and, for ``FITTED``, ``box_sizes``:
+    ``DefaultBoxSpec.sizes()``), clipped as ``clip`` says.
+
+    Fitted sizes keep the authors' tiling at ``size``: their steps, and as many aspect ratios
+    per map, so the prediction heads have the shapes of any preset's.
+    """
+    if preset != FITTED:
+        if box_sizes is not None:
+            raise ValueError(f"box sizes are for the {FITTED!r} preset, not {preset!r}")
+        return replace(preset_spec(size, preset), clip=clip)
+    if box_sizes is None or size not in _STEPS:
+        raise ValueError(f"the {FITTED!r} preset needs its box sizes and a size of 300 or 512")
+    spec = DefaultBoxSpec(
+        size=size,
+        min_sizes=tuple(float(v) for v in box_sizes["min_sizes"]),
+        max_sizes=tuple(float(v) for v in box_sizes["max_sizes"]),
+        steps=_STEPS[size],
+        aspect_ratios=tuple(tuple(float(r) for r in rs) for rs in box_sizes["aspect_ratios"]),
+        clip=clip,
+    )
+    tiling = [len(r) for r in _ASPECT_RATIOS[size]]
+    if [len(r) for r in spec.aspect_ratios] != tiling:
+        raise ValueError(
+            f"fitted boxes must keep SSD{size}'s aspect ratios per map {tiling}, got "
+            f"{[len(r) for r in spec.aspect_ratios]}"
+        )
+    if min(spec.min_sizes + spec.max_sizes) <= 0 or min(sum(spec.aspect_ratios, ())) < 1:
+        raise ValueError("fitted box sizes must be positive and aspect ratios at least 1")
+    return spec
+
+
 def make_default_boxes(spec: DefaultBoxSpec, feature_map_sizes: list[int]) -> Tensor:
     """Default boxes for square feature maps of the given sides, as a float32 Tensor[P, 4].
 
@@ -142,27 +204,18 @@ def make_default_boxes(spec: DefaultBoxSpec, feature_map_sizes: list[int]) -> Te
         )
     per_map = []
     for k, side in enumerate(feature_map_sizes):
-        s_k = spec.min_sizes[k] / spec.size
-        s_prime = math.sqrt(spec.min_sizes[k] * spec.max_sizes[k]) / spec.size
-        wh = [(s_k, s_k), (s_prime, s_prime)]
-        for ratio in spec.aspect_ratios[k]:
-            root = math.sqrt(ratio)
-            wh += [(s_k * root, s_k / root), (s_k / root, s_k * root)]
-        wh_t = torch.tensor(wh, dtype=torch.float64)  # (A, 2)
+        wh = torch.tensor(spec.shapes(k), dtype=torch.float64)  # (A, 2)
         if spec.clip != "none":
-            wh_t = wh_t.clamp(min=0.0, max=1.0)
-
-        centres = (torch.arange(side, dtype=torch.float64) + 0.5) * spec.steps[k] / spec.size
+            wh = wh.clamp(min=0.0, max=1.0)
+        centres = torch.from_numpy(spec.centres(k, side))
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         cxcy = torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)  # (H*W, 2)
-        if spec.clip == "cxcywh":
-            cxcy = cxcy.clamp(min=0.0, max=1.0)
 
         # (H*W, 1, 2) and (1, A, 2) -> (H*W, A, 4) -> (H*W*A, 4)
         boxes = torch.cat(
             [
                 cxcy[:, None, :].expand(-1, len(wh), 2),
-                wh_t[None, :, :].expand(cxcy.shape[0], -1, 2),
+                wh[None, :, :].expand(cxcy.shape[0], -1, 2),
             ],
             dim=2,
         )
@@ -170,27 +223,77 @@ def make_default_boxes(spec: DefaultBoxSpec, feature_map_sizes: list[int]) -> Te
     return torch.cat(per_map).to(torch.float32)
 
 
-def best_iou(boxes: Tensor, default_boxes: Tensor) -> Tensor:
-    """Each box's highest IoU with any default box, as a float32 Tensor[G].
-
-    Args:
-        boxes: Tensor[G, 4], xyxy, relative to the image (0-1 of its width and height,
-            which is the network input after a plain resize).
-        default_boxes: Tensor[P, 4], (cx, cy, w, h) relative to the input, as
-            ``make_default_boxes`` gives them.
+@dataclass(frozen=True)
+class BoxOffsets:
+    """Boxes as ``best_iou`` needs them on one tiling: each box's width and height, and on
+    each map its distances along x and y to the nearest cell centre (float64, relative to the
+    input). They depend on the steps, sides and ``clip``, not on the box sizes, so
+    ``model.network.box_fitting`` makes them once and tries many sizes on them.
     """
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"expected boxes of shape [G, 4], got {tuple(boxes.shape)}")
-    priors = cxcywh_to_xyxy(default_boxes.to(torch.float32))
-    boxes = boxes.to(torch.float32)
-    # (G, P) in blocks of rows -> (G,)
-    best = [box_iou(block, priors).amax(dim=1) for block in boxes.split(_IOU_CHUNK)]
-    return torch.cat(best) if best else torch.zeros(0)
+
+    w: np.ndarray  # (G,)
+    h: np.ndarray  # (G,)
+    dx: tuple[np.ndarray, ...]  # per map, (G,)
+    dy: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(
+        cls, boxes: np.ndarray | Tensor, spec: DefaultBoxSpec, feature_map_sizes: Sequence[int]
+    ) -> BoxOffsets:
+        """``boxes``: [G, 4], xyxy relative to the image (0-1 of its width and height, which
+        is the network input after a plain resize)."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        dx, dy = [], []
+        for k, side in enumerate(feature_map_sizes):
+            centres = spec.centres(k, side)
+            dx.append(np.abs(cx[:, None] - centres[None, :]).min(axis=1))
+            dy.append(np.abs(cy[:, None] - centres[None, :]).min(axis=1))
+        return cls(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], tuple(dx), tuple(dy))
 
 
-def coverage(boxes: Tensor, default_boxes: Tensor, iou: float = COVER_IOU) -> float:
-    """The share of ``boxes`` (xyxy, relative) that some default box ((cx, cy, w, h),
-    relative) overlaps at IoU >= ``iou``; 1.0 when there are no boxes. See ``best_iou``."""
-    if len(boxes) == 0:
-        return 1.0
-    return (best_iou(boxes, default_boxes) >= iou).double().mean().item()
+def best_iou(
+    boxes: np.ndarray | Tensor | BoxOffsets,
+    spec: DefaultBoxSpec,
+    feature_map_sizes: Sequence[int],
+) -> np.ndarray:
+    """Each box's highest IoU with any of ``make_default_boxes(spec, feature_map_sizes)``, as
+    a float64 array [G], without making them.
+
+    ``boxes``: [G, 4], xyxy relative to the image, or their ``BoxOffsets`` on this tiling.
+
+    Intersection over union is the product of the overlaps along x and along y over a sum of
+    areas, and each overlap only shrinks as the centres move apart. So among the boxes of one
+    shape on a grid, the best is the one at the cell centre nearest the box's centre in x and
+    in y: one candidate per shape and map, not one per default box (8,732 at SSD300).
+    """
+    if not isinstance(boxes, BoxOffsets):
+        boxes = BoxOffsets.of(boxes, spec, feature_map_sizes)
+    w, h = boxes.w[:, None], boxes.h[:, None]  # (G, 1)
+    best = np.zeros(len(boxes.w))
+    for k in range(len(feature_map_sizes)):
+        shapes = np.asarray(spec.shapes(k))  # (A, 2)
+        if spec.clip != "none":
+            shapes = shapes.clip(0.0, 1.0)
+        pw, ph = shapes[None, :, 0], shapes[None, :, 1]  # (1, A)
+        # The overlap of intervals of lengths a and b whose centres are d apart:
+        # min(a, b, (a + b) / 2 - d), or nothing.
+        dx, dy = boxes.dx[k][:, None], boxes.dy[k][:, None]
+        ix = np.minimum(np.minimum((w + pw) / 2 - dx, w), pw).clip(min=0)
+        iy = np.minimum(np.minimum((h + ph) / 2 - dy, h), ph).clip(min=0)
+        inter = ix * iy
+        union = w * h + pw * ph - inter
+        best = np.maximum(best, (inter / np.maximum(union, 1e-12)).max(axis=1))
+    return best
+
+
+def coverage(
+    boxes: np.ndarray | Tensor | BoxOffsets,
+    spec: DefaultBoxSpec,
+    feature_map_sizes: Sequence[int],
+    iou: float = COVER_IOU,
+) -> float:
+    """The share of ``boxes`` (xyxy, relative) that some default box overlaps at IoU >=
+    ``iou``; 1.0 when there are no boxes. See ``best_iou``."""
+    best = best_iou(boxes, spec, feature_map_sizes)
+    return float((best >= iou).mean()) if len(best) else 1.0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from functools import cache
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from model.network.default_boxes import DefaultBoxSpec, make_default_boxes, preset_spec
+from model.network.default_boxes import DefaultBoxSpec, box_spec, make_default_boxes
 from model.network.vgg import EXTRAS_300, EXTRAS_512, L2Norm, output_sides, vgg16_stages
 
 
@@ -28,6 +30,9 @@ class Architecture:
     # background.
     clip_boxes: str = "none"
     unused_slots: tuple[int, ...] = ()
+    # The sizes and aspect ratios of boxes fitted to the training data (preset "fitted",
+    # ``DefaultBoxSpec.sizes()``); None for the named presets.
+    box_sizes: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; a frozen dataclass wants a hashable tuple
@@ -183,12 +188,13 @@ def _build(
     width: float,
     clip_boxes: str,
     unused_slots: tuple[int, ...],
+    box_sizes: dict[str, Any] | None,
 ) -> SSD:
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
     extras = EXTRAS_300 if size == 300 else EXTRAS_512
     stages, channels = vgg16_stages(extras, width=width, batch_norm=batch_norm)
-    spec = replace(preset_spec(size, preset), clip=clip_boxes)
+    spec = box_spec(size, preset, box_sizes, clip_boxes)
     network = SSD(stages, channels, spec, num_classes, unused_slots=unused_slots)
     _init_weights(network)
     network.architecture = Architecture(
@@ -200,6 +206,7 @@ def _build(
         width=width,
         clip_boxes=clip_boxes,
         unused_slots=unused_slots,
+        box_sizes=spec.sizes() if box_sizes is not None else None,
     )
     return network
 
@@ -212,10 +219,12 @@ def ssd300_vgg16(
     width: float = 1.0,
     clip_boxes: str = "none",
     unused_slots: tuple[int, ...] = (),
+    box_sizes: dict[str, Any] | None = None,
 ) -> SSD:
     """SSD300 with the reduced atrous VGG16 base; ``num_classes`` includes background.
 
-    ``clip_boxes`` and ``unused_slots`` are for converted weights (``Architecture``)."""
+    ``box_sizes`` are fitted boxes' (``preset="fitted"``); ``clip_boxes`` and ``unused_slots``
+    are for converted weights (``Architecture``)."""
     return _build(
         "ssd300_vgg16",
         300,
@@ -225,6 +234,7 @@ def ssd300_vgg16(
         width=width,
         clip_boxes=clip_boxes,
         unused_slots=unused_slots,
+        box_sizes=box_sizes,
     )
 
 
@@ -236,10 +246,12 @@ def ssd512_vgg16(
     width: float = 1.0,
     clip_boxes: str = "none",
     unused_slots: tuple[int, ...] = (),
+    box_sizes: dict[str, Any] | None = None,
 ) -> SSD:
     """SSD512 with the reduced atrous VGG16 base; ``num_classes`` includes background.
 
-    ``clip_boxes`` and ``unused_slots`` are for converted weights (``Architecture``)."""
+    ``box_sizes`` are fitted boxes' (``preset="fitted"``); ``clip_boxes`` and ``unused_slots``
+    are for converted weights (``Architecture``)."""
     return _build(
         "ssd512_vgg16",
         512,
@@ -249,23 +261,21 @@ def ssd512_vgg16(
         width=width,
         clip_boxes=clip_boxes,
         unused_slots=unused_slots,
+        box_sizes=box_sizes,
     )
 
 
-def default_boxes(size: int, preset: str, clip_boxes: str = "none") -> Tensor:
-    """The default boxes of ``ssd{size}_vgg16(..., preset=preset)``: float32 Tensor[P, 4],
-    (cx, cy, w, h) relative to the input, equal to that network's ``default_boxes``.
-
-    The feature-map sides come from the same VGG16 stages, made on the meta device, so no
-    weights are allocated (width and batch norm do not change the sides).
-    """
+@cache
+def feature_map_sides(size: int) -> tuple[int, ...]:
+    """The sides of ``ssd{size}_vgg16``'s source feature maps (its ``feature_map_sizes``),
+    from the same VGG16 stages made on the meta device, so no weights are allocated (width
+    and batch norm do not change them)."""
     if size not in (300, 512):
         raise ValueError(f"size must be 300 or 512, got {size}")
     extras = EXTRAS_300 if size == 300 else EXTRAS_512
     with torch.device("meta"):
         stages, _ = vgg16_stages(extras, width=1.0, batch_norm=False)
-    spec = replace(preset_spec(size, preset), clip=clip_boxes)
-    return make_default_boxes(spec, output_sides(stages, size))
+    return tuple(output_sides(stages, size))
 
 
 BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16}
@@ -282,4 +292,5 @@ def build(architecture: Architecture) -> SSD:
         width=architecture.width,
         clip_boxes=architecture.clip_boxes,
         unused_slots=architecture.unused_slots,
+        box_sizes=architecture.box_sizes,
     )

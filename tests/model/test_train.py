@@ -13,6 +13,7 @@ from PIL import Image
 from model import Detector, ssd300_vgg16
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.evaluation.evaluate import evaluate
+from model.network.default_boxes import box_spec, make_default_boxes, preset_spec
 from model.train import RECIPES, SCRATCH_DEFAULTS, _datasets, _parse_args, main, split_summary
 from model.weights.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 
@@ -165,6 +166,30 @@ def test_init_fine_tunes_from_a_checkpoint_of_another_tiling(tmp_path, caplog):
     for name, weight in tuned.named_parameters():
         assert torch.equal(weight, weights[name]), name
     assert not torch.equal(tuned.default_boxes, original.default_boxes)
+
+
+def test_fitted_boxes_are_fitted_to_the_training_boxes_and_kept_by_init(tmp_path, caplog):
+    # The shapes folder's 6 boxes, 80 to 120 px: the fit starts from "voc" (all covered) and
+    # moves towards them; evaluate and a --init run use the recorded boxes, fitting nothing.
+    data = f"voc:{_shapes_folder(tmp_path / 'shapes')}"
+    out, tuned = tmp_path / "fitted.safetensors", tmp_path / "tuned.safetensors"
+    args = ["--val-fraction", "0", "--steps", "1", "--batch-size", "2", "--eval-every", "0"]
+    with caplog.at_level("INFO", logger="model.train"):
+        assert main(["--data", data, "--out", str(out), "--preset", "fitted", *args, *TINY]) == 0
+    assert "default boxes fitted to 6 boxes at 300 px: 100.0% have one" in caplog.text
+    network = load_checkpoint(out).network
+    assert network.architecture.preset == "fitted"
+    spec = box_spec(300, "fitted", network.architecture.box_sizes)
+    assert spec != preset_spec(300, "voc")
+    assert torch.equal(network.default_boxes, make_default_boxes(spec, network.feature_map_sizes))
+    report, _ = evaluate(Detector.load(out, device="cpu", precision="fp32"), data)
+    assert report.num_images == 4
+    caplog.clear()
+    with caplog.at_level("INFO", logger="model.train"):
+        assert main(["--data", "synthetic:4", "--out", str(tuned), "--init", str(out), *args,
+                     *TINY]) == 0  # fmt: skip
+    assert "default boxes fitted" not in caplog.text
+    assert load_checkpoint(tuned).network.architecture.box_sizes == spec.sizes()
 
 
 def test_checkpoints_every_epoch_and_keeps_the_best(tmp_path):

@@ -115,4 +115,4 @@ def test_tiny_boxes_get_a_suggestion(tmp_path, capsys, size):
     if size == "300":
         assert "--size 512" in printed
     else:
-        assert "No preset fits" in printed and "512 is the largest input" in printed
+        assert "No tiling fits" in printed and "512 is the largest input" in printed

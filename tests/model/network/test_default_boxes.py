@@ -1,5 +1,7 @@
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
@@ -9,14 +11,13 @@ from torchvision.ops import box_iou as torchvision_box_iou
 from model.data.synthetic import SyntheticShapes
 from model.network.boxes import box_iou
 from model.network.default_boxes import (
-    PRESETS,
     DefaultBoxSpec,
     best_iou,
     coverage,
     make_default_boxes,
     preset_spec,
 )
-from model.network.ssd import default_boxes, ssd300_vgg16, ssd512_vgg16
+from model.network.ssd import feature_map_sides, ssd300_vgg16, ssd512_vgg16
 
 
 def test_tiny_configuration_matches_hand_computed_boxes():
@@ -145,25 +146,40 @@ def test_fine_preset_gives_small_synthetic_objects_a_default_box():
 @pytest.mark.parametrize(
     ("builder", "size"), [(ssd300_vgg16, 300), (ssd512_vgg16, 512)], ids=["300", "512"]
 )
-@pytest.mark.parametrize("preset", PRESETS)
-def test_default_boxes_without_a_network_equal_the_networks(builder, size, preset):
-    network = builder(2, width=0.125, preset=preset)
-    assert torch.equal(default_boxes(size, preset), network.default_boxes)
+def test_feature_map_sides_without_a_network_equal_the_networks(builder, size):
+    assert list(feature_map_sides(size)) == builder(2, width=0.125).feature_map_sizes
 
 
 def test_coverage_of_default_boxes_and_of_a_box_far_smaller_than_any():
-    priors = default_boxes(300, "voc")
+    spec, sides = preset_spec(300, "voc"), feature_map_sides(300)
+    priors = make_default_boxes(spec, list(sides))
     # Three boxes that are default boxes (conv4_3: rows 0..5775, conv7: 5776.., the 1x1 map's
     # last one) and a 1 px box, whose IoU with the smallest default box (30 px) is 1/900.
     exact = box_convert(priors[[1234, 6000, 8731]], "cxcywh", "xyxy")
     tiny = torch.tensor([[0.5, 0.5, 0.5 + 1 / 300, 0.5 + 1 / 300]])
     boxes = torch.cat([exact, tiny])
-    assert coverage(boxes, priors) == 0.75
-    best = best_iou(boxes, priors)
-    torch.testing.assert_close(best[:3], torch.ones(3))
-    # Cross-check against torchvision's box_iou over every default box at once.
+    assert coverage(boxes, spec, sides) == 0.75
+    best = best_iou(boxes, spec, sides)
+    np.testing.assert_allclose(best[:3], np.ones(3), atol=1e-6)
+    np.testing.assert_allclose(best[3], 1 / 900, rtol=1e-4)
+    assert coverage(boxes, spec, sides, iou=0.0) == 1.0
+    assert coverage(torch.zeros(0, 4), spec, sides) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("size", "preset", "clip"),
+    [(300, "voc", "none"), (512, "fine", "none"), (300, "coco", "wh"), (300, "voc", "cxcywh")],
+)
+def test_best_iou_equals_torchvisions_box_iou_over_every_default_box(size, preset, clip):
+    # Random boxes of every size, many near or past the image's edges, where the clipped
+    # centres of "cxcywh" matter; the brute force takes the IoU with all 8,732 or 24,564.
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.rand(2000, 2, generator=generator) * 1.2 - 0.1
+    sides = torch.exp(torch.rand(2000, 2, generator=generator) * 5 - 5.5)  # 0.004 to 0.6
+    boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=1).double()
+    spec = replace(preset_spec(size, preset), clip=clip)
+    priors = make_default_boxes(spec, list(feature_map_sides(size))).double()
     reference = torchvision_box_iou(boxes, box_convert(priors, "cxcywh", "xyxy")).amax(dim=1)
-    torch.testing.assert_close(best, reference)
-    assert best[3] < 0.01
-    assert coverage(boxes, priors, iou=0.0) == 1.0
-    assert coverage(torch.zeros(0, 4), priors) == 1.0
+    ours = best_iou(boxes, spec, feature_map_sides(size))
+    np.testing.assert_allclose(ours, reference.numpy(), rtol=0, atol=1e-6)
+    assert 0.05 < (reference >= 0.5).double().mean() < 0.95  # both sides of the threshold
