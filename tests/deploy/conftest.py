@@ -9,6 +9,8 @@ its images, at the end.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,11 @@ from tests.deploy.support import FIGURES, REPO, compose, unavailable
 HERE = Path(__file__).parent
 BASE_IMAGE = "debian:bookworm-slim"  # the Dockerfile's FROM, stood in by engine.py
 BUILD_TIMEOUT_S = 1800  # several GB of wheels (docs/performance.md); a slow mirror gets room
+# Free disk the engine's data root needs: the build stage's virtual environment and the image's
+# copy of it (6.24 GB, torch's CUDA libraries most of it), with room to spare. Free space fell
+# by about 12 GB during a build here (docs/performance.md); a CI run that started with less
+# failed deep in the build with "no space left on device".
+NEEDED_DISK_GB = 20
 
 
 @pytest.hookimpl(tryfirst=True)  # before the -m selection looks at the markers
@@ -48,6 +55,11 @@ def engine() -> Iterator[Engine]:
                     "(apt-get install docker.io docker-compose debootstrap)")  # fmt: skip
     if os.geteuid() != 0:
         unavailable("starting a private dockerd needs root")
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+    if free < NEEDED_DISK_GB:
+        unavailable(f"the image build needs about {NEEDED_DISK_GB} GB free under "
+                    f"{tempfile.gettempdir()} (the engine's data root); {free:.1f} GB are")  # fmt: skip
+    FIGURES["free disk at the start"] = f"{free:.0f} GB"
     running = Engine()
     try:
         running.wait_ready()
@@ -76,6 +88,8 @@ def detector_image(engine: Engine, base_image: str) -> str:
     start = time.monotonic()
     engine.docker("build", "--network", "host", "-t", tag, str(REPO), timeout=BUILD_TIMEOUT_S)
     FIGURES["image build"] = f"{time.monotonic() - start:.0f} s"
+    free = shutil.disk_usage(engine.root).free / 1e9
+    FIGURES["free disk after the build"] = f"{free:.0f} GB"
     size = int(engine.docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
     FIGURES["image size"] = f"{size / 1e9:.2f} GB ({size} bytes)"
     return tag
