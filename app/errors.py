@@ -1,7 +1,9 @@
 """Every error the service answers, its HTTP status and code, in one place.
 
-Responses always have the body ``{"error": {"code": "...", "message": "..."}}`` and never a
-stack trace. ``model/`` raises plain Python errors; the call sites in ``app/`` wrap them in
+Responses always have the body ``{"error": {"code": "...", "message": "..."}}`` (on the
+DeepStack routes, under ``/v1/vision/``, DeepStack's ``{"success": false, "error": "...",
+"code": STATUS, "reason": "..."}``) and never a stack trace. ``model/`` raises plain Python
+errors; the call sites in ``app/`` wrap them in
 the ``ServiceError`` that says what went wrong (a bad image, a failed batch), and the handlers
 here turn those into responses.
 """
@@ -127,30 +129,36 @@ class InferenceFailedError(ServiceError):
     status, code = 500, "inference_failed"
 
 
+# The DeepStack API's routes (app.routes.deepstack), whose clients expect its error shape.
+DEEPSTACK_PREFIX = "/v1/vision/"
+
+
 def error_response(
     status: int,
     code: str,
     message: str,
     *,
-    request_id: str | None = None,
+    request: Request | None = None,
     retry_after: int | None = None,
     close_connection: bool = False,
 ) -> JSONResponse:
-    """The JSON error body every failure uses, with the request's id when it has one."""
+    """The JSON error body every failure uses (the DeepStack shape on its routes), with the
+    request's id when it has one."""
     headers = {}
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if close_connection:
         headers["Connection"] = "close"
+    request_id = getattr(request.state, "request_id", None) if request is not None else None
+    if request is not None and request.url.path.startswith(DEEPSTACK_PREFIX):
+        body = {"success": False, "error": message, "code": status, "reason": code}
+        if request_id is not None:
+            body["request_id"] = request_id
+        return JSONResponse(body, status_code=status, headers=headers)
     error = {"code": code, "message": message}
     if request_id is not None:
         error["request_id"] = request_id
     return JSONResponse({"error": error}, status_code=status, headers=headers)
-
-
-def request_id_of(request: Request) -> str | None:
-    """The id ``app.access.AccessMiddleware`` gave the request (None outside it)."""
-    return getattr(request.state, "request_id", None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -168,7 +176,7 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status,
             exc.code,
             exc.message,
-            request_id=request_id_of(request),
+            request=request,
             retry_after=exc.retry_after,
             close_connection=exc.close_connection,
         )
@@ -181,20 +189,18 @@ def install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(part) for part in item.get("loc", ()))
             problems.append(f"{where}: {item.get('msg', 'invalid')}")
         message = "; ".join(problems) or "invalid request"
-        return error_response(422, BadRequestError.code, message, request_id=request_id_of(request))
+        return error_response(422, BadRequestError.code, message, request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         phrase = HTTPStatus(exc.status_code).phrase
         code = phrase.lower().replace(" ", "_").replace("-", "_")
         message = exc.detail if isinstance(exc.detail, str) else phrase
-        response = error_response(exc.status_code, code, message, request_id=request_id_of(request))
+        response = error_response(exc.status_code, code, message, request=request)
         response.headers.update(exc.headers or {})
         return response
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(
-            500, "internal_error", "internal server error", request_id=request_id_of(request)
-        )
+        return error_response(500, "internal_error", "internal server error", request=request)

@@ -25,7 +25,7 @@ from app.memory import trim_periodically
 from app.metrics import Metrics
 from app.pipeline import ImageLimits, Pipeline
 from app.registry import BatchLimits, Registry
-from app.routes import demo, detect, health, info, models
+from app.routes import deepstack, demo, detect, health, info, models
 from app.service import Service
 from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_settings
 from app.signals import install_drain_handler, install_reload_handler
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
     )
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware)
-    for module in (detect, models, health, info, demo):
+    for module in (detect, deepstack, models, health, info, demo):
         app.include_router(module.router)
     return app
 

@@ -21,11 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from app.batcher import DisconnectCheck, Job
-from app.errors import ClientDisconnectedError, InvalidImageError, ServiceError
+from app.errors import BadRequestError, ClientDisconnectedError, InvalidImageError, ServiceError
 from app.images import DecodePool, decode, open_image
 from app.lifecycle import Lifecycle
 from app.registry import Copy, Registry
 from app.schemas import ModelRef
+from app.uploads import Upload
 from model import Detections
 
 
@@ -81,16 +82,19 @@ class Pipeline:
 
     async def detect(
         self,
-        read: Callable[[], Awaitable[list[bytes]]],
+        read: Callable[[], Awaitable[Upload]],
         is_disconnected: DisconnectCheck,
         *,
         model: str | None = None,
         score_threshold: float | None = None,
         max_detections: int | None = None,
         numbered: bool = False,
+        score_field: str | None = None,
     ) -> Outcome:
         """Detect objects in the images ``read`` gives, with model ``model`` (None: the
         default). ``numbered`` prefixes an image's error with its place (``images[2]: ...``).
+        ``score_field`` names a form field that may carry the score threshold instead
+        (DeepStack's ``min_confidence``).
 
         Raises:
             ServiceError: the answer to give instead (503 not ready, draining or full; 404
@@ -104,7 +108,10 @@ class Pipeline:
         threshold = self.score_threshold if score_threshold is None else score_threshold
         cap = self.max_detections if max_detections is None else max_detections
         with copy.batcher.admit() as ticket:
-            images = await read()
+            upload = await read()
+            images = upload.images
+            if score_field is not None and score_field in upload.fields:
+                threshold = _unit_number(score_field, upload.fields[score_field])
             copy.batcher.hold(ticket, len(images))
             jobs = await asyncio.gather(
                 *(
@@ -154,3 +161,14 @@ class Pipeline:
             if not where:
                 raise
             raise type(exc)(where + exc.message) from None
+
+
+def _unit_number(name: str, text: str) -> float:
+    """A form field's number from 0 to 1; ``BadRequestError`` naming it otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise BadRequestError(f"{name} must be a number from 0 to 1, got {text[:40]!r}")
+    return value

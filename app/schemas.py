@@ -114,3 +114,33 @@ class ModelInfo(BaseModel):
     device: str
     precision: str
     batching: BatchingInfo
+
+
+class DeepStackPrediction(BaseModel):
+    """One detected object, as DeepStack and CodeProject.AI give it: integer pixels."""
+
+    label: str = Field(description="class name")
+    confidence: float = Field(ge=0, le=1)
+    x_min: int = Field(description="left edge, pixels from the image's left")
+    y_min: int = Field(description="top edge, pixels from the image's top")
+    x_max: int = Field(description="right edge, pixels")
+    y_max: int = Field(description="bottom edge, pixels")
+
+
+class DeepStackResponse(BaseModel):
+    """The DeepStack detection answer: predictions sorted by confidence, descending."""
+
+    success: bool = True
+    predictions: list[DeepStackPrediction]
+    count: int = Field(description="the number of predictions")
+    model: ModelRef
+
+
+class DeepStackError(BaseModel):
+    """A DeepStack-shaped error: ``success`` false, the HTTP status kept."""
+
+    success: bool = False
+    error: str = Field(description="human-readable, naming the value that was wrong")
+    code: int = Field(description="the HTTP status")
+    reason: str = Field(description="machine-readable, as /detect's error code")
+    request_id: str | None = None

@@ -4,7 +4,7 @@ the raw body."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from python_multipart.multipart import parse_options_header
@@ -105,28 +105,38 @@ async def _receive_by(receive: Receive, due: float, cut: asyncio.Event) -> Messa
     return None
 
 
+@dataclass(frozen=True)
+class Upload:
+    """What a request body carried: its images, and its multipart text fields (none for a raw
+    body), such as DeepStack's ``min_confidence``."""
+
+    images: list[bytes]
+    fields: dict[str, str] = field(default_factory=dict)
+
+
 async def read_images(
     request: Request,
     limits: BodyLimits,
     cut: asyncio.Event,
-    field: str,
+    name: str,
     max_count: int,
     *,
     raw: bool,
-) -> list[bytes]:
-    """The images a request uploads: the files of the multipart ``field`` (at most
-    ``max_count``), or, where ``raw`` allows it, the raw body as one image.
+) -> Upload:
+    """The images a request uploads: the files of the multipart field ``name`` (at most
+    ``max_count``), with the form's text fields, or, where ``raw`` allows it, the raw body as
+    one image.
 
     Raises:
-        as ``read_body`` and ``form_images``;
+        as ``read_body`` and ``read_form``;
         UnsupportedTypeError: the body is not multipart and ``raw`` is False.
     """
     body = await read_body(request, limits, cut)
     if is_multipart(request):
-        return await form_images(request, body, field, max_count)
+        return await read_form(request, body, name, max_count)
     if not raw:
-        raise UnsupportedTypeError(f"send multipart/form-data with one or more files in `{field}`")
-    return [body]
+        raise UnsupportedTypeError(f"send multipart/form-data with one or more files in `{name}`")
+    return Upload([body])
 
 
 def is_multipart(request: Request) -> bool:
@@ -135,8 +145,9 @@ def is_multipart(request: Request) -> bool:
     return content_type == b"multipart/form-data"
 
 
-async def form_images(request: Request, body: bytes, field: str, max_count: int) -> list[bytes]:
-    """The files in the multipart ``field`` of ``body`` (already read, size-capped).
+async def read_form(request: Request, body: bytes, field: str, max_count: int) -> Upload:
+    """The files in the multipart ``field`` of ``body`` (already read, size-capped), and the
+    form's text fields (the last value of each).
 
     Raises:
         BadRequestError: a malformed body, a missing field, a field that is not a file, or more
@@ -163,6 +174,7 @@ async def form_images(request: Request, body: bytes, field: str, max_count: int)
             if not isinstance(value, UploadFile):
                 raise BadRequestError(f"multipart field {field!r} must be a file, not text")
             files.append(await value.read())
-        return files
+        texts = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+        return Upload(files, texts)
     finally:
         await form.close()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from app.pipeline import Outcome
 from app.routes.docs import error_responses, image_body
 from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize, ModelRef
 from app.service import Service, ServiceDep
 from app.settings import Settings
-from app.uploads import read_images
+from app.uploads import Upload, read_images
 from model import Detections
 
 router = APIRouter(tags=["detection"])
@@ -58,8 +59,11 @@ async def detect(
         read_images, request, service.body_limits, service.lifecycle.cut_uploads, "image", 1,
         raw=True,
     )  # fmt: skip
-    [result] = await _detect(request, service, read, model, score_threshold, max_detections)
-    return result
+    outcome = await run_pipeline(
+        request, service, read, model=model, score_threshold=score_threshold,
+        max_detections=max_detections,
+    )  # fmt: skip
+    return _responses(outcome)[0]
 
 
 @router.post("/detect/batch", responses=ERRORS, openapi_extra=image_body("images", many=True))
@@ -76,34 +80,29 @@ async def detect_batch(
         read_images, request, service.body_limits, service.lifecycle.cut_uploads, "images", cap,
         raw=False,
     )  # fmt: skip
-    results = await _detect(
-        request, service, read, model, score_threshold, max_detections, numbered=True
-    )
-    return BatchResponse(results=results)
+    outcome = await run_pipeline(
+        request, service, read, model=model, score_threshold=score_threshold,
+        max_detections=max_detections, numbered=True,
+    )  # fmt: skip
+    return BatchResponse(results=_responses(outcome))
 
 
-async def _detect(
+async def run_pipeline(
     request: Request,
     service: Service,
-    read: Callable[[], Awaitable[list[bytes]]],
-    model: str | None,
-    score_threshold: float | None,
-    max_detections: int | None,
-    *,
-    numbered: bool = False,
-) -> list[DetectResponse]:
-    """The pipeline's outcome for this request as response bodies; the image and batch sizes
-    go to the access log."""
-    outcome = await service.pipeline.detect(
-        read,
-        request.is_disconnected,
-        model=model,
-        score_threshold=score_threshold,
-        max_detections=max_detections,
-        numbered=numbered,
-    )
+    read: Callable[[], Awaitable[Upload]],
+    **options: Any,
+) -> Outcome:
+    """``Pipeline.detect`` for this request (``options`` are its keywords); the image and batch
+    sizes go to the access log. Every detection route answers through it."""
+    outcome = await service.pipeline.detect(read, request.is_disconnected, **options)
     request.state.image_sizes = outcome.sizes
     request.state.batch_sizes = outcome.batch_sizes
+    return outcome
+
+
+def _responses(outcome: Outcome) -> list[DetectResponse]:
+    """One response body per image."""
     return [
         _response(detections, size, outcome.model)
         for detections, size in zip(outcome.detections, outcome.sizes, strict=True)

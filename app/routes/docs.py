@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.schemas import ErrorResponse
+from app.schemas import DeepStackError, ErrorResponse
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp")
 _FILE = {"type": "string", "format": "binary"}
@@ -29,11 +29,11 @@ _ERROR_TEXT = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` entries for these error statuses, all with the error body."""
-    return {
-        status: {"model": ErrorResponse, "description": _ERROR_TEXT[status]} for status in statuses
-    }
+def error_responses(*statuses: int, deepstack: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entries for these error statuses, all with the error body (DeepStack's
+    shape for its routes)."""
+    model = DeepStackError if deepstack else ErrorResponse
+    return {status: {"model": model, "description": _ERROR_TEXT[status]} for status in statuses}
 
 
 def image_body(field: str, *, many: bool) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def test_schemathesis_finds_no_server_errors(tiny_weights: Path, tiny_detector: 
     settings_ = settings_from({**DEFAULT_ENV, "SSD_WEIGHTS": str(tiny_weights)})
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(settings_, tiny_detector))
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 9  # every operation is fuzzed
+    assert len(operations) == 11  # every operation is fuzzed
     for operation in operations:
 
         @given(case=operation.as_strategy())

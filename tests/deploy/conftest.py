@@ -55,10 +55,13 @@ def engine() -> Iterator[Engine]:
                     "(apt-get install docker.io docker-compose debootstrap)")  # fmt: skip
     if os.geteuid() != 0:
         unavailable("starting a private dockerd needs root")
-    free = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+    scratch = tempfile.gettempdir()  # where Engine puts its data root
+    free = shutil.disk_usage(scratch).free / 1e9
     if free < NEEDED_DISK_GB:
-        unavailable(f"the image build needs about {NEEDED_DISK_GB} GB free under "
-                    f"{tempfile.gettempdir()} (the engine's data root); {free:.1f} GB are")  # fmt: skip
+        unavailable(
+            f"the image build needs about {NEEDED_DISK_GB} GB free under {scratch} (the "
+            f"engine's data root); {free:.1f} GB are"
+        )
     FIGURES["free disk at the start"] = f"{free:.0f} GB"
     running = Engine()
     try:

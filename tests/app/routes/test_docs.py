@@ -21,8 +21,18 @@ async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
         "/model",
         "/models",
         "/models/{name}/reload",
+        "/v1/vision/detection",
+        "/v1/vision/custom/{model}",
         "/",
     }
+    deepstack = paths["/v1/vision/detection"]["post"]["requestBody"]["content"]
+    assert set(deepstack["multipart/form-data"]["schema"]["properties"]) == {
+        "image",
+        "min_confidence",
+        "api_key",
+    }
+    errors = paths["/v1/vision/custom/{model}"]["post"]["responses"]["404"]["content"]
+    assert errors["application/json"]["schema"]["$ref"].endswith("/DeepStackError")
     detect = paths["/detect"]["post"]
     assert detect["description"].startswith("Detect objects in one image")
     content = detect["requestBody"]["content"]

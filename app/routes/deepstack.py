@@ -1,0 +1,82 @@
+"""The DeepStack / CodeProject.AI detection API: what NVR and home-automation tools (Frigate,
+Home Assistant, Blue Iris, Agent DVR) call.
+
+``POST /v1/vision/detection`` serves the default model and ``POST /v1/vision/custom/{model}``
+a named one, through the same pipeline, batcher, limits and metrics as ``/detect``. The body is
+multipart: the image in ``image``, and optionally ``min_confidence`` (0 to 1; default
+SSD_SCORE_THRESHOLD) and ``api_key``. Errors keep their HTTP status with DeepStack's body,
+``{"success": false, "error": ...}`` (``app.errors``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from fastapi import APIRouter, Request
+
+from app.errors import DEEPSTACK_PREFIX
+from app.pipeline import Outcome
+from app.routes.detect import run_pipeline
+from app.routes.docs import error_responses
+from app.schemas import DeepStackPrediction, DeepStackResponse
+from app.service import ServiceDep
+from app.uploads import read_images
+
+router = APIRouter(tags=["DeepStack API"])
+ERRORS = error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504, deepstack=True)
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "min_confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                        "api_key": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(DEEPSTACK_PREFIX + "detection", responses=ERRORS, openapi_extra=_BODY)
+async def detection(request: Request, service: ServiceDep) -> DeepStackResponse:
+    """Detect objects with the default model (DeepStack's object detection)."""
+    return await _answer(request, service, None)
+
+
+@router.post(DEEPSTACK_PREFIX + "custom/{model}", responses=ERRORS, openapi_extra=_BODY)
+async def custom(request: Request, service: ServiceDep, model: str) -> DeepStackResponse:
+    """Detect objects with the model of that name (GET /models lists them): DeepStack's
+    custom models."""
+    return await _answer(request, service, model)
+
+
+async def _answer(request: Request, service: ServiceDep, model: str | None) -> DeepStackResponse:
+    read = functools.partial(
+        read_images, request, service.body_limits, service.lifecycle.cut_uploads, "image", 1,
+        raw=False,
+    )  # fmt: skip
+    outcome = await run_pipeline(request, service, read, model=model, score_field="min_confidence")
+    return _response(outcome)
+
+
+def _response(outcome: Outcome) -> DeepStackResponse:
+    [detections] = outcome.detections
+    predictions = [
+        DeepStackPrediction(
+            label=label,
+            confidence=round(score, 4),
+            x_min=round(box[0]),
+            y_min=round(box[1]),
+            x_max=round(box[2]),
+            y_max=round(box[3]),
+        )
+        for box, score, _, label in detections.rows()
+    ]
+    return DeepStackResponse(predictions=predictions, count=len(predictions), model=outcome.model)
