@@ -35,6 +35,7 @@ class ServiceError(Exception):
     retry_after: ClassVar[int | None] = None
     # Whether the connection closes after the answer (the rest of the request is not wanted).
     close_connection: ClassVar[bool] = False
+    www_authenticate: ClassVar[str | None] = None  # the 401 challenge, for WWW-Authenticate
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -75,6 +76,21 @@ class UnknownModelError(ServiceError):
     """``?model=`` (or the reload route) names a model this server does not have."""
 
     status, code, reason = 404, "unknown_model", "bad_request"
+
+
+class MissingKeyError(ServiceError):
+    """API keys are on and the request carries none (``app.auth``)."""
+
+    status, code, reason = 401, "unauthorized", "missing_key"
+    www_authenticate = 'Bearer realm="ssd"'
+
+
+class WrongKeyError(ServiceError):
+    """API keys are on and the request's key is not one of them (or not an admin key where
+    one is needed)."""
+
+    status, code, reason = 401, "unauthorized", "wrong_key"
+    www_authenticate = 'Bearer realm="ssd", error="invalid_token"'
 
 
 class ReloadDisabledError(ServiceError):
@@ -141,10 +157,11 @@ def error_response(
     request: Request | None = None,
     retry_after: int | None = None,
     close_connection: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """The JSON error body every failure uses (the DeepStack shape on its routes), with the
-    request's id when it has one."""
-    headers = {}
+    request's id when it has one, and ``headers`` besides."""
+    headers = dict(headers or {})
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if close_connection:
@@ -179,6 +196,7 @@ def install_error_handlers(app: FastAPI) -> None:
             request=request,
             retry_after=exc.retry_after,
             close_connection=exc.close_connection,
+            headers={"WWW-Authenticate": exc.www_authenticate} if exc.www_authenticate else None,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -18,6 +18,8 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from app.access import AccessMiddleware
+from app.auth import Keys
+from app.cors import OptionalCors
 from app.errors import install_error_handlers
 from app.images import DecodePool
 from app.lifecycle import Lifecycle
@@ -106,7 +108,12 @@ def build_service(config: Settings, detector: Detector | None) -> Service:
         score_threshold=config.score_threshold,
         max_detections=config.max_detections,
     )
-    return Service(config, metrics, registry, pipeline, lifecycle)
+    keys = Keys.of(*config.keys())
+    if keys.on:
+        log.info("API keys on: %d client keys, %d admin keys", len(keys.clients), len(keys.admins))
+    else:
+        log.info("API keys off: anyone who can reach the port may detect (SSD_API_KEYS)")
+    return Service(config, metrics, registry, pipeline, lifecycle, keys)
 
 
 def create_app(settings: Settings | None = None, detector: Detector | None = None) -> FastAPI:
@@ -163,6 +170,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(OptionalCors)  # inside the access log: preflights are logged and counted
     app.add_middleware(AccessMiddleware)
     for module in (detect, deepstack, models, health, info, demo):
         app.include_router(module.router)

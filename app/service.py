@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.auth import Keys
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.pipeline import Pipeline
@@ -18,13 +19,14 @@ from app.uploads import BodyLimits
 @dataclass(frozen=True)
 class Service:
     """Everything a request needs: the settings, the metrics, the models, the pipeline a
-    detection request goes through, and where the service is in its life."""
+    detection request goes through, where the service is in its life, and the API keys."""
 
     settings: Settings
     metrics: Metrics
     registry: Registry
     pipeline: Pipeline
     lifecycle: Lifecycle
+    keys: Keys
 
     @property
     def body_limits(self) -> BodyLimits:

@@ -44,8 +44,30 @@ class Settings(BaseSettings):
     )
     allow_reload: bool = Field(
         default=False,
-        description="allow POST /models/NAME/reload, which anyone who can reach the port may "
-        "call (no API keys yet); SIGHUP reloads every model whatever this says",
+        description="allow POST /models/NAME/reload (with API keys on, it takes an admin key); "
+        "SIGHUP reloads every model whatever this says",
+    )
+    api_keys: str = Field(
+        default="",
+        description="API keys, separated by commas; any key given here or in the files below "
+        "turns authentication on (app/auth.py). Off by default: anyone who can reach the port "
+        "may detect",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="a file of API keys, one a line (# starts a comment)"
+    )
+    admin_keys: str = Field(
+        default="",
+        description="admin keys, separated by commas: they open every route, and they alone "
+        "the reload route (without any, client keys open it)",
+    )
+    admin_keys_file: Path | None = Field(
+        default=None, description="a file of admin keys, one a line (# starts a comment)"
+    )
+    cors_origins: str = Field(
+        default="",
+        description="origins whose pages may call the API from a browser, separated by commas "
+        "(https://app.example.com), or * for any; off by default",
     )
     device: str = Field(
         default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
@@ -157,6 +179,35 @@ class Settings(BaseSettings):
                 raise ValueError(f"SSD_MODELS: two models are named {name!r}")
             sources[name] = Path(source)
         return sources
+
+    def cors_origin_list(self) -> list[str]:
+        """SSD_CORS_ORIGINS as a list (empty: CORS off)."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    def keys(self) -> tuple[list[str], list[str]]:
+        """The client keys and the admin keys, from the variables and the files.
+
+        Raises:
+            SettingsError: a file cannot be read, or a key holds whitespace; names the variable.
+        """
+        found = []
+        for inline, path, name in (
+            (self.api_keys, self.api_keys_file, "API_KEYS"),
+            (self.admin_keys, self.admin_keys_file, "ADMIN_KEYS"),
+        ):
+            keys = [k.strip() for k in inline.split(",") if k.strip()]
+            if path is not None:
+                try:
+                    lines = path.read_text(encoding="utf-8").splitlines()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise SettingsError(
+                        f"invalid setting SSD_{name}_FILE={str(path)!r}: cannot read it ({exc})"
+                    ) from None
+                keys += [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+            if any(len(k.split()) != 1 for k in keys):
+                raise SettingsError(f"invalid setting SSD_{name}: a key may not hold whitespace")
+            found.append(keys)
+        return found[0], found[1]
 
     @model_validator(mode="after")
     def _limits_fit(self) -> Settings:

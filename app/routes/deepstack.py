@@ -10,20 +10,21 @@ SSD_SCORE_THRESHOLD) and ``api_key``. Errors keep their HTTP status with DeepSta
 
 from __future__ import annotations
 
-import functools
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from app.auth import check_form_key, header_key_if_any
 from app.errors import DEEPSTACK_PREFIX
 from app.pipeline import Outcome
 from app.routes.detect import run_pipeline
 from app.routes.docs import error_responses
 from app.schemas import DeepStackPrediction, DeepStackResponse
 from app.service import ServiceDep
-from app.uploads import read_images
+from app.uploads import Upload, read_images
 
 router = APIRouter(tags=["DeepStack API"])
-ERRORS = error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504, deepstack=True)
+ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504, deepstack=True)
 _BODY = {
     "requestBody": {
         "required": True,
@@ -44,24 +45,35 @@ _BODY = {
 }
 
 
+HeaderKey = Annotated[str | None, Depends(header_key_if_any)]
+
+
 @router.post(DEEPSTACK_PREFIX + "detection", responses=ERRORS, openapi_extra=_BODY)
-async def detection(request: Request, service: ServiceDep) -> DeepStackResponse:
+async def detection(request: Request, service: ServiceDep, key: HeaderKey) -> DeepStackResponse:
     """Detect objects with the default model (DeepStack's object detection)."""
-    return await _answer(request, service, None)
+    return await _answer(request, service, None, key)
 
 
 @router.post(DEEPSTACK_PREFIX + "custom/{model}", responses=ERRORS, openapi_extra=_BODY)
-async def custom(request: Request, service: ServiceDep, model: str) -> DeepStackResponse:
+async def custom(
+    request: Request, service: ServiceDep, model: str, key: HeaderKey
+) -> DeepStackResponse:
     """Detect objects with the model of that name (GET /models lists them): DeepStack's
     custom models."""
-    return await _answer(request, service, model)
+    return await _answer(request, service, model, key)
 
 
-async def _answer(request: Request, service: ServiceDep, model: str | None) -> DeepStackResponse:
-    read = functools.partial(
-        read_images, request, service.body_limits, service.lifecycle.cut_uploads, "image", 1,
-        raw=False,
-    )  # fmt: skip
+async def _answer(
+    request: Request, service: ServiceDep, model: str | None, key: str | None
+) -> DeepStackResponse:
+    async def read() -> Upload:
+        upload = await read_images(
+            request, service.body_limits, service.lifecycle.cut_uploads, "image", 1, raw=False
+        )
+        if key is None:  # no key in the headers: DeepStack's clients send it in the form
+            check_form_key(request, upload.fields)
+        return upload
+
     outcome = await run_pipeline(request, service, read, model=model, score_field="min_confidence")
     return _response(outcome)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from app.auth import ClientKey
 from app.pipeline import Outcome
 from app.routes.docs import error_responses, image_body
 from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize, ModelRef
@@ -16,7 +17,7 @@ from app.settings import Settings
 from app.uploads import Upload, read_images
 from model import Detections
 
-router = APIRouter(tags=["detection"])
+router = APIRouter(tags=["detection"], dependencies=[ClientKey])
 # The defaults the API text names, read from where they are defined.
 _DEFAULT_THRESHOLD = Settings.model_fields["score_threshold"].default
 _DEFAULT_MAX_DETECTIONS = Settings.model_fields["max_detections"].default
@@ -43,7 +44,7 @@ ModelName = Annotated[
     str | None,
     Query(description="the model to use, by name (GET /models lists them; default: SSD_WEIGHTS)"),
 ]
-ERRORS = error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504)
+ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 
 @router.post("/detect", responses=ERRORS, openapi_extra=image_body("image", many=False))

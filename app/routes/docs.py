@@ -13,6 +13,8 @@ _ERROR_TEXT = {
     400: "The image is empty, undecodable or truncated (`invalid_image`).",
     408: "The body did not arrive within SSD_BODY_TIMEOUT_S, or slower than "
     "SSD_MIN_BODY_RATE bytes/s (`slow_upload`); the connection closes.",
+    401: "API keys are on and the request has no key, or a wrong one (`unauthorized`); see "
+    "WWW-Authenticate.",
     403: "Reloads are off: set SSD_ALLOW_RELOAD=true to allow them (`reload_disabled`).",
     404: "No model has the name given in `model` (`unknown_model`); GET /models lists them.",
     413: "The body is over SSD_MAX_UPLOAD_BYTES, or the image header declares more than "

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from app.auth import ClientKey
+from app.routes.docs import error_responses
 from app.schemas import BatchingInfo, ModelInfo
 from app.service import ServiceDep
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/model")
+@router.get("/model", dependencies=[ClientKey], responses=error_responses(401))
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The default model (name, version, classes, input size, device, precision) and batching;
     GET /models lists every model."""

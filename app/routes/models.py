@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.auth import AdminKey, ClientKey
 from app.errors import ReloadDisabledError
 from app.registry import Copy
 from app.routes.docs import error_responses
@@ -13,7 +14,7 @@ from app.service import ServiceDep
 router = APIRouter(tags=["models"])
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[ClientKey], responses=error_responses(401))
 async def list_models(service: ServiceDep) -> ModelList:
     """Every model this server has (name, version, classes, device, precision), default first."""
     registry = service.registry
@@ -22,14 +23,18 @@ async def list_models(service: ServiceDep) -> ModelList:
     )
 
 
-@router.post("/models/{name}/reload", responses=error_responses(403, 404, 422, 503))
+@router.post(
+    "/models/{name}/reload",
+    dependencies=[AdminKey],
+    responses=error_responses(401, 403, 404, 422, 503),
+)
 async def reload_model(name: str, service: ServiceDep) -> ModelSummary:
     """Load the model's weights again from its source and switch to them without dropping a
     request; off unless SSD_ALLOW_RELOAD is true. On failure the old weights go on serving."""
     if not service.settings.allow_reload:
         raise ReloadDisabledError(
-            "reloading is off; set SSD_ALLOW_RELOAD=true to allow it (anyone who can reach the "
-            "port can then call it), or send the process SIGHUP"
+            "reloading is off; set SSD_ALLOW_RELOAD=true to allow it (with API keys on, to admin "
+            "keys), or send the process SIGHUP"
         )
     service.lifecycle.check_accepting()
     registry = service.registry

@@ -51,7 +51,7 @@ async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
     assert (limits["minimum"], limits["maximum"]) == (1, 1000)
     responses = detect["responses"]
     assert set(responses) == {
-        "200", "400", "404", "408", "413", "415", "422", "500", "503", "504"
+        "200", "400", "401", "404", "408", "413", "415", "422", "500", "503", "504"
     }  # fmt: skip
     assert "model" in params
     ok = responses["200"]["content"]["application/json"]["schema"]["$ref"]
@@ -60,7 +60,10 @@ async def test_openapi_describes_the_api(client: httpx.AsyncClient) -> None:
         "/ErrorResponse"
     )
     reload = paths["/models/{name}/reload"]["post"]["responses"]
-    assert set(reload) == {"200", "403", "404", "422", "503"}
+    assert set(reload) == {"200", "401", "403", "404", "422", "503"}
+    # The key schemes, so the docs page's Authorize button can send one.
+    assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    assert detect["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
     batch = paths["/detect/batch"]["post"]["requestBody"]["content"]
     assert batch["multipart/form-data"]["schema"]["properties"]["images"]["type"] == "array"
     schemas = spec["components"]["schemas"]
