@@ -36,6 +36,7 @@ from app.errors import (
 )
 from app.metrics import ModelMetrics
 from model import Detections, Detector
+from model.network.postprocess import Cut
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,13 @@ class Job:
 
     ``inputs`` is opaque here: what ``Detector.prepare`` made of the image, handed back to
     ``Detector.run_batch`` as it is. ``size`` is the image's (width, height) in pixels, the
-    frame its boxes come back in; ``score_threshold`` is in [0, 1], ``max_detections`` >= 1.
+    frame its boxes come back in; ``cut`` says which detections it keeps (threshold, cap,
+    classes, NMS IoU).
     """
 
     inputs: object
     size: tuple[int, int]
-    score_threshold: float
-    max_detections: int
+    cut: Cut
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,7 @@ class Batcher:
             self.detector.run_batch,
             [job.inputs for job in jobs],
             [job.size for job in jobs],
-            [job.score_threshold for job in jobs],
-            [job.max_detections for job in jobs],
+            [job.cut for job in jobs],
         )
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, run)

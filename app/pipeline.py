@@ -16,6 +16,7 @@ All of it by the request's deadline, ``request_timeout_s`` from its arrival.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from app.registry import Copy, Registry
 from app.schemas import ModelRef
 from app.uploads import Upload
 from model import Detections
+from model.network.postprocess import Cut
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,16 @@ class Pipeline:
         model: str | None = None,
         score_threshold: float | None = None,
         max_detections: int | None = None,
+        classes: list[str] | None = None,
+        iou_threshold: float | None = None,
         numbered: bool = False,
         score_field: str | None = None,
     ) -> Outcome:
         """Detect objects in the images ``read`` gives, with model ``model`` (None: the
-        default). ``numbered`` prefixes an image's error with its place (``images[2]: ...``).
-        ``score_field`` names a form field that may carry the score threshold instead
-        (DeepStack's ``min_confidence``).
+        default), keeping the ``classes`` named (None: all) before ``max_detections``, with
+        per-class NMS at ``iou_threshold`` (None: the model's). ``numbered`` prefixes an
+        image's error with its place (``images[2]: ...``). ``score_field`` names a form field
+        that may carry the score threshold instead (DeepStack's ``min_confidence``).
 
         Raises:
             ServiceError: the answer to give instead (503 not ready, draining or full; 404
@@ -105,17 +110,25 @@ class Pipeline:
         # No await between picking the copy and being admitted to it: a swap, which runs on
         # this event loop, cannot come between, so the copy's batcher is still running.
         copy = self.registry.get(model)
-        threshold = self.score_threshold if score_threshold is None else score_threshold
-        cap = self.max_detections if max_detections is None else max_detections
+        try:
+            cut = copy.detector.cut(
+                self.score_threshold if score_threshold is None else score_threshold,
+                self.max_detections if max_detections is None else max_detections,
+                classes,
+                iou_threshold,
+            )
+        except ValueError as exc:  # a class name the model lacks: the message lists its own
+            raise BadRequestError(f"classes: {exc}") from None
         with copy.batcher.admit() as ticket:
             upload = await read()
             images = upload.images
             if score_field is not None and score_field in upload.fields:
                 threshold = _unit_number(score_field, upload.fields[score_field])
+                cut = dataclasses.replace(cut, score_threshold=threshold)
             copy.batcher.hold(ticket, len(images))
             jobs = await asyncio.gather(
                 *(
-                    self._prepare(copy, data, deadline, threshold, cap, f"images[{i}]: " * numbered)
+                    self._prepare(copy, data, deadline, cut, f"images[{i}]: " * numbered)
                     for i, data in enumerate(images)
                 )
             )
@@ -129,9 +142,7 @@ class Pipeline:
             [answer.batch_size for answer in answers],
         )
 
-    async def _prepare(
-        self, copy: Copy, data: bytes, deadline: float, threshold: float, cap: int, where: str
-    ) -> Job:
+    async def _prepare(self, copy: Copy, data: bytes, deadline: float, cut: Cut, where: str) -> Job:
         """One image's bytes to a job for ``copy``'s batcher, on the decode pool."""
         try:
             # Cheap, but not free (the scan count reads the whole file), so off the event loop.
@@ -154,7 +165,7 @@ class Pipeline:
                 except (ValueError, TypeError) as exc:  # the model's word for an unusable image
                     raise InvalidImageError(f"cannot use the image: {exc}") from None
                 copy.batcher.metrics.stage("decode", time.perf_counter() - started)
-                return Job(inputs, decoded.size, threshold, cap)
+                return Job(inputs, decoded.size, cut)
 
             return await self.pool.run(opened.pixels, deadline, work)
         except ServiceError as exc:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from app.auth import check_form_key, header_key_if_any
 from app.errors import DEEPSTACK_PREFIX
 from app.pipeline import Outcome
-from app.routes.detect import run_pipeline
+from app.routes.detect import Classes, IouThreshold, class_list, run_pipeline
 from app.routes.docs import error_responses
 from app.schemas import DeepStackPrediction, DeepStackResponse
 from app.service import ServiceDep
@@ -49,22 +49,38 @@ HeaderKey = Annotated[str | None, Depends(header_key_if_any)]
 
 
 @router.post(DEEPSTACK_PREFIX + "detection", responses=ERRORS, openapi_extra=_BODY)
-async def detection(request: Request, service: ServiceDep, key: HeaderKey) -> DeepStackResponse:
+async def detection(
+    request: Request,
+    service: ServiceDep,
+    key: HeaderKey,
+    classes: Classes = None,
+    iou_threshold: IouThreshold = None,
+) -> DeepStackResponse:
     """Detect objects with the default model (DeepStack's object detection)."""
-    return await _answer(request, service, None, key)
+    return await _answer(request, service, None, key, classes, iou_threshold)
 
 
 @router.post(DEEPSTACK_PREFIX + "custom/{model}", responses=ERRORS, openapi_extra=_BODY)
 async def custom(
-    request: Request, service: ServiceDep, model: str, key: HeaderKey
+    request: Request,
+    service: ServiceDep,
+    model: str,
+    key: HeaderKey,
+    classes: Classes = None,
+    iou_threshold: IouThreshold = None,
 ) -> DeepStackResponse:
     """Detect objects with the model of that name (GET /models lists them): DeepStack's
     custom models."""
-    return await _answer(request, service, model, key)
+    return await _answer(request, service, model, key, classes, iou_threshold)
 
 
 async def _answer(
-    request: Request, service: ServiceDep, model: str | None, key: str | None
+    request: Request,
+    service: ServiceDep,
+    model: str | None,
+    key: str | None,
+    classes: str | None,
+    iou_threshold: float | None,
 ) -> DeepStackResponse:
     async def read() -> Upload:
         upload = await read_images(
@@ -74,7 +90,10 @@ async def _answer(
             check_form_key(request, upload.fields)
         return upload
 
-    outcome = await run_pipeline(request, service, read, model=model, score_field="min_confidence")
+    outcome = await run_pipeline(
+        request, service, read, model=model, classes=class_list(classes),
+        iou_threshold=iou_threshold, score_field="min_confidence",
+    )  # fmt: skip
     return _response(outcome)
 
 

@@ -40,6 +40,23 @@ MaxDetections = Annotated[
         f"(default: SSD_MAX_DETECTIONS, {_DEFAULT_MAX_DETECTIONS}).",
     ),
 ]
+Classes = Annotated[
+    str | None,
+    Query(
+        description="Comma-separated class names to keep (GET /models lists each model's); "
+        "the others are dropped before max_detections, so `classes=car&max_detections=5` "
+        "gives the five best cars. An unknown name gets 422 listing the valid ones.",
+    ),
+]
+IouThreshold = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        le=1,
+        description="Per-class NMS: of two boxes of one class overlapping more than this, the "
+        "lower-scoring one goes (default: the model's, 0.45).",
+    ),
+]
 ModelName = Annotated[
     str | None,
     Query(description="the model to use, by name (GET /models lists them; default: SSD_WEIGHTS)"),
@@ -54,6 +71,8 @@ async def detect(
     model: ModelName = None,
     score_threshold: ScoreThreshold = None,
     max_detections: MaxDetections = None,
+    classes: Classes = None,
+    iou_threshold: IouThreshold = None,
 ) -> DetectResponse:
     """Detect objects in one image: multipart field `image`, or the raw body as image/*."""
     read = functools.partial(
@@ -62,7 +81,7 @@ async def detect(
     )  # fmt: skip
     outcome = await run_pipeline(
         request, service, read, model=model, score_threshold=score_threshold,
-        max_detections=max_detections,
+        max_detections=max_detections, classes=class_list(classes), iou_threshold=iou_threshold,
     )  # fmt: skip
     return _responses(outcome)[0]
 
@@ -74,6 +93,8 @@ async def detect_batch(
     model: ModelName = None,
     score_threshold: ScoreThreshold = None,
     max_detections: MaxDetections = None,
+    classes: Classes = None,
+    iou_threshold: IouThreshold = None,
 ) -> BatchResponse:
     """Detect objects in several images (multipart fields `images`); results in that order."""
     cap = service.settings.max_images_per_request
@@ -83,7 +104,8 @@ async def detect_batch(
     )  # fmt: skip
     outcome = await run_pipeline(
         request, service, read, model=model, score_threshold=score_threshold,
-        max_detections=max_detections, numbered=True,
+        max_detections=max_detections, classes=class_list(classes), iou_threshold=iou_threshold,
+        numbered=True,
     )  # fmt: skip
     return BatchResponse(results=_responses(outcome))
 
@@ -100,6 +122,13 @@ async def run_pipeline(
     request.state.image_sizes = outcome.sizes
     request.state.batch_sizes = outcome.batch_sizes
     return outcome
+
+
+def class_list(classes: str | None) -> list[str] | None:
+    """``classes=a,b`` as a list of names (None when not given)."""
+    if classes is None:
+        return None
+    return [name.strip() for name in classes.split(",") if name.strip()]
 
 
 def _responses(outcome: Outcome) -> list[DetectResponse]:

@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from model.inference.autotune import BATCH_SIZE, PrecisionChoice, choose_inference_precision
 from model.inference.int8 import QuantizableSSD, int8_artifact_for, load_int8
 from model.inference.runtime import INT8, Runtime, resolve_device
-from model.network.postprocess import MAX_DETECTIONS, NMS_IOU, TOP_K, Detections, postprocess_each
+from model.network.postprocess import (
+    MAX_DETECTIONS,
+    NMS_IOU,
+    TOP_K,
+    Cut,
+    Detections,
+    postprocess_each,
+)
 from model.network.preprocessing import PIXEL_MEAN, RESIZES, ImageLike, preprocess, to_rgb_tensor
 from model.network.ssd import SSD
 from model.weights.checkpoint import load_checkpoint
@@ -139,37 +146,71 @@ class Detector:
         images: Sequence[ImageLike],
         score_threshold: float = 0.3,
         max_detections: int = MAX_DETECTIONS,
+        classes: Sequence[str] | None = None,
+        nms_iou: float | None = None,
     ) -> list[Detections]:
         """Detect objects in a batch of images, run as one forward pass: ``prepare`` each, then
-        ``run_batch`` them with the same settings.
+        ``run_batch`` them with the same ``Cut``.
 
         Args:
             images: PIL images (any mode: L, RGB, RGBA, CMYK, P, 16-bit) or uint8
                 Tensors[C, H, W] with C in (1, 3, 4), each of any size.
             score_threshold: keep detections scoring strictly above this (0..1).
             max_detections: at most this many detections per image.
+            classes: class names to keep (``class_ids``), None for all; the cap counts only
+                these.
+            nms_iou: the per-class NMS overlap (default ``self.nms_iou``).
 
         Returns:
             One ``Detections`` per image, boxes xyxy in that image's pixels.
         """
         if len(images) == 0:
             return []
+        cut = self.cut(score_threshold, max_detections, classes, nms_iou)
         prepared = [self.prepare(image) for image in images]
-        count = len(prepared)
         return self.run_batch(
             [inputs for inputs, _ in prepared],
             [size for _, size in prepared],
-            [score_threshold] * count,
-            [max_detections] * count,
+            [cut] * len(prepared),
         ).detections
+
+    def cut(
+        self,
+        score_threshold: float,
+        max_detections: int,
+        classes: Sequence[str] | None = None,
+        nms_iou: float | None = None,
+    ) -> Cut:
+        """The ``Cut`` for these settings, class names turned into ids (``class_ids``).
+
+        Raises:
+            ValueError: a value out of range, or a class name this model lacks (the message
+                lists the valid ones).
+        """
+        return Cut(
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            classes=None if classes is None else self.class_ids(classes),
+            nms_iou=self.nms_iou if nms_iou is None else nms_iou,
+        )
+
+    def class_ids(self, names: Sequence[str]) -> frozenset[int]:
+        """The ids (1..C-1) of these class names.
+
+        Raises:
+            ValueError: none given, or a name this model lacks; the message lists the valid ones.
+        """
+        unknown = [name for name in names if name not in self.class_names]
+        if unknown or not names:
+            raise ValueError(
+                f"unknown classes {unknown or list(names)}; this model has "
+                f"{', '.join(self.class_names)}"
+            )
+        return frozenset(self.class_names.index(name) + 1 for name in names)
 
     @torch.inference_mode()
     def run_batch(
-        self,
-        inputs: Sequence[ModelInput],
-        sizes: Sequence[tuple[int, int]],
-        score_thresholds: Sequence[float],
-        max_detections: Sequence[int],
+        self, inputs: Sequence[ModelInput], sizes: Sequence[tuple[int, int]], cuts: Sequence[Cut]
     ) -> BatchResult:
         """Prepared images in, one ``Detections`` per image out: stack, move to the device,
         one forward pass, post-processing. The one way a batch runs.
@@ -179,8 +220,7 @@ class Detector:
             sizes: each image's (width, height) in pixels, the frame its boxes come back in
                 (``prepare`` gives the decoded image's; a caller that decoded at reduced scale
                 passes the full size).
-            score_thresholds: per image, keep detections scoring strictly above this (0..1).
-            max_detections: per image, at most this many detections (>= 1).
+            cuts: per image, how its detections are cut (threshold, cap, classes, NMS IoU).
 
         Returns:
             The detections, one per input in order, and the seconds the forward pass (with
@@ -188,12 +228,16 @@ class Detector:
             NMS, the cut to each image's settings) took.
 
         Raises:
-            ValueError: the four sequences differ in length (the message gives the lengths),
-                or a threshold or cap is out of range.
+            ValueError: the three sequences differ in length (the message gives the lengths),
+                or a cut names a class past this model's.
             RuntimeError: the model gave a number of results other than the inputs'.
         """
         count = len(inputs)
-        _check_lengths(count, sizes, score_thresholds, max_detections)
+        if not count == len(sizes) == len(cuts):
+            raise ValueError(
+                f"run_batch needs one size and one cut per image; got {count} inputs, "
+                f"{len(sizes)} sizes and {len(cuts)} cuts"
+            )
         if count == 0:
             return BatchResult([], 0.0, 0.0)
         start = time.perf_counter()
@@ -203,7 +247,7 @@ class Detector:
         if self.device.type == "cuda":  # kernels run asynchronously: count them here
             torch.cuda.synchronize(self.device)
         forwarded = time.perf_counter()
-        detections = self._postprocess(loc, conf, sizes, score_thresholds, max_detections)
+        detections = self._postprocess(loc, conf, sizes, cuts)
         done = time.perf_counter()
         if len(detections) != count:
             raise RuntimeError(f"the model returned {len(detections)} results for {count} inputs")
@@ -215,7 +259,7 @@ class Detector:
         """
         side = self.input_size
         inputs, size = self.prepare(torch.zeros((3, side, side), dtype=torch.uint8))
-        self.run_batch([inputs], [size], [0.0], [1])
+        self.run_batch([inputs], [size], [Cut(score_threshold=0.0, max_detections=1)])
 
     def prepare(self, image: ImageLike) -> tuple[Tensor, tuple[int, int]]:
         """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
@@ -231,8 +275,7 @@ class Detector:
         loc: Tensor,
         conf: Tensor,
         sizes: Sequence[tuple[int, int]],
-        score_thresholds: Sequence[float],
-        max_detections: Sequence[int],
+        cuts: Sequence[Cut],
     ) -> list[Detections]:
         """Raw outputs (loc Tensor[N, P, 4], conf Tensor[N, P, C] logits) to detections on the
         CPU, with class names, in each image's pixels
@@ -242,9 +285,7 @@ class Detector:
             conf.float(),
             self._default_boxes,
             list(sizes),
-            score_thresholds,
-            max_detections,
-            nms_iou=self.nms_iou,
+            cuts,
             top_k=self.top_k,
         )
         results = []
@@ -266,22 +307,6 @@ def _noise_inputs(side: int, pixel_mean: Sequence[float], resize: str) -> Tensor
 # What ``Detector.prepare`` makes of one image (float32 Tensor[3, S, S]) and ``run_batch``
 # takes back: callers that only queue it (the service's batcher) name it by this.
 ModelInput = Tensor
-
-
-def _check_lengths(
-    count: int,
-    sizes: Sequence[object],
-    score_thresholds: Sequence[object],
-    max_detections: Sequence[object],
-) -> None:
-    """Raise ValueError, naming every length, unless the ``count`` inputs and the three
-    per-image sequences agree."""
-    lengths = (count, len(sizes), len(score_thresholds), len(max_detections))
-    if len(set(lengths)) != 1:
-        raise ValueError(
-            f"run_batch needs one size, threshold and cap per image; got {count} inputs, "
-            f"{lengths[1]} sizes, {lengths[2]} score_thresholds and {lengths[3]} max_detections"
-        )
 
 
 @dataclass(frozen=True)

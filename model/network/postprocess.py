@@ -27,6 +27,32 @@ TOP_K = 400
 MAX_DETECTIONS = 200
 
 
+@dataclass(frozen=True)
+class Cut:
+    """How one image's detections are cut from the network's outputs.
+
+    ``score_threshold``: keep scores strictly above it (0..1). ``max_detections``: at most this
+    many (>= 1), the best. ``classes``: the class ids (1..C-1) to keep, None for all; the others
+    are dropped before the cap, so the cap counts only these. ``nms_iou``: the per-class NMS
+    overlap (0..1) above which the lower-scoring box goes.
+    """
+
+    score_threshold: float = 0.3
+    max_detections: int = MAX_DETECTIONS
+    classes: frozenset[int] | None = None
+    nms_iou: float = NMS_IOU
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {self.max_detections}")
+        if not 0.0 <= self.nms_iou <= 1.0:
+            raise ValueError(f"the NMS IoU must be in [0, 1], got {self.nms_iou}")
+        if self.classes is not None and (not self.classes or min(self.classes) < 1):
+            raise ValueError(f"classes must be ids from 1 (0 is background), got {self.classes}")
+
+
 @dataclass
 class Detections:
     """Detections for one image, sorted by score (descending).
@@ -67,6 +93,7 @@ def postprocess(
     nms_iou: float = NMS_IOU,
     top_k: int = TOP_K,
     max_detections: int = MAX_DETECTIONS,
+    class_mask: Tensor | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Turn raw outputs into per-image (boxes, scores, class_ids).
 
@@ -76,6 +103,8 @@ def postprocess(
         default_boxes: Tensor[P, 4], (cx, cy, w, h) relative to the network input.
         image_sizes: per image, its (width, height) in pixels; boxes are scaled to it.
         score_threshold: keep class scores strictly above this.
+        class_mask: Tensor[N, C-1] bool, the classes (1..C-1) each image keeps; None keeps
+            all. The others' scores become 0, below any threshold.
 
     Returns:
         Per image: boxes Tensor[K, 4] (xyxy pixels, clipped to the image), scores Tensor[K],
@@ -86,6 +115,8 @@ def postprocess(
         raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {num_images}")
     device = conf.device
     scores = conf.float().softmax(dim=-1)[..., 1:]  # (N, P, C-1), background dropped
+    if class_mask is not None:
+        scores = scores * class_mask[:, None, :].to(scores.device)
 
     if num_images == 0:
         return []
@@ -113,51 +144,58 @@ def postprocess_each(
     conf: Tensor,
     default_boxes: Tensor,
     image_sizes: list[tuple[int, int]],
-    score_thresholds: Sequence[float],
-    max_detections: Sequence[int],
+    cuts: Sequence[Cut],
     *,
-    nms_iou: float = NMS_IOU,
     top_k: int = TOP_K,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """``postprocess`` with a score threshold (0..1) and a cap (>= 1) per image.
+    """``postprocess`` with each image cut as its ``Cut`` says.
 
-    The batch is post-processed once at the lowest threshold and the highest cap, then each
-    image is cut to its own: NMS visits boxes in score order, so boxes below an image's
-    threshold never suppress boxes above it, and the result equals a run at that threshold
-    alone. Arguments and results otherwise as for ``postprocess``.
+    Images of one NMS IoU are post-processed together, once, at their lowest threshold and
+    highest cap, with the classes each keeps masked; then each image is cut to its own
+    threshold and cap. NMS visits boxes in score order, so boxes below an image's threshold
+    never suppress boxes above it, and the result equals a run at that threshold alone.
+    Arguments and results otherwise as for ``postprocess``.
 
     Raises:
-        ValueError: a threshold outside [0, 1], a cap below 1, or not one threshold and one
-            cap per image (each message gives the values or counts).
+        ValueError: not one cut per image, or a cut's class id past the model's classes.
     """
     count = len(image_sizes)
-    thresholds, caps = list(score_thresholds), list(max_detections)
-    if len(thresholds) != count or len(caps) != count:
-        raise ValueError(
-            f"need one score threshold and one cap per image: got {len(thresholds)} "
-            f"thresholds and {len(caps)} caps for {count} images"
+    cuts = list(cuts)
+    if len(cuts) != count:
+        raise ValueError(f"need one cut per image: got {len(cuts)} for {count} images")
+    num_classes = conf.shape[-1]
+    for cut in cuts:
+        if cut.classes is not None and max(cut.classes) >= num_classes:
+            raise ValueError(
+                f"class ids run from 1 to {num_classes - 1}, got {sorted(cut.classes)}"
+            )
+    results: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * count
+    for nms_iou in sorted({cut.nms_iou for cut in cuts}):
+        members = [i for i, cut in enumerate(cuts) if cut.nms_iou == nms_iou]
+        group = [cuts[i] for i in members]
+        mask = None
+        if any(cut.classes is not None for cut in group):
+            mask = torch.ones(len(group), num_classes - 1, dtype=torch.bool)
+            for row, cut in enumerate(group):
+                if cut.classes is not None:
+                    mask[row] = False
+                    mask[row, [c - 1 for c in cut.classes]] = True
+        index = torch.tensor(members, device=conf.device)
+        outputs = postprocess(
+            loc[index],
+            conf[index],
+            default_boxes,
+            [image_sizes[i] for i in members],
+            score_threshold=min(cut.score_threshold for cut in group),
+            nms_iou=nms_iou,
+            top_k=top_k,
+            max_detections=max(cut.max_detections for cut in group),
+            class_mask=mask,
         )
-    if any(not 0.0 <= t <= 1.0 for t in thresholds):
-        raise ValueError(f"score_threshold must be in [0, 1], got {thresholds}")
-    if any(c < 1 for c in caps):
-        raise ValueError(f"max_detections must be >= 1, got {caps}")
-    if count == 0:
-        return []
-    outputs = postprocess(
-        loc,
-        conf,
-        default_boxes,
-        image_sizes,
-        score_threshold=min(thresholds),
-        nms_iou=nms_iou,
-        top_k=top_k,
-        max_detections=max(caps),
-    )
-    results = []
-    for (boxes, scores, class_ids), threshold, cap in zip(outputs, thresholds, caps, strict=True):
-        keep = (scores > threshold).nonzero().flatten()[:cap]
-        results.append((boxes[keep], scores[keep], class_ids[keep]))
-    return results
+        for i, cut, (boxes, scores, class_ids) in zip(members, group, outputs, strict=True):
+            keep = (scores > cut.score_threshold).nonzero().flatten()[: cut.max_detections]
+            results[i] = (boxes[keep], scores[keep], class_ids[keep])
+    return [result for result in results if result is not None]
 
 
 def _candidates(

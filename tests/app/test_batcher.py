@@ -32,6 +32,7 @@ from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings
 from model import Detector
+from model.network.postprocess import Cut
 from tests.app.support import (
     PATIENCE_S,
     detect_scope,
@@ -372,7 +373,7 @@ def test_per_request_parameters_in_one_forward_pass(tiny_weights: Path) -> None:
     # The reference: the same three images run as one batch with no cut (same numerics as the
     # server's batch), each cut by hand to its own threshold and cap.
     inputs, size = detector.prepare(Image.open(io.BytesIO(NOISE)))
-    uncut = detector.run_batch([inputs] * 3, [size] * 3, [0.0] * 3, [1000] * 3).detections
+    uncut = detector.run_batch([inputs] * 3, [size] * 3, [Cut(0.0, 1000)] * 3).detections
     params = [(0.2, 5), (0.0, 2), (0.9, 100)]
     for response, reference, (threshold, cap) in zip(responses, uncut, params, strict=True):
         keep = [i for i, score in enumerate(reference.scores.tolist()) if score > threshold][:cap]
@@ -425,7 +426,7 @@ def test_batches_run_one_at_a_time_and_form_while_the_model_is_busy(tiny_weights
     inputs, size = detector.prepare(Image.open(io.BytesIO(PNG)))
 
     def jobs(count: int) -> list[Job]:
-        return [Job(inputs, size, 0.3, 10)] * count
+        return [Job(inputs, size, Cut(0.3, 10))] * count
 
     async def scenario() -> list[list[int]]:
         batcher = _batcher(detector, max_batch_size=2, max_queue=8)

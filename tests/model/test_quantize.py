@@ -21,7 +21,7 @@ from model.inference.int8 import (
     save_int8,
 )
 from model.inference.runtime import resolve_precision
-from model.network.postprocess import MAX_DETECTIONS, postprocess_each
+from model.network.postprocess import MAX_DETECTIONS, Cut, postprocess_each
 from model.network.preprocessing import preprocess
 from model.quantize import main, quantize_network
 from model.weights.checkpoint import save_checkpoint
@@ -97,7 +97,7 @@ def test_artifact_round_trip_without_pickle(calibrated, tiny, tmp_path, monkeypa
     sizes = [(int(image.shape[2]), int(image.shape[1])) for image in images]
     ours = detector.predict(images, score_threshold=0.01)
     default_boxes = quantized.get_buffer("default_boxes")
-    reference = postprocess_each(*expected, default_boxes, sizes, [0.01] * 2, [MAX_DETECTIONS] * 2)
+    reference = postprocess_each(*expected, default_boxes, sizes, [Cut(0.01, MAX_DETECTIONS)] * 2)
     for a, (boxes, _, class_ids) in zip(ours, reference, strict=True):
         assert torch.equal(a.boxes, boxes) and torch.equal(a.class_ids, class_ids)
 

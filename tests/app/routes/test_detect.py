@@ -149,6 +149,9 @@ async def test_exif_rotated_jpeg_is_answered_in_the_displayed_frame(
     _check_schema(response.json(), width, height, max_detections=100)
 
 
+PNG_SHAPES = encode(shapes_image(), "PNG")
+
+
 def _best(detections: list[dict], label: str, box: tuple[float, ...]) -> float:
     return max((iou(box_tuple(d), box) for d in detections if d["label"] == label), default=0.0)
 
@@ -204,6 +207,43 @@ async def test_large_jpeg_decoded_at_reduced_scale_keeps_full_size_boxes(
     assert _best(scaled, "square", SQUARE_BOX) >= 0.8, scaled
 
 
+async def test_classes_are_kept_before_the_cap_and_iou_threshold_is_the_nms(
+    trained_client: httpx.AsyncClient,
+) -> None:
+    image = encode(shapes_image(), "PNG")
+
+    async def detections(query: str) -> list[dict]:
+        response = await trained_client.post(f"/detect?{query}", files={"image": image})
+        assert response.status_code == 200, response.text
+        return response.json()["detections"]
+
+    everything = await detections("score_threshold=0.01&max_detections=1000")
+    assert everything[0]["label"] == "circle"  # the best-scoring box is the circle's
+    [square] = await detections("score_threshold=0.01&max_detections=1&classes=square")
+    assert square == next(d for d in everything if d["label"] == "square")
+    assert _best([square], "square", SQUARE_BOX) >= 0.5
+    both = await detections("score_threshold=0.01&max_detections=1000&classes=square, circle")
+    assert both == [d for d in everything if d["label"] in ("square", "circle")]
+    # IoU 1 suppresses nothing, the default 0.45 some, 0.01 nearly every overlap in a class.
+    loose = await detections("score_threshold=0.01&max_detections=1000&iou_threshold=1")
+    tight = await detections("score_threshold=0.01&max_detections=1000&iou_threshold=0.01")
+    assert len(loose) > len(everything) > len(tight) > 0
+    # On the DeepStack route too, with its own answer shape.
+    response = await trained_client.post(
+        "/v1/vision/detection?classes=square",
+        files={"image": image},
+        data={"min_confidence": "0.3"},
+    )
+    assert {p["label"] for p in response.json()["predictions"]} == {"square"}
+
+
+async def test_an_unknown_class_is_named_with_the_valid_ones(client: httpx.AsyncClient) -> None:
+    response = await client.post("/detect?classes=circle,cat", files={"image": PNG_SHAPES})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "unknown classes ['cat']" in message and "circle, square, triangle" in message
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -213,6 +253,10 @@ async def test_large_jpeg_decoded_at_reduced_scale_keeps_full_size_boxes(
         "max_detections=0",
         "max_detections=1001",
         "max_detections=ten",
+        "iou_threshold=1.5",
+        "iou_threshold=-1",
+        "classes=cat",
+        "classes=,",
     ],
 )
 async def test_bad_parameters_are_422(client: httpx.AsyncClient, query: str) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from model import Detector, ssd300_vgg16
 from model.inference import autotune
 from model.inference.runtime import resolve_precision
-from model.network.postprocess import MAX_DETECTIONS
+from model.network.postprocess import MAX_DETECTIONS, Cut
 from model.weights.checkpoint import save_checkpoint
 from tests.fake_clock import FakeClock
 
@@ -124,7 +124,7 @@ def test_prepare_then_run_batch_equals_predict():
     image = Image.new("RGB", (64, 40), (200, 30, 30))
     inputs, size = detector.prepare(image)
     assert inputs.shape == (3, 300, 300) and inputs.dtype == torch.float32 and size == (64, 40)
-    [ran] = detector.run_batch([inputs], [size], [0.3], [MAX_DETECTIONS]).detections
+    [ran] = detector.run_batch([inputs], [size], [Cut(0.3, MAX_DETECTIONS)]).detections
     direct = detector.predict([image])[0]
     assert torch.equal(ran.boxes, direct.boxes) and ran.labels == direct.labels
 
@@ -186,8 +186,7 @@ def test_run_batch_with_per_image_settings_equals_separate_predicts():
     batch = detector.run_batch(
         [inputs for inputs, _ in prepared],
         [size for _, size in prepared],
-        [threshold for threshold, _ in settings],
-        [cap for _, cap in settings],
+        [Cut(threshold, cap) for threshold, cap in settings],
     )
     assert len(batch.detections) == len(images)
     assert batch.forward_s > 0 and batch.postprocess_s > 0
@@ -201,9 +200,19 @@ def test_run_batch_with_per_image_settings_equals_separate_predicts():
 def test_run_batch_refuses_mismatched_lengths_naming_them():
     detector = Detector(_known_network(), NAMES)
     inputs, size = detector.prepare(Image.new("RGB", (20, 30)))
-    with pytest.raises(ValueError, match="2 inputs, 1 sizes, 2 score_thresholds and 3 max_"):
-        detector.run_batch([inputs, inputs], [size], [0.1, 0.2], [1, 2, 3])
-    assert detector.run_batch([], [], [], []).detections == []
+    with pytest.raises(ValueError, match="got 2 inputs, 1 sizes and 3 cuts"):
+        detector.run_batch([inputs, inputs], [size], [Cut()] * 3)
+    assert detector.run_batch([], [], []).detections == []
+
+
+def test_class_names_become_ids_and_unknown_ones_are_named():
+    detector = Detector(_known_network(), NAMES)
+    assert detector.cut(0.2, 5, [NAMES[1]]).classes == frozenset({2})
+    with pytest.raises(ValueError, match=rf"unknown classes \['cat'\]; this model has {NAMES[0]}"):
+        detector.cut(0.2, 5, ["cat"])
+    image = Image.new("RGB", (64, 40), (200, 30, 30))
+    [kept] = detector.predict([image], score_threshold=0.0, classes=[NAMES[1]])
+    assert set(kept.labels) <= {NAMES[1]}
 
 
 def test_run_batch_checks_one_result_per_input():
@@ -214,16 +223,16 @@ def test_run_batch_checks_one_result_per_input():
     detector = Short(_known_network(), NAMES)
     inputs, size = detector.prepare(Image.new("RGB", (20, 30)))
     with pytest.raises(RuntimeError, match="returned 1 results for 2 inputs"):
-        detector.run_batch([inputs, inputs], [size, size], [0.1, 0.1], [5, 5])
+        detector.run_batch([inputs, inputs], [size, size], [Cut(0.1, 5)] * 2)
 
 
 def test_warm_up_runs_a_blank_image_without_one_from_the_caller():
     calls = []
 
     class Counting(Detector):
-        def run_batch(self, inputs, sizes, score_thresholds, max_detections):
+        def run_batch(self, inputs, sizes, cuts):
             calls.append((len(inputs), tuple(inputs[0].shape), list(sizes)))
-            return super().run_batch(inputs, sizes, score_thresholds, max_detections)
+            return super().run_batch(inputs, sizes, cuts)
 
     Counting(_known_network(), NAMES).warm_up()
     assert calls == [(1, (3, 300, 300), [(300, 300)])]
@@ -241,8 +250,7 @@ def test_on_a_gpu_run_batch_agrees_with_the_cpu(precision):
     images = [torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8, generator=g) for _ in "abc"]
     prepared = [cpu.prepare(image) for image in images]
     inputs, sizes = [i for i, _ in prepared], [s for _, s in prepared]
-    thresholds, caps = [0.0] * 3, [10] * 3
-    ran = detector.run_batch(inputs, sizes, thresholds, caps)
+    ran = detector.run_batch(inputs, sizes, [Cut(0.0, 10)] * 3)
     assert len(ran.detections) == 3 and ran.forward_s > 0 and ran.postprocess_s > 0
     for got in ran.detections:  # post-processed results come back on the CPU
         assert got.boxes.device.type == "cpu" and len(got) == 10

@@ -4,7 +4,7 @@ from torchvision.models.detection import ssd300_vgg16 as torchvision_ssd300
 
 from model.network.boxes import cxcywh_to_xyxy
 from model.network.default_boxes import make_default_boxes, preset_spec
-from model.network.postprocess import Detections, postprocess, postprocess_each
+from model.network.postprocess import Cut, Detections, postprocess, postprocess_each
 
 PRIORS = make_default_boxes(preset_spec(300, "voc"), [38, 19, 10, 5, 3, 1])
 NUM_CLASSES = 6
@@ -124,17 +124,40 @@ def test_per_image_thresholds_and_caps_equal_separate_runs():
     loc = torch.randn(2, PRIORS.shape[0], 4, generator=g) * 0.5
     conf = torch.randn(2, PRIORS.shape[0], 3, generator=g) * 1.5  # no saturated (tied) scores
     sizes = [(640, 480), (300, 200)]
-    mixed = postprocess_each(loc, conf, PRIORS, sizes, [0.05, 0.6], [200, 7])
-    for i, (threshold, cap) in enumerate([(0.05, 200), (0.6, 7)]):
-        [alone] = postprocess_each(
-            loc[i : i + 1], conf[i : i + 1], PRIORS, sizes[i : i + 1], [threshold], [cap]
-        )
+    cuts = [Cut(0.05, 200), Cut(0.6, 7)]
+    mixed = postprocess_each(loc, conf, PRIORS, sizes, cuts)
+    for i, cut in enumerate(cuts):
+        [alone] = postprocess_each(loc[i : i + 1], conf[i : i + 1], PRIORS, sizes[i : i + 1], [cut])
         for got, expected in zip(mixed[i], alone, strict=True):
             assert torch.equal(got, expected)
     assert len(mixed[1][1]) == 7 and len(mixed[0][1]) > 7
-    with pytest.raises(ValueError, match="2 thresholds and 1 caps for 1 images"):
-        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [0.1, 0.2], [5])
-    with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\], got \[1.5\]"):
-        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [1.5], [5])
-    with pytest.raises(ValueError, match=r"max_detections must be >= 1, got \[0\]"):
-        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [0.1], [0])
+    with pytest.raises(ValueError, match="need one cut per image: got 2 for 1 images"):
+        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], cuts)
+    with pytest.raises(ValueError, match=r"score_threshold must be in \[0, 1\], got 1.5"):
+        Cut(1.5, 5)
+    with pytest.raises(ValueError, match=r"max_detections must be >= 1, got 0"):
+        Cut(0.1, 0)
+    with pytest.raises(ValueError, match=r"class ids run from 1 to 2, got \[3\]"):
+        postprocess_each(loc[:1], conf[:1], PRIORS, sizes[:1], [Cut(classes=frozenset({3}))])
+
+
+def test_class_filters_and_nms_iou_per_image_equal_filtering_by_hand():
+    # A class filter drops the other classes before the cap (so the cap counts only the kept
+    # class), and each image keeps its own NMS IoU in one call.
+    g = torch.Generator().manual_seed(1)
+    loc = torch.randn(3, PRIORS.shape[0], 4, generator=g) * 0.5
+    conf = torch.randn(3, PRIORS.shape[0], 3, generator=g) * 1.5
+    sizes = [(640, 480), (300, 200), (320, 320)]
+    everything = Cut(0.05, 10_000)
+    full = postprocess_each(loc, conf, PRIORS, sizes, [everything] * 3)
+    cuts = [Cut(0.05, 5, frozenset({2})), Cut(0.05, 10_000, nms_iou=0.2), everything]
+    mixed = postprocess_each(loc, conf, PRIORS, sizes, cuts)
+    boxes, scores, ids = full[0]
+    only_two = (ids == 2).nonzero().flatten()[:5]
+    assert mixed[0][2].tolist() == [2] * 5
+    assert torch.equal(mixed[0][1], scores[only_two]) and torch.equal(mixed[0][0], boxes[only_two])
+    # The lower IoU suppresses more, and equals its own run; the third image is unchanged.
+    [alone] = postprocess_each(loc[1:2], conf[1:2], PRIORS, sizes[1:2], [cuts[1]])
+    assert all(torch.equal(a, b) for a, b in zip(mixed[1], alone, strict=True))
+    assert len(mixed[1][1]) < len(full[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(mixed[2], full[2], strict=True))
