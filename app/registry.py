@@ -28,13 +28,9 @@ from app.errors import ReloadFailedError, UnknownModelError
 from app.metrics import Metrics, ModelMetrics
 from app.schemas import ModelRef
 from model import Detector
-from model.weights.published import is_published, source_file
-from model.weights.torch_cache import file_sha256
+from model.weights.published import weights_version
 
 log = logging.getLogger(__name__)
-
-# Hex digits of the checkpoint's sha256 used as the model version.
-VERSION_DIGITS = 12
 
 
 @dataclass(frozen=True)
@@ -75,13 +71,6 @@ class _Slot:
     def queue_depth(self) -> float:
         """Images waiting for the copy serving now."""
         return self.current.batcher.queue_depth if self.current is not None else 0
-
-
-def version_of(source: Path) -> str:
-    """The model version: the sha256 prefix of the checkpoint file, or of the published file
-    the weights are converted from."""
-    path = source_file(source) if is_published(source) else source
-    return file_sha256(path)[:VERSION_DIGITS]
 
 
 class Registry:
@@ -217,7 +206,7 @@ class Registry:
         if detector is None:
             detector, version = await loop.run_in_executor(self._loader, self._read, slot.source)
         else:
-            version = await loop.run_in_executor(self._loader, version_of, slot.source)
+            version = await loop.run_in_executor(self._loader, weights_version, slot.source)
         slot.loaded.add(detector)
         limits = self._limits
         batcher = Batcher(
@@ -236,11 +225,11 @@ class Registry:
         """Load ``source`` and its version, checking that the file did not change meanwhile
         (a file being replaced by a copy or a training run)."""
         try:
-            before: str | None = version_of(source)
+            before: str | None = weights_version(source)
         except OSError:
             before = None  # no such file: the loader says so, naming the setting
         detector = self._load_source(source)
-        after = version_of(source)
+        after = weights_version(source)
         if before != after:
             raise ValueError(
                 f"{source} changed while it was being loaded (version {before}, then {after}); "

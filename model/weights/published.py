@@ -127,6 +127,17 @@ def source_file(weights: str | os.PathLike[str]) -> Path:
     raise ValueError(f"unknown published weights {text!r}; known: {', '.join(NAMES)}")
 
 
+# Hex digits of the checkpoint's sha256 used as the model version.
+VERSION_DIGITS = 12
+
+
+def weights_version(source: str | os.PathLike[str]) -> str:
+    """A model's version: the sha256 prefix of its checkpoint file, or of the published file
+    the weights are converted from (the service's ``model.version``, ``model.predict``'s)."""
+    path = source_file(source) if is_published(source) else Path(source)
+    return file_sha256(path)[:VERSION_DIGITS]
+
+
 def _torchvision_coco() -> Converted:
     weights = SSD300_VGG16_Weights.COCO_V1
     path = fetch(
