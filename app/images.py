@@ -36,6 +36,8 @@ from app.errors import (
     TooLargeError,
     UnsupportedTypeError,
 )
+from model import Detections
+from model.inference.drawing import draw_detections
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +263,11 @@ class DecodePool:
     def shutdown(self) -> None:
         """Wait for the decodes running, then stop the threads."""
         self._executor.shutdown(wait=True)
+
+
+def annotated_jpeg(decoded: DecodedImage, detections: Detections) -> bytes:
+    """The image as displayed, full size, with its detections drawn
+    (``model.inference.drawing``), as a JPEG (4:4:4, so thin coloured lines stay sharp)."""
+    buffer = io.BytesIO()
+    draw_detections(decoded.image, detections).save(buffer, "JPEG", quality=90, subsampling=0)
+    return buffer.getvalue()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from app.batcher import DisconnectCheck, Job
 from app.errors import BadRequestError, ClientDisconnectedError, InvalidImageError, ServiceError
-from app.images import DecodePool, decode, open_image
+from app.images import DecodedImage, DecodePool, decode, open_image
 from app.lifecycle import Lifecycle
 from app.registry import Copy, Registry
 from app.schemas import ModelRef
@@ -43,12 +43,14 @@ class ImageLimits:
 @dataclass(frozen=True)
 class Outcome:
     """What a request's images gave: the model that answered, and per image, in upload order,
-    its detections (xyxy pixels), its (width, height) as displayed and its batch's size."""
+    its detections (xyxy pixels), its (width, height) as displayed and its batch's size; and,
+    when asked for (``keep_images``), the images as displayed, at full size."""
 
     model: ModelRef
     detections: list[Detections]
     sizes: list[tuple[int, int]]
     batch_sizes: list[int]
+    images: list[DecodedImage] | None = None
 
 
 class Pipeline:
@@ -94,12 +96,14 @@ class Pipeline:
         iou_threshold: float | None = None,
         numbered: bool = False,
         score_field: str | None = None,
+        keep_images: bool = False,
     ) -> Outcome:
         """Detect objects in the images ``read`` gives, with model ``model`` (None: the
         default), keeping the ``classes`` named (None: all) before ``max_detections``, with
         per-class NMS at ``iou_threshold`` (None: the model's). ``numbered`` prefixes an
         image's error with its place (``images[2]: ...``). ``score_field`` names a form field
         that may carry the score threshold instead (DeepStack's ``min_confidence``).
+        ``keep_images`` decodes JPEGs at full size and hands the images back, to draw on.
 
         Raises:
             ServiceError: the answer to give instead (503 not ready, draining or full; 404
@@ -126,12 +130,15 @@ class Pipeline:
                 threshold = _unit_number(score_field, upload.fields[score_field])
                 cut = dataclasses.replace(cut, score_threshold=threshold)
             copy.batcher.hold(ticket, len(images))
-            jobs = await asyncio.gather(
+            prepared = await asyncio.gather(
                 *(
-                    self._prepare(copy, data, deadline, cut, f"images[{i}]: " * numbered)
+                    self._prepare(
+                        copy, data, deadline, cut, f"images[{i}]: " * numbered, keep_images
+                    )
                     for i, data in enumerate(images)
                 )
             )
+            jobs = [job for job, _ in prepared]
             answers = await copy.batcher.submit(ticket, jobs, deadline, is_disconnected)
         if await is_disconnected():
             raise ClientDisconnectedError("the client went away before its answer was sent")
@@ -140,10 +147,14 @@ class Pipeline:
             [answer.detections for answer in answers],
             [job.size for job in jobs],
             [answer.batch_size for answer in answers],
+            [image for _, image in prepared if image is not None] if keep_images else None,
         )
 
-    async def _prepare(self, copy: Copy, data: bytes, deadline: float, cut: Cut, where: str) -> Job:
-        """One image's bytes to a job for ``copy``'s batcher, on the decode pool."""
+    async def _prepare(
+        self, copy: Copy, data: bytes, deadline: float, cut: Cut, where: str, keep: bool
+    ) -> tuple[Job, DecodedImage | None]:
+        """One image's bytes to a job for ``copy``'s batcher, on the decode pool, and the
+        image as displayed when ``keep`` (decoded at full size)."""
         try:
             # Cheap, but not free (the scan count reads the whole file), so off the event loop.
             opened = await asyncio.to_thread(
@@ -151,10 +162,10 @@ class Pipeline:
                 data,
                 self.limits.max_pixels,
                 self.limits.max_jpeg_scans,
-                copy.detector.input_size,
+                0 if keep else copy.detector.input_size,  # 0: no reduced-scale decode
             )
 
-            def work() -> Job:
+            def work() -> tuple[Job, DecodedImage | None]:
                 started = time.perf_counter()
                 decoded = decode(opened)
                 try:
@@ -165,7 +176,7 @@ class Pipeline:
                 except (ValueError, TypeError) as exc:  # the model's word for an unusable image
                     raise InvalidImageError(f"cannot use the image: {exc}") from None
                 copy.batcher.metrics.stage("decode", time.perf_counter() - started)
-                return Job(inputs, decoded.size, cut)
+                return Job(inputs, decoded.size, cut), decoded if keep else None
 
             return await self.pool.run(opened.pixels, deadline, work)
         except ServiceError as exc:

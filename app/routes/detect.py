@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from app.auth import ClientKey
+from app.images import annotated_jpeg
 from app.pipeline import Outcome
 from app.routes.docs import error_responses, image_body
 from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize, ModelRef
@@ -61,10 +63,30 @@ ModelName = Annotated[
     str | None,
     Query(description="the model to use, by name (GET /models lists them; default: SSD_WEIGHTS)"),
 ]
+Format = Annotated[
+    Literal["json", "jpeg"] | None,
+    Query(
+        alias="format",
+        description="`jpeg`: answer with the image as displayed, boxes and labels drawn on it, "
+        "and the JSON answer in the `X-Detections` header (default: `json`, or `jpeg` when "
+        "the Accept header asks for image/jpeg and not JSON).",
+    ),
+]
 ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
+DETECTIONS_HEADER = "X-Detections"
+_ANNOTATED = {
+    200: {
+        "content": {"image/jpeg": {}},
+        "description": f"with `format=jpeg`: the annotated image; the JSON in {DETECTIONS_HEADER}",
+    }
+}
 
 
-@router.post("/detect", responses=ERRORS, openapi_extra=image_body("image", many=False))
+@router.post(
+    "/detect",
+    responses={**ERRORS, **_ANNOTATED},
+    openapi_extra=image_body("image", many=False),
+)
 async def detect(
     request: Request,
     service: ServiceDep,
@@ -73,17 +95,34 @@ async def detect(
     max_detections: MaxDetections = None,
     classes: Classes = None,
     iou_threshold: IouThreshold = None,
+    answer_format: Format = None,
 ) -> DetectResponse:
     """Detect objects in one image: multipart field `image`, or the raw body as image/*."""
     read = functools.partial(
         read_images, request, service.body_limits, service.lifecycle.cut_uploads, "image", 1,
         raw=True,
     )  # fmt: skip
+    drawn = (answer_format or _accepted(request)) == "jpeg"
     outcome = await run_pipeline(
         request, service, read, model=model, score_threshold=score_threshold,
         max_detections=max_detections, classes=class_list(classes), iou_threshold=iou_threshold,
+        keep_images=drawn,
     )  # fmt: skip
-    return _responses(outcome)[0]
+    [answer] = _responses(outcome)
+    if not drawn or outcome.images is None:
+        return answer
+    jpeg = await asyncio.to_thread(annotated_jpeg, outcome.images[0], outcome.detections[0])
+    headers = {DETECTIONS_HEADER: answer.model_dump_json()}
+    return Response(jpeg, media_type="image/jpeg", headers=headers)  # type: ignore[return-value]
+
+
+def _accepted(request: Request) -> str:
+    """``jpeg`` when the Accept header prefers image/jpeg to JSON, else ``json``."""
+    accept = request.headers.get("accept", "")
+    wants = [part.split(";")[0].strip() for part in accept.split(",")]
+    if "image/jpeg" in wants and "application/json" not in wants[: wants.index("image/jpeg")]:
+        return "jpeg"
+    return "json"
 
 
 @router.post("/detect/batch", responses=ERRORS, openapi_extra=image_body("images", many=True))

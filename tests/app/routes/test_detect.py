@@ -7,9 +7,12 @@ import io
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from app.schemas import DetectResponse
+from model.inference.drawing import COLOURS
 from tests.app.support import (
     CIRCLE_BOX,
     CLASS_NAMES,
@@ -271,3 +274,43 @@ async def test_bad_parameters_are_422(client: httpx.AsyncClient, query: str) -> 
     assert body["error"]["code"] == "bad_request"
     assert body["error"]["message"]
     assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("size", "orientation", "how"),
+    [((480, 360), 1, "query"), ((480, 360), 6, "accept"), ((4000, 3000), 1, "query")],
+)
+async def test_the_annotated_image_has_its_boxes_where_the_json_says(
+    trained_client: httpx.AsyncClient, size: tuple[int, int], orientation: int, how: str
+) -> None:
+    scene = shapes_image().resize(size, Image.Resampling.BICUBIC)
+    data = (
+        encode(scene, "JPEG", quality=90)
+        if orientation == 1
+        else _exif_rotated_jpeg(scene, orientation)
+    )
+    query = "max_detections=2" + ("&format=jpeg" if how == "query" else "")
+    headers = {"Accept": "image/jpeg"} if how == "accept" else {}
+    response = await trained_client.post(f"/detect?{query}", files={"image": data}, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    answer = DetectResponse.model_validate_json(response.headers["x-detections"])
+    drawn = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
+    # The image as displayed, at full size (no reduced-scale decode), EXIF orientation applied.
+    assert (drawn.shape[1], drawn.shape[0]) == (answer.image.width, answer.image.height) == size
+    assert {d.label for d in answer.detections} == {"circle", "square"}
+    for detection in answer.detections:
+        colour = np.array(COLOURS[detection.class_id % len(COLOURS)])
+        box = detection.box
+        rows = range(int(box.y_min) + size[1] // 10, int(box.y_max) - 10, 7)
+        for x in (int(box.x_min), int(box.x_max) - 1):
+            on_line = [np.abs(drawn[y, x] - colour).max() < 60 for y in rows]
+            assert np.mean(on_line) > 0.9, (detection.label, x)
+
+
+async def test_json_stays_the_default_answer(trained_client: httpx.AsyncClient) -> None:
+    response = await trained_client.post(
+        "/detect", files={"image": PNG_SHAPES}, headers={"Accept": "application/json, image/jpeg"}
+    )
+    assert response.headers["content-type"] == "application/json"
+    assert "x-detections" not in response.headers
