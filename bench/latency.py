@@ -1,13 +1,15 @@
 """One image at a time through the service, as an NVR's detector client sends them: the latency
-of each route for the same image, sequential requests, each on a new connection (Frigate's
-DeepStack detector calls ``requests.post`` without a session).
+of each way of asking for the same image, sequential requests, each on a new connection
+(Frigate's DeepStack detector calls ``requests.post`` without a session).
 
     python -m bench.latency [--requests 200] [--size 320] [--weights PATH]
 
-It starts ``python -m app`` (the shipped model unless ``--weights``), warms it up, then sends
-``--requests`` requests to each route in turn and prints p50, p90 and p99 in milliseconds. The
-image is the test scene (a circle and a square) resized to ``--size`` pixels square: Frigate
-sends its detector the model's input, 320 x 320 by default.
+It starts ``python -m app`` (the shipped model unless ``--weights``) twice: without API keys,
+then with them. It warms each up, sends ``--requests`` requests of each case in turn and prints
+p50, p90 and p99 in milliseconds: the DeepStack route, ``/detect``, ``/detect`` with a class
+filter (the cost of filters), and ``/detect`` with a key on the server with keys (the cost of
+authentication). The image is the test scene (a circle and a square) resized to ``--size``
+pixels square: Frigate sends its detector the model's input, 320 x 320 by default.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from PIL import Image, ImageDraw
 
 from tests.support.server_process import ServerProcess
 
-ROUTES = ("/v1/vision/detection", "/detect")  # both take the multipart field "image"
+KEY = "bench-key-0123456789"
+# (server, label, path, headers): every case posts the image in the multipart field "image".
+CASES = (
+    ("open", "/v1/vision/detection", "/v1/vision/detection", {}),
+    ("open", "/detect", "/detect", {}),
+    ("open", "/detect?classes=circle", "/detect?classes=circle", {}),
+    ("keyed", "/detect with a key", "/detect", {"X-API-Key": KEY}),
+)
 
 
 def scene(size: int) -> bytes:
@@ -51,23 +60,31 @@ def main() -> None:
     parser.add_argument("--weights", help="SSD_WEIGHTS (default: the shipped model)")
     args = parser.parse_args()
     image = scene(args.size)
-    env = {"SSD_WEIGHTS": args.weights} if args.weights else {}
+    base = {"SSD_WEIGHTS": args.weights} if args.weights else {}
+    servers = {"open": base, "keyed": {**base, "SSD_API_KEYS": KEY}}
     with tempfile.TemporaryDirectory() as folder:
-        server = ServerProcess(env, Path(folder) / "server.log").wait_ready()
-        try:
-            for route in ROUTES:
-                url = server.url + route
-                for _ in range(10):  # warm-up: connections, allocator, caches
-                    requests.post(url, files={"image": image}, timeout=30)
-                times = []
-                for _ in range(args.requests):
-                    started = time.perf_counter()
-                    response = requests.post(url, files={"image": image}, timeout=30)
-                    times.append(time.perf_counter() - started)
-                    response.raise_for_status()
-                print(f"{route:<24} {args.requests} requests, {args.size} px: {percentiles(times)}")
-        finally:
-            server.stop()
+        for name, env in servers.items():
+            server = ServerProcess(env, Path(folder) / f"{name}.log").wait_ready()
+            try:
+                for where, label, path, headers in CASES:
+                    if where == name:
+                        times = _timed(server.url + path, image, headers, args.requests)
+                        print(f"{label:<28} {args.requests} x {args.size} px: {percentiles(times)}")
+            finally:
+                server.stop()
+
+
+def _timed(url: str, image: bytes, headers: dict[str, str], count: int) -> list[float]:
+    """Seconds of each of ``count`` sequential posts, after 10 to warm up."""
+    for _ in range(10):  # connections, allocator, caches
+        requests.post(url, files={"image": image}, headers=headers, timeout=30).raise_for_status()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = requests.post(url, files={"image": image}, headers=headers, timeout=30)
+        times.append(time.perf_counter() - started)
+        response.raise_for_status()
+    return times
 
 
 if __name__ == "__main__":
