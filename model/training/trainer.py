@@ -159,6 +159,7 @@ class Trainer:
         self.processes = processes
         self.validation = validation
         self.recipe = recipe or {}
+        self._noted = False  # whether a scaled-down warm-up has been logged
         self.keeper = None if budget is None else self._keeper(budget)
         self.clock = time.monotonic if budget is None else budget.clock
         self.averaged: AveragedModel | None = None
@@ -405,8 +406,11 @@ class Trainer:
             warmup = curve.warmup
             curve.total = total  # the learning-rate curve ends with the run
             note = curve.scaled_warmup()
-            if note and curve.warmup != warmup and self.processes.is_main:
-                logger.info("%s", note)  # a warm-up is never shortened silently
+            # A warm-up is never shortened silently: said once, when it first is (a time
+            # budget then re-plans the run every few steps, moving it by a step or two).
+            if note and curve.warmup != warmup and self.processes.is_main and not self._noted:
+                logger.info("%s", note)
+                self._noted = True
         bar.total = total
         bar.refresh()
         self._log({"step": self.step, "planned_steps": total})
