@@ -38,11 +38,12 @@ SWAPS = 5
 # core. Whether old copies are freed is read from the server's own count of the copies it
 # holds (``ssd_model_copies``, weak references); the resident size is the outside view.
 WIDTH = 0.25
-# The resident size may stay this many copies' weights above where it was before the swaps:
-# the allocator keeps fragments of freed copies (up to 16 MB in this test's runs), and the
-# baseline is itself a sample of a moving figure. A leak of all SWAPS copies and their
-# fragments went past it (docs/performance.md).
-KEPT_COPIES = 4
+# The resident size must come back to within this of where it was before the swaps. Between
+# runs it moves by tens of MiB either way (the allocator's fragments, and a baseline that is a
+# sample of a moving figure: docs/performance.md), and a bound of 4 copies' weights (28 MiB)
+# failed once on a busy machine. Whether the old copies are freed is the copy count's to say
+# (``ssd_model_copies``, exact); this bound is the outside view, and catches gross growth.
+RSS_ALLOWANCE = 64 * 2**20
 QUERY = "?score_threshold=0&max_detections=5"
 IMAGE = encode(
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)),
@@ -150,7 +151,7 @@ def test_swaps_under_load_lose_no_request_and_free_the_old_copies(tmp_path: Path
                 lambda: metric(server.metrics(), "ssd_model_copies", model="served") == 1,
                 "the old copies freed (ssd_model_copies back to 1)",
             )
-            bound = rss_before + KEPT_COPIES * copy_bytes
+            bound = rss_before + RSS_ALLOWANCE
             after = _sample_rss(server.process.pid, PATIENCE_S, until=bound)
             rss_after = min(after)
     finally:
