@@ -55,8 +55,9 @@ class Server(ServerProcess):
     """``python -m app`` in a subprocess on 127.0.0.1 with one torch thread (unless ``env``
     says otherwise) and the given SSD_* settings; its output goes to ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        super().__init__({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}, log_path)
+    def __init__(self, env: dict[str, str], log_path: Path, log_level: str = "warning") -> None:
+        threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        super().__init__({**threads, **env}, log_path, log_level)
 
     def metrics(self) -> str:
         """The /metrics text."""

@@ -76,7 +76,7 @@ def keyed(
         "SSD_ALLOW_RELOAD": "true",
         "SSD_CORS_ORIGINS": f"https://app.example, {other_origin}",
     }
-    running = Server(env, folder / "server.log").wait_ready()
+    running = Server(env, folder / "server.log", log_level="info").wait_ready()  # access log on
     yield running
     running.stop()
 
@@ -143,7 +143,8 @@ def test_refusals_are_counted_by_reason(keyed):
     _call(keyed, "post", "/detect", {"X-API-Key": "wrong"})
     assert (count("missing_key") - before[0], count("wrong_key") - before[1]) == (1, 2)
     log = keyed.output()
-    assert CLIENT not in log and ADMIN not in log
+    assert '"route": "/detect", "status": 401' in log  # the access log, which names no key
+    assert CLIENT not in log and ADMIN not in log and "wrong" not in log
 
 
 def test_the_demo_page_asks_for_a_key(keyed, tmp_path):

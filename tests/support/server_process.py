@@ -58,7 +58,9 @@ class ServerProcess:
             it); None discards stdout (the access log) and leaves stderr on this process's.
     """
 
-    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path | None = None, log_level: str = "warning"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -66,7 +68,7 @@ class ServerProcess:
         full_env.update(env)
         self._log: IO[bytes] | None = log_path.open("wb") if log_path is not None else None
         self.process = subprocess.Popen(
-            server_command(self.port),
+            server_command(self.port, log_level),
             cwd=REPO,
             env=full_env,
             stdout=self._log if self._log is not None else subprocess.DEVNULL,
