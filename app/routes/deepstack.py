@@ -10,6 +10,7 @@ SSD_SCORE_THRESHOLD) and ``api_key``. Errors keep their HTTP status with DeepSta
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -82,19 +83,28 @@ async def _answer(
     classes: str | None,
     iou_threshold: float | None,
 ) -> DeepStackResponse:
-    async def read() -> Upload:
-        upload = await read_images(
-            request, service.body_limits, service.lifecycle.cut_uploads, "image", 1, raw=False
-        )
-        if key is None:  # no key in the headers: DeepStack's clients send it in the form
-            check_form_key(request, upload.fields)
-        return upload
+    read = functools.partial(
+        read_images, request, service.body_limits, service.lifecycle.cut_uploads, "image", 1,
+        raw=False,
+    )  # fmt: skip
+    if key is None and service.keys.on:
+        # DeepStack's clients send the key in the form: the body is read and the key checked
+        # before anything else, so a request without a valid key learns nothing (not even
+        # which models exist) and takes no place in a queue.
+        upload = await read()
+        check_form_key(request, upload.fields)
+        read = functools.partial(_given, upload)
 
     outcome = await run_pipeline(
         request, service, read, model=model, classes=class_list(classes),
         iou_threshold=iou_threshold, score_field="min_confidence",
     )  # fmt: skip
     return _response(outcome)
+
+
+async def _given(upload: Upload) -> Upload:
+    """An upload already read, as the pipeline's ``read``."""
+    return upload
 
 
 def _response(outcome: Outcome) -> DeepStackResponse:

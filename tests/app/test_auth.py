@@ -130,6 +130,9 @@ def test_deepstack_clients_send_the_key_in_the_form(keyed):
         keyed.url + "/v1/vision/detection", files={"image": JPEG}, data={"api_key": "wrong"}
     )
     assert answer.status_code == 401
+    # Without a key, a model that does not exist is not told apart from one that does.
+    hidden = httpx.post(keyed.url + "/v1/vision/custom/nope", files={"image": JPEG})
+    assert hidden.status_code == 401
     assert answer.json()["success"] is False and answer.json()["reason"] == "unauthorized"
 
 
