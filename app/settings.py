@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.weights.published import is_published
@@ -179,6 +179,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"SSD_MODELS: two models are named {name!r}")
             sources[name] = Path(source)
         return sources
+
+    @field_validator("api_keys_file", "admin_keys_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """An empty file setting (as docker-compose.yml lists it) means no file."""
+        return None if value == "" else value
 
     def cors_origin_list(self) -> list[str]:
         """SSD_CORS_ORIGINS as a list (empty: CORS off)."""
