@@ -58,6 +58,9 @@ CANDIDATES = [
 def two_class_yaml(folder: Path) -> Path:
     """Write the ``raccoon+person`` YOLO set under ``folder`` (images linked, labels written);
     gives its data.yaml."""
+    yaml = folder / "data.yaml"
+    if yaml.is_file():  # written for an earlier candidate of this run
+        return yaml
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
     lists: dict[str, list[str]] = {"train": [], "val": []}
@@ -81,7 +84,6 @@ def two_class_yaml(folder: Path) -> Path:
     add(people, 1, lambda record: "val" if record.path.name in held else "train")
     for split, paths in lists.items():
         (folder / f"{split}.txt").write_text("\n".join(paths) + "\n")
-    yaml = folder / "data.yaml"
     yaml.write_text(f"path: {folder}\ntrain: train.txt\nval: val.txt\nnames: [raccoon, person]\n")
     return yaml
 
@@ -141,16 +143,22 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="sets to run (default: all)")
+    parser.add_argument("--presets", nargs="*", help="presets to run (default: all)")
     args = parser.parse_args()
-    rows = []
     stamp = datetime.date.today().isoformat()
     target = RESULTS / f"small-objects-{stamp}.json"
+    # Runs of the same day are kept, a candidate run again replacing its earlier row.
+    rows = json.loads(target.read_text())["runs"] if target.is_file() else []
     with tempfile.TemporaryDirectory(prefix="small-objects-") as scratch:
         for name, size, preset in CANDIDATES:
-            if args.only and name not in args.only:
+            if (args.only and name not in args.only) or (
+                args.presets and preset not in args.presets
+            ):
                 continue
-            rows.append(run(name, size, preset, args, Path(scratch)))
-            print(json.dumps(rows[-1]), flush=True)
+            row = run(name, size, preset, args, Path(scratch))
+            rows = [r for r in rows if (r["set"], r["size"], r["preset"]) != (name, size, preset)]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
             target.write_text(json.dumps({"cpu": cpu_model(), "runs": rows}, indent=2) + "\n")
     print(f"\n{'set':<16}{'size':>6}{'preset':>8}{'steps':>7}{'AP50 best':>11}{'last':>7}")
     for row in rows:
