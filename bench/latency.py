@@ -15,15 +15,14 @@ pixels square: Frigate sends its detector the model's input, 320 x 320 by defaul
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import requests
-from PIL import Image, ImageDraw
 
+from tests.app.support import encode, shapes_image
 from tests.support.server_process import ServerProcess
 
 KEY = "bench-key-0123456789"
@@ -37,14 +36,8 @@ CASES = (
 
 
 def scene(size: int) -> bytes:
-    """A red circle and a blue square on a light background, as a JPEG."""
-    image = Image.new("RGB", (480, 360), (236, 236, 228))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((40, 60, 219, 239), fill=(214, 32, 32))
-    draw.rectangle((270, 110, 429, 269), fill=(30, 60, 210))
-    buffer = io.BytesIO()
-    image.resize((size, size)).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    """The test scene (a red circle and a blue square), ``size`` pixels square, as a JPEG."""
+    return encode(shapes_image().resize((size, size)), "JPEG", quality=90)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
