@@ -35,12 +35,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import httpx
 import torch
 import torchvision
 
-from bench import machine
+from bench import gpu_profile, machine
 from bench.__main__ import RESULTS, _machine_name, random_checkpoint
-from bench.service import start_server
+from bench.service import metric, start_server
 from bench.timing import load_figures, median_seconds
 from model import Detector
 from model.data.loader import AugmentedDataset, collate
@@ -210,10 +211,33 @@ def service_rates(weights: Path, sizes: Sizes) -> dict[int, dict[str, float]]:
     try:
         for clients in sizes.clients:
             total = clients * sizes.requests_per_client
+            before = httpx.get(f"{server.url}/metrics").text
             results[clients] = load_figures(total, *_load(server.url, clients, total, sizes))
+            after = httpx.get(f"{server.url}/metrics").text
+            results[clients]["stages_ms"] = stage_means(before, after)
     finally:
         server.stop()
     return results
+
+
+def stage_means(before: str, after: str) -> dict[str, float]:
+    """Per image, the mean milliseconds of each service stage (``ssd_stage_duration_seconds``:
+    decode, queue, inference, postprocess) between two scrapes of /metrics, and the mean batch
+    size."""
+    means = {}
+    for stage in ("decode", "queue", "inference", "postprocess"):
+        label = f'stage="{stage}"'
+        seconds = metric(after, "ssd_stage_duration_seconds_sum", label) - metric(
+            before, "ssd_stage_duration_seconds_sum", label
+        )
+        count = metric(after, "ssd_stage_duration_seconds_count", label) - metric(
+            before, "ssd_stage_duration_seconds_count", label
+        )
+        means[stage] = 1000 * seconds / count if count else float("nan")
+    batches = metric(after, "ssd_batch_size_count") - metric(before, "ssd_batch_size_count")
+    images = metric(after, "ssd_batch_size_sum") - metric(before, "ssd_batch_size_sum")
+    means["mean_batch"] = images / batches if batches else float("nan")
+    return means
 
 
 def _load(url: str, clients: int, total: int, sizes: Sizes) -> tuple[float, list[float]]:
@@ -259,44 +283,57 @@ def _load(url: str, clients: int, total: int, sizes: Sizes) -> tuple[float, list
     return max(report["elapsed_s"] for report in reports), latencies
 
 
-def training_rates(network: SSD, sizes: Sizes, folder: Path) -> dict[str, float]:
-    """Images/s of ``Trainer.train_step`` per precision at ``sizes.train_batch`` on one
-    fixed batch of synthetic shapes (on the CPU, as the loader gives it)."""
+def _trainer(
+    network: SSD, sizes: Sizes, folder: Path, precision: str
+) -> tuple[Trainer, Callable[[], object]]:
+    """A ``Trainer`` of a copy of ``network`` at ``precision`` on one fixed batch of
+    ``sizes.train_batch`` synthetic shapes (on the CPU, as the loader gives it), and its step."""
     samples = AugmentedDataset(
         SyntheticShapes(sizes.train_batch, split="train"), EvalTransform(network.input_size), 0
     )
     images, boxes, labels = collate([samples[0, i] for i in range(sizes.train_batch)])
+    processes = Processes(0, 1, Runtime.resolve(sizes.device, precision))
+    trainee = processes.runtime.place(copy.deepcopy(network)).train()
+    assert isinstance(trainee, SSD)
+    optimizer = torch.optim.SGD(
+        trainee.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
+    trainer = Trainer(
+        trainee,
+        loss=MultiBoxLoss(trainee.default_boxes).to(processes.runtime.device),
+        optimisation=Optimisation(
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+            processes.runtime.grad_scaler(),
+        ),
+        data=TrainingData(samples, sizes.train_batch, seed=0, workers=0),
+        plan=StepPlan(total=sizes.train_steps, per_epoch=sizes.train_steps),
+        files=RunFiles(folder / f"train-{precision}.safetensors"),
+        class_names=list(CLASS_NAMES),
+        processes=processes,
+    )
+    # train_step ends by reading its loss terms, which waits for the device.
+    return trainer, lambda: trainer.train_step(images, boxes, labels)
+
+
+def training_rates(network: SSD, sizes: Sizes, folder: Path) -> dict[str, float]:
+    """Images/s of ``Trainer.train_step`` (loss, backward, SGD step) per precision at
+    ``sizes.train_batch``."""
     rates = {}
     for precision in sizes.precisions:
-        processes = Processes(0, 1, Runtime.resolve(sizes.device, precision))
-        trainee = processes.runtime.place(copy.deepcopy(network)).train()
-        assert isinstance(trainee, SSD)
-        optimizer = torch.optim.SGD(
-            trainee.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
-        )
-        trainer = Trainer(
-            trainee,
-            loss=MultiBoxLoss(trainee.default_boxes).to(processes.runtime.device),
-            optimisation=Optimisation(
-                optimizer,
-                torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                processes.runtime.grad_scaler(),
-            ),
-            data=TrainingData(samples, sizes.train_batch, seed=0, workers=0),
-            plan=StepPlan(total=sizes.train_steps, per_epoch=sizes.train_steps),
-            files=RunFiles(folder / f"train-{precision}.safetensors"),
-            class_names=list(CLASS_NAMES),
-            processes=processes,
-        )
-        # train_step ends by reading its loss terms, which waits for the device.
+        trainer, step = _trainer(network, sizes, folder, precision)
         rates[precision] = sizes.train_batch / median_seconds(
-            lambda trainer=trainer: trainer.train_step(images, boxes, labels),
-            repeats=sizes.train_steps,
-            warmup=sizes.warmup,
+            step, repeats=sizes.train_steps, warmup=sizes.warmup
         )
-        del trainer, trainee, optimizer
+        del trainer, step
         _free(sizes.device)
     return rates
+
+
+def reduced_precision(sizes: Sizes) -> str:
+    """The precision the detail parts run in: bf16 (what ``auto`` chose on the GPU in the
+    service part, recorded in its log), fp32 in a dry run."""
+    return "bf16" if "bf16" in sizes.precisions else sizes.precisions[0]
 
 
 def run(sizes: Sizes, command: str) -> dict:
@@ -325,7 +362,24 @@ def run(sizes: Sizes, command: str) -> dict:
             "network": lambda: network_rates(network, sizes),
             "service": lambda: service_rates(weights, sizes),
             "training": lambda: training_rates(network, sizes, Path(tmp)),
+            "batch": lambda: gpu_profile.batch_split(
+                network, sizes.device, reduced_precision(sizes), sizes.batches, sizes.repeats
+            ),
+            "profile": lambda: gpu_profile.profile_tables(
+                network,
+                sizes.device,
+                reduced_precision(sizes),
+                max(sizes.batches[:4]),
+                _trainer(network, sizes, Path(tmp), reduced_precision(sizes))[1],
+            ),
         }
+        if torch.device(sizes.device).type == "cuda":
+            parts["graphs"] = lambda: gpu_profile.graph_rates(
+                network,
+                sizes.precisions,
+                sizes.batches,
+                lambda run, images: _timed_rate(run, images, sizes),
+            )
         for name, part in parts.items():
             try:
                 report[name] = part()
@@ -364,8 +418,8 @@ def print_table(report: dict) -> None:
     gpu = report.get("gpu", {}).get("name") or report["machine"]["cpu_model"]
     print(f"{gpu}; torch {report['machine']['torch']}; {report.get('model', '')}")
     network = report.get("network", {})
+    batches = report["sizes"]["batches"]
     if network:
-        batches = report["sizes"]["batches"]
         print(f"{'network images/s':<28}" + "".join(f"{'batch ' + str(b):>12}" for b in batches))
         rows = {
             **network["ours"],
@@ -373,11 +427,21 @@ def print_table(report: dict) -> None:
         }
         for name, rates in rows.items():
             print(f"{name:<28}" + "".join(f"{rates[b]:12.1f}" for b in batches))
+    for name, rates in report.get("graphs", {}).items():
+        print(f"{'graph replay ' + name:<28}" + "".join(f"{rates[b]:12.1f}" for b in batches))
+    for size, row in report.get("batch", {}).items():
+        print(
+            f"run_batch {size:>3}: forward {row['forward_s'] * 1000:.1f} ms, post-processing "
+            f"{row['postprocess_s'] * 1000:.1f} ms, {row['images_per_s']:.1f} images/s, "
+            f"{row['detections_per_image']:.0f} detections/image"
+        )
     for clients, row in report.get("service", {}).items():
         print(
             f"service, {clients} clients: {row['images_per_s']:.1f} images/s, p50 "
             f"{row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
         )
+        stages = row.get("stages_ms", {})
+        print("  ms per image: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     for precision, rate in report.get("training", {}).items():
         print(f"training step, {precision}: {rate:.1f} images/s")
     for name, target in report["targets"].items():
@@ -404,7 +468,9 @@ def main() -> None:
     out = args.out or RESULTS / f"gpu-{_machine_name()}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    profiles = out.with_suffix(".profile.txt")
+    profiles.write_text("\n\n".join(report.get("profile", {}).values()) + "\n")
+    print(f"wrote {out} and {profiles}")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ from tests.support.server_process import ServerProcess
 READY_TIMEOUT_S = 120.0
 
 
-def _metric(text: str, name: str) -> float:
-    """The sample ``name`` summed over its labels (one series per model)."""
-    found = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-    return sum(float(value) for value in found)
+def metric(text: str, name: str, label: str = "") -> float:
+    """The sample ``name`` of Prometheus text ``text``, summed over its series (one per model)
+    whose labels contain ``label`` (e.g. ``stage="decode"``; empty: all)."""
+    found = re.findall(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for labels, value in found if label in labels)
 
 
 def start_server(
@@ -114,8 +115,8 @@ def main() -> None:
             after = httpx.get(url + "/metrics").text
         finally:
             server.stop()
-        batches = _metric(after, "ssd_batch_size_count") - _metric(before, "ssd_batch_size_count")
-        batched = _metric(after, "ssd_batch_size_sum") - _metric(before, "ssd_batch_size_sum")
+        batches = metric(after, "ssd_batch_size_count") - metric(before, "ssd_batch_size_count")
+        batched = metric(after, "ssd_batch_size_sum") - metric(before, "ssd_batch_size_sum")
         mean_batch = batched / batches if batches else float("nan")
         service_rate = args.requests / elapsed
 

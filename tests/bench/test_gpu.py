@@ -44,10 +44,17 @@ def test_the_dry_run_runs_every_stage_and_writes_a_complete_report(tmp_path: Pat
         assert set(rates) == batches
     assert set(report["service"]) == {str(clients) for clients in DRY_RUN.clients}
     for row in report["service"].values():
-        assert set(row) == {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "requests"}
+        assert set(row) == {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "requests", "stages_ms"}
+        stages = set(row["stages_ms"])
+        assert stages == {"decode", "queue", "inference", "postprocess", "mean_batch"}
     assert set(report["training"]) == set(DRY_RUN.precisions)
+    assert set(report["batch"]) == batches
+    assert "graphs" not in report  # CUDA graphs: on a GPU only
     assert set(TARGETS) <= set(report["best"])
-    figures = [report["network"], report["service"], report["training"]]
+    profiles = (tmp_path / "gpu.profile.txt").read_text()
+    assert "run_batch bf16 batch 2" in profiles and "train_step" in profiles
+    assert "aten::conv2d" in profiles
+    figures = [report["network"], report["service"], report["training"], report["batch"]]
     numbers = [n for part in figures for n in _numbers(part)]
     numbers += [value for value in report["best"].values() if not isinstance(value, str)]
     assert numbers and all(n > 0 for n in numbers)
