@@ -77,3 +77,31 @@ async def test_every_route_has_a_description(client: httpx.AsyncClient) -> None:
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert operation.get("description"), f"{method.upper()} {path}"
+
+
+def _service_errors() -> list[type]:
+    from app.errors import ServiceError
+
+    found, todo = [], [ServiceError]
+    while todo:
+        kind = todo.pop()
+        todo.extend(kind.__subclasses__())
+        if "code" in vars(kind):
+            found.append(kind)
+    return found
+
+
+def test_every_error_code_is_documented_with_its_status() -> None:
+    from tests.support.server_process import REPO
+
+    rows = [
+        line for line in (REPO / "docs" / "errors.md").read_text().splitlines()
+        if line.startswith("| ") and line[2:5].isdigit()
+    ]  # fmt: skip
+    errors = _service_errors()
+    assert len(errors) >= 15
+    for error in errors:
+        status, code = error.status, error.code
+        assert any(row.startswith(f"| {status}") and f"`{code}`" in row for row in rows), (
+            f"docs/errors.md lacks a row for {status} {code} ({error.__name__})"
+        )
