@@ -241,3 +241,24 @@ def test_the_comparison_allows_swapped_near_ties_and_nothing_else():
         assert_same_detections(
             (labels, boxes[[1, 0, 2]], scores), (labels, boxes, scores), box_px=0.5, tie=TIE
         )
+
+
+def test_without_defaults_every_input_is_required_and_means_the_same(shapes_onnx, tmp_path):
+    path = export_onnx(SHIPPED_WEIGHTS, tmp_path / "plain.onnx", defaults=False)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in plain.get_inputs()] == [
+        "images", "image_sizes", "score_threshold", "class_mask", "nms_iou",
+    ]  # fmt: skip
+    served = OnnxDetector(shapes_onnx)
+    images = np.stack([served.prepare(image)[0] for image in [shapes_image(), *_synthetic(2)]])
+    feed = {
+        "images": images,
+        "image_sizes": np.array([[480, 360], [300, 300], [300, 300]], np.float32),
+        "score_threshold": np.array([0.3, 0.05, 0.1], np.float32),
+        "class_mask": np.array([[True] * 6, [True] * 6, [False, True] * 3]),
+        "nms_iou": np.array([0.5], np.float32),
+    }
+    with pytest.raises(ValueError, match="image_sizes"):
+        plain.run(None, {"images": images})
+    for ours, theirs in zip(plain.run(None, feed), served.session.run(None, feed), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
