@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from bench.timing import median_seconds
 from model import Detector, ssd300_vgg16
 from model.data.synthetic import SyntheticShapes
 from model.export import export_onnx
@@ -56,7 +56,9 @@ def _full_width(folder: Path) -> Path:
     return path
 
 
-def measure(name: str, checkpoint: Path, folder: Path, images: list, repeats: int) -> dict:
+def measure(
+    name: str, checkpoint: Path, folder: Path, images: list, repeats: int, threads: int | None
+) -> dict:
     """Every figure for one model (module docstring)."""
     detector = Detector.load(checkpoint, device="cpu", precision="fp32")
     figures: dict[str, object] = {"model": name}
@@ -81,7 +83,7 @@ def measure(name: str, checkpoint: Path, folder: Path, images: list, repeats: in
     figures["raw_offsets_max_diff"] = offsets_diff
     figures["raw_logits_max_diff"] = logits_diff
 
-    served = OnnxDetector(paths["full"])
+    served = OnnxDetector(paths["full"], threads=threads)
     cut = detector.cut(LOW_THRESHOLD, 200)
     compared = mismatched = 0
     box_diff = score_diff = 0.0
@@ -109,13 +111,20 @@ def measure(name: str, checkpoint: Path, folder: Path, images: list, repeats: in
     )
 
     x, size = prepared[0]
-    figures["torch_ms"] = 1000 * median_seconds(
-        lambda: detector.run_batch([x], [size], [cut]), repeats=repeats
-    )
     array = x.numpy()
-    figures["ort_ms"] = 1000 * median_seconds(
-        lambda: served.run_batch([array], [size], [cut]), repeats=repeats
-    )
+    runs = {
+        "torch_ms": lambda: detector.run_batch([x], [size], [cut]),
+        "ort_ms": lambda: served.run_batch([array], [size], [cut]),
+    }
+    for run in runs.values():  # warm-up
+        run(), run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so a busy spell of the machine hits both
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(1000 * (time.perf_counter() - start))
+    figures.update({name: statistics.median(values) for name, values in times.items()})
     return figures
 
 
@@ -124,17 +133,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="threads of both runtimes (default: theirs)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     images = _images(args.photos)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         models = {"shipped (SSD300 width 0.25)": SHIPPED, "SSD300 full width": _full_width(folder)}
         for name, checkpoint in models.items():
-            rows.append(measure(name, checkpoint, folder, images, args.repeats))
+            rows.append(measure(name, checkpoint, folder, images, args.repeats, args.threads))
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
+        f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__} "
+        f"({args.threads or 'default'} threads), "
         f"{len(images)} images ({len(images) - 4} coco128 photos, 4 synthetic)"
     )
     for row in rows:
