@@ -28,8 +28,7 @@ from app.lifecycle import Lifecycle
 from app.registry import Copy, Registry
 from app.schemas import ModelRef
 from app.uploads import Upload
-from model import Detections
-from model.network.postprocess import Cut
+from model.network.detections import Cut, Detections
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,10 @@ class Pipeline:
                 classes,
                 iou_threshold,
             )
-        except ValueError as exc:  # a class name the model lacks: the message lists its own
-            raise BadRequestError(f"classes: {exc}") from None
+        except ValueError as exc:
+            # A class name the model lacks (the message lists its own), or more detections
+            # than an exported model keeps (the message says how many it does).
+            raise BadRequestError(str(exc)) from None
         with copy.batcher.admit() as ticket:
             upload = await read()
             images = upload.images

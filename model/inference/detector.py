@@ -6,22 +6,25 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from model.inference.autotune import BATCH_SIZE, PrecisionChoice, choose_inference_precision
 from model.inference.int8 import QuantizableSSD, int8_artifact_for, load_int8
 from model.inference.runtime import INT8, Runtime, resolve_device
-from model.network.postprocess import (
+from model.network.detections import (
     MAX_DETECTIONS,
     NMS_IOU,
     TOP_K,
+    BatchResult,
     Cut,
     Detections,
-    postprocess_each,
+    class_ids_of,
 )
+from model.network.pixels import prepare_image
+from model.network.postprocess import postprocess_each
 from model.network.preprocessing import PIXEL_MEAN, RESIZES, ImageLike, preprocess, to_rgb_tensor
 from model.network.ssd import SSD
 from model.weights.checkpoint import load_checkpoint
@@ -200,13 +203,7 @@ class Detector:
         Raises:
             ValueError: none given, or a name this model lacks; the message lists the valid ones.
         """
-        unknown = [name for name in names if name not in self.class_names]
-        if unknown or not names:
-            raise ValueError(
-                f"unknown classes {unknown or list(names)}; this model has "
-                f"{', '.join(self.class_names)}"
-            )
-        return frozenset(self.class_names.index(name) + 1 for name in names)
+        return class_ids_of(self.class_names, names)
 
     @torch.inference_mode()
     def run_batch(
@@ -265,10 +262,16 @@ class Detector:
         """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
 
         CPU-only work (colour conversion, resize, mean subtraction): safe to run in a thread.
+        It is ``model.network.pixels.prepare_image``, the preparation the ONNX Runtime
+        backend runs too, so both backends feed their networks the same input; it computes
+        what training's ``preprocess`` does (the same filter; ``pixels``' docstring gives the
+        rounding that may differ).
         """
-        rgb = to_rgb_tensor(image)
-        size = (int(rgb.shape[2]), int(rgb.shape[1]))
-        return preprocess([rgb], self.input_size, self.pixel_mean, self.resize)[0], size
+        if isinstance(image, Tensor):
+            # uint8 RGB (3, H, W) -> (H, W, 3) for Pillow
+            image = Image.fromarray(to_rgb_tensor(image.cpu()).permute(1, 2, 0).numpy())
+        array, size = prepare_image(image, self.input_size, self.pixel_mean, self.resize)
+        return torch.from_numpy(array), size
 
     def _postprocess(
         self,
@@ -307,14 +310,3 @@ def _noise_inputs(side: int, pixel_mean: Sequence[float], resize: str) -> Tensor
 # What ``Detector.prepare`` makes of one image (float32 Tensor[3, S, S]) and ``run_batch``
 # takes back: callers that only queue it (the service's batcher) name it by this.
 ModelInput = Tensor
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """What ``Detector.run_batch`` gives: one ``Detections`` per input, in order, and the
-    wall-clock seconds of the batch's forward pass (with its stacking and copy to the device)
-    and of its post-processing."""
-
-    detections: list[Detections]
-    forward_s: float
-    postprocess_s: float
