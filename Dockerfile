@@ -49,11 +49,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv/ssd
 # Every package pinned there, dependencies included (tests/deploy keeps the file a closed
 # subset of requirements.lock), so --no-deps; pip check fails the build if one is missing.
+# pip and setuptools go afterwards: the service needs neither, and they are about 20 MB of the
+# 600 MB this image is meant to stay under (docs/performance.md).
 COPY requirements-cpu.lock ./
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/python -m pip install --quiet --upgrade pip \
     && /opt/venv/bin/python -m pip install --quiet --no-deps -r requirements-cpu.lock \
-    && /opt/venv/bin/python -m pip check
+    && /opt/venv/bin/python -m pip check \
+    && /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools
 
 # ---- service: what both images share (Debian's python3, the user, the probes, the command) --
 FROM debian:bookworm-slim AS service

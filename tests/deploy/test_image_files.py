@@ -41,10 +41,11 @@ DEVELOPER_TARGET = ["-e", ".[dev]"]
 IMAGE_TARGET = ["."]
 VENV_PYTHON = "/opt/venv/bin/python"
 BASE_IMAGE = "debian:bookworm-slim"
-# The project's dependencies the cpu image leaves out: the network and its pre- and
-# post-processing run inside the exported ONNX graph instead of torch and torchvision; the
-# others serve training and evaluation only (pyproject.toml's comments).
-NOT_IN_CPU_IMAGE = {"torch", "torchvision", "tqdm", "pycocotools", "matplotlib"}
+# The project's dependencies the cpu image leaves out: the network and its post-processing run
+# inside the exported ONNX graph instead of torch and torchvision; onnx writes that graph (in
+# the Dockerfile's onnx stage), ONNX Runtime reads it; the others serve training and evaluation
+# only (pyproject.toml's comments).
+NOT_IN_CPU_IMAGE = {"torch", "torchvision", "onnx", "tqdm", "pycocotools", "matplotlib"}
 # What the cpu image adds to the project's runtime set: the engine that runs the exported graph.
 CPU_ENGINE = "onnxruntime"
 # Packages that carry CUDA or torch's compiler: none may reach the cpu image.
@@ -182,6 +183,7 @@ def test_cpu_build_installs_the_cpu_lock_alone_and_checks_it() -> None:
     installs = " ".join(runs)
     assert f"pip install --quiet --no-deps -r {CPU_LOCK_FILE.name}" in installs
     assert "pip check" in installs
+    assert installs.endswith("pip uninstall --quiet --yes pip setuptools")  # after the check
     assert "requirements.lock" not in installs and "pyproject" not in installs
 
 
