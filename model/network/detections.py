@@ -1,14 +1,17 @@
 """What a caller asks of a detector and what it gets back, without torch: the ``Cut`` (score
-threshold, cap, classes, NMS IoU) for one image, the ``Detections`` of one image, and a
-batch's ``BatchResult``. The torch ``Detector`` and the ONNX Runtime ``OnnxDetector`` both
-speak these, so the service serves either.
+threshold, cap, classes, NMS IoU) for one image, the ``Detections`` of one image, a batch's
+``BatchResult``, and ``ServedDetector``, the interface the service uses. The torch
+``Detector`` and the ONNX Runtime ``OnnxDetector`` both speak these, so the service serves
+either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 # The authors' test-time settings (ssd_pascal.py: nms_threshold 0.45, top_k 400, keep_top_k 200).
 NMS_IOU = 0.45
@@ -56,6 +59,28 @@ def class_ids_of(class_names: Sequence[str], names: Sequence[str]) -> frozenset[
     return frozenset(list(class_names).index(name) + 1 for name in names)
 
 
+def class_mask(cuts: Sequence[Cut], num_classes: int) -> np.ndarray | None:
+    """bool array [len(cuts), C-1]: the classes (ids 1..C-1) each cut keeps, for a model of
+    ``num_classes`` classes (background included); None when every cut keeps all.
+
+    Raises:
+        ValueError: a cut names a class id past the model's (the message gives the range).
+    """
+    for cut in cuts:
+        if cut.classes is not None and max(cut.classes) >= num_classes:
+            raise ValueError(
+                f"class ids run from 1 to {num_classes - 1}, got {sorted(cut.classes)}"
+            )
+    if all(cut.classes is None for cut in cuts):
+        return None
+    mask = np.ones((len(cuts), num_classes - 1), dtype=bool)
+    for row, cut in enumerate(cuts):
+        if cut.classes is not None:
+            mask[row] = False
+            mask[row, [c - 1 for c in cut.classes]] = True
+    return mask
+
+
 @dataclass
 class Detections:
     """Detections for one image, sorted by score (descending).
@@ -97,3 +122,35 @@ class BatchResult:
     detections: list[Detections]
     forward_s: float
     postprocess_s: float
+
+
+class ServedDetector(Protocol):
+    """What the service uses of a detector: the torch ``Detector``
+    (``model.inference.detector``) and the ``OnnxDetector``
+    (``model.inference.onnx_detector``) both have it. ``prepare``'s input is opaque to the
+    service: it queues it and hands it back to ``run_batch``."""
+
+    class_names: list[str]
+    input_size: int
+
+    @property
+    def device(self) -> Any: ...  # torch.device or "cpu"; the service prints it
+
+    @property
+    def precision(self) -> str: ...
+
+    def cut(
+        self,
+        score_threshold: float,
+        max_detections: int,
+        classes: Sequence[str] | None = None,
+        nms_iou: float | None = None,
+    ) -> Cut: ...
+
+    def prepare(self, image: Any) -> tuple[Any, tuple[int, int]]: ...
+
+    def run_batch(
+        self, inputs: Sequence[Any], sizes: Sequence[tuple[int, int]], cuts: Sequence[Cut]
+    ) -> BatchResult: ...
+
+    def warm_up(self) -> None: ...

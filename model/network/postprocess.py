@@ -17,12 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
 from model.network.box_coding import decode_boxes
-from model.network.detections import MAX_DETECTIONS, NMS_IOU, TOP_K, Cut, Detections
+from model.network.detections import (
+    MAX_DETECTIONS,
+    NMS_IOU,
+    TOP_K,
+    Cut,
+    Detections,
+    class_mask,
+)
 
 __all__ = [
     "MAX_DETECTIONS",
@@ -183,11 +191,7 @@ def postprocess_each(
     if len(cuts) != count:
         raise ValueError(f"need one cut per image: got {len(cuts)} for {count} images")
     num_classes = conf.shape[-1]
-    for cut in cuts:
-        if cut.classes is not None and max(cut.classes) >= num_classes:
-            raise ValueError(
-                f"class ids run from 1 to {num_classes - 1}, got {sorted(cut.classes)}"
-            )
+    class_mask(cuts, num_classes)  # names a class id past the model's before any work
     device = conf.device
     results: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * count
     for nms_iou in sorted({cut.nms_iou for cut in cuts}):
@@ -200,7 +204,7 @@ def postprocess_each(
             default_boxes,
             torch.tensor([image_sizes[i] for i in members], dtype=torch.float32, device=device),
             torch.tensor([c.score_threshold for c in group], dtype=torch.float32, device=device),
-            class_mask(group, num_classes),
+            _as_tensor(class_mask(group, num_classes)),
             nms_iou=nms_iou,
             top_k=top_k,
             max_detections=max(cut.max_detections for cut in group),
@@ -211,17 +215,8 @@ def postprocess_each(
     return [result for result in results if result is not None]
 
 
-def class_mask(cuts: Sequence[Cut], num_classes: int) -> Tensor | None:
-    """bool Tensor[len(cuts), C-1]: the classes (1..C-1) each cut keeps; None when every cut
-    keeps all."""
-    if all(cut.classes is None for cut in cuts):
-        return None
-    mask = torch.ones(len(cuts), num_classes - 1, dtype=torch.bool)
-    for row, cut in enumerate(cuts):
-        if cut.classes is not None:
-            mask[row] = False
-            mask[row, [c - 1 for c in cut.classes]] = True
-    return mask
+def _as_tensor(mask: np.ndarray | None) -> Tensor | None:
+    return None if mask is None else torch.from_numpy(mask)
 
 
 def _exporting() -> bool:
