@@ -35,7 +35,8 @@ RUN touch README.md \
 FROM build AS onnx
 COPY model/ model/
 COPY weights/*.safetensors weights/
-RUN /opt/venv/bin/python -m model.export weights/ssd300_shapes.safetensors --format onnx \
+RUN mkdir /export \
+    && /opt/venv/bin/python -m model.export weights/ssd300_shapes.safetensors --format onnx \
         --out /export/ssd300_shapes.onnx
 
 # ---- cpu-build: the cpu target's environment, torch-free, from requirements-cpu.lock --------
