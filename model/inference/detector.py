@@ -269,7 +269,7 @@ class Detector:
         """
         if isinstance(image, Tensor):
             # uint8 RGB (3, H, W) -> (H, W, 3) for Pillow
-            image = Image.fromarray(to_rgb_tensor(image).permute(1, 2, 0).numpy())
+            image = Image.fromarray(to_rgb_tensor(image.cpu()).permute(1, 2, 0).numpy())
         array, size = prepare_image(image, self.input_size, self.pixel_mean, self.resize)
         return torch.from_numpy(array), size
 
