@@ -1,7 +1,13 @@
 # The detector service: one uvicorn process (python -m app) serving the shipped model on :8000.
-# One image for CPU-only hosts and NVIDIA GPUs: the registry's torch build carries CUDA, and
-# SSD_DEVICE=auto picks the GPU when the NVIDIA container runtime exposes one.
-# README.md, "Deploying", tells how to build, run, swap the weights and scale out.
+# Two images from this file, with the same settings, probes, user, healthcheck and drain:
+# - the default target (`docker build .`, the last stage): torch from the registry, which
+#   carries CUDA, so one image serves CPU-only hosts and NVIDIA GPUs (SSD_DEVICE=auto picks the
+#   GPU when the NVIDIA container runtime exposes one);
+# - `docker build --target cpu .`: no torch and no CUDA, the shipped model exported to ONNX and
+#   served by ONNX Runtime on the CPU (SSD_BACKEND=onnxruntime), a fraction of the size.
+# README.md, "Deploying", tells which to pick, how to build, run, swap the weights and scale out.
+# Stages the default target does not use are built too by the classic builder (Debian's
+# docker.io 20.10); they are small, and the cpu target then finds them in the cache.
 
 # ---- build: the virtual environment, from the lock file -------------------------------------
 FROM debian:bookworm-slim AS build
@@ -25,8 +31,36 @@ RUN touch README.md \
     && /opt/venv/bin/python -m pip install --quiet --upgrade pip \
     && /opt/venv/bin/python -m pip install --quiet -c requirements.lock .
 
-# ---- runtime: Debian's python3, the environment, the code and the shipped weights -----------
-FROM debian:bookworm-slim
+# ---- onnx: the shipped model exported with the build stage's torch (for the cpu target) ------
+FROM build AS onnx
+COPY model/ model/
+COPY weights/*.safetensors weights/
+RUN mkdir /export \
+    && /opt/venv/bin/python -m model.export weights/ssd300_shapes.safetensors --format onnx \
+        --out /export/ssd300_shapes.onnx
+
+# ---- cpu-build: the cpu target's environment, torch-free, from requirements-cpu.lock --------
+FROM debian:bookworm-slim AS cpu-build
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /srv/ssd
+# Every package pinned there, dependencies included (tests/deploy keeps the file a closed
+# subset of requirements.lock), so --no-deps; pip check fails the build if one is missing.
+# pip and setuptools go afterwards: the service needs neither, and they are about 20 MB of the
+# 600 MB this image is meant to stay under (docs/performance.md).
+COPY requirements-cpu.lock ./
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/python -m pip install --quiet --upgrade pip \
+    && /opt/venv/bin/python -m pip install --quiet --no-deps -r requirements-cpu.lock \
+    && /opt/venv/bin/python -m pip check \
+    && /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools
+
+# ---- service: what both images share (Debian's python3, the user, the probes, the command) --
+FROM debian:bookworm-slim AS service
 
 # The environment's interpreter is a link to this python3 (the same Debian package as above).
 RUN apt-get update \
@@ -35,22 +69,8 @@ RUN apt-get update \
     && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin ssd
 
-COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv/ssd
-COPY app/ app/
-COPY model/ model/
-# The shipped model, baked in. Another one: mount the file and point SSD_WEIGHTS at it.
-COPY weights/*.safetensors weights/
-# Compiled once here, since the service user cannot write next to the sources. torch's cache,
-# where SSD_WEIGHTS=torchvision:coco is fetched at the first start, belongs to the service
-# user, so that a named volume mounted there starts out writable by it (docker-compose.yml).
-RUN /opt/venv/bin/python -m compileall -q app model \
-    && mkdir -p /var/cache/torch && chown 10001:10001 /var/cache/torch
-
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    TORCH_HOME=/var/cache/torch
-# By number, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
-USER 10001:10001
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8000
 
 # Liveness with the image's own Python (no curl). Uvicorn listens once the model is loaded and
@@ -63,3 +83,36 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
 
 # Exec form: uvicorn is PID 1 and gets SIGTERM itself, which starts the drain (app/signals.py).
 CMD ["/opt/venv/bin/python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---- cpu: ONNX Runtime serving the exported shipped model, no torch --------------------------
+FROM service AS cpu
+
+COPY --from=cpu-build /opt/venv /opt/venv
+COPY app/ app/
+COPY model/ model/
+# The shipped model, exported above. Another one: export it (python -m model.export), mount the
+# .onnx file and point SSD_WEIGHTS at it.
+COPY --from=onnx /export/ssd300_shapes.onnx weights/
+RUN /opt/venv/bin/python -m compileall -q app model
+
+ENV SSD_BACKEND=onnxruntime SSD_WEIGHTS=weights/ssd300_shapes.onnx
+# By number, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+
+# ---- full (the default target): torch, CPU or NVIDIA GPU ------------------------------------
+FROM service AS full
+
+COPY --from=build /opt/venv /opt/venv
+COPY app/ app/
+COPY model/ model/
+# The shipped model, baked in. Another one: mount the file and point SSD_WEIGHTS at it.
+COPY weights/*.safetensors weights/
+# Compiled once here, since the service user cannot write next to the sources. torch's cache,
+# where SSD_WEIGHTS=torchvision:coco is fetched at the first start, belongs to the service
+# user, so that a named volume mounted there starts out writable by it (docker-compose.yml).
+RUN /opt/venv/bin/python -m compileall -q app model \
+    && mkdir -p /var/cache/torch && chown 10001:10001 /var/cache/torch
+
+ENV TORCH_HOME=/var/cache/torch
+# By number, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001

@@ -32,9 +32,9 @@ lint: install
 test: lint
 	$(PY) -m pytest
 
-# Builds and runs the container image with a private Docker engine, compose with Prometheus, and
-# checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root; it builds a several-GB
-# image, so it is slow: docs/performance.md has its duration).
+# Builds and runs both container images (full and cpu) with a private Docker engine, compose with
+# Prometheus, and checks the Prometheus, Grafana and Kubernetes files (tests/deploy; root; it
+# builds a several-GB image, so it is slow: docs/performance.md has its duration).
 test-deploy: install
 	$(PY) -m pytest -m deploy tests/deploy
 

@@ -118,10 +118,10 @@ class Engine:
                            f"{self.log_tail()}")  # fmt: skip
 
     def docker(
-        self, *args: str, timeout: float = 120, input: bytes | None = None
+        self, *args: str, timeout: float = 120, input: bytes | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """``docker args...`` against this engine; ``AssertionError`` with its output if it
-        fails."""
+        fails (unless ``check`` is False: then the caller reads ``returncode``)."""
         result = subprocess.run(
             [self.client, "-H", self.host, *args],
             capture_output=True,
@@ -129,7 +129,7 @@ class Engine:
             input=input,
         )
         out, err = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
-        assert result.returncode == 0, f"docker {' '.join(args)} failed:\n{out}\n{err}"
+        assert not check or result.returncode == 0, f"docker {' '.join(args)} failed:\n{out}\n{err}"
         return subprocess.CompletedProcess(result.args, result.returncode, out, err)
 
     def compose(

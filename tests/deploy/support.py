@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 from PIL import Image, ImageDraw
 
 from app.settings import ENV_PREFIX, Settings
@@ -25,7 +26,13 @@ from app.settings import ENV_PREFIX, Settings
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_GPU_FILE = REPO / "docker-compose.gpu.yml"
+COMPOSE_CPU_FILE = REPO / "docker-compose.cpu.yml"
 DOCKERFILE = REPO / "Dockerfile"
+LOCK_FILE = REPO / "requirements.lock"
+CPU_LOCK_FILE = REPO / "requirements-cpu.lock"
+# The Dockerfile's two images: its default target (the last stage) and the torch-free one.
+FULL_TARGET = "full"
+CPU_TARGET = "cpu"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
 K8S_DIR = REPO / "deploy" / "k8s"
@@ -113,6 +120,56 @@ class Instruction:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ValueError(f"{self.keyword} is not in exec form: {self.args}")
         return value
+
+
+def stage_name(stage: list[Instruction]) -> str | None:
+    """The stage's ``AS`` name, or None."""
+    words = stage[0].args.split()
+    return words[2] if len(words) == 3 and words[1].lower() == "as" else None
+
+
+def dockerfile_stage(name: str) -> list[Instruction]:
+    """The stage named ``name`` (``FROM ... AS name``)."""
+    named = {stage_name(stage): stage for stage in dockerfile_stages()}
+    if name not in named:
+        raise KeyError(f"no stage {name!r} in the Dockerfile; stages: {list(named)}")
+    return named[name]
+
+
+def image_instructions(target: str) -> list[Instruction]:
+    """What builds the image of ``target``: the instructions of its ancestor stages (a stage
+    ``FROM`` another stage inherits its settings) and then its own, FROM lines left out."""
+    stage = dockerfile_stage(target)
+    parent = stage[0].args.split()[0]
+    names = {stage_name(s) for s in dockerfile_stages()}
+    inherited = image_instructions(parent) if parent in names else []
+    return inherited + stage[1:]
+
+
+def env_of(instructions: list[Instruction]) -> dict[str, str]:
+    """The ``ENV`` variables they set (``KEY=value`` form), later ones winning."""
+    env: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "ENV":
+            for word in shlex.split(instruction.args):
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """A pip requirements file of ``name==version`` lines as ``{canonical name: version}``
+    (comments and blank lines skipped); ``ValueError`` naming any other line."""
+    pins = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not version or any(c in name for c in "[]<>=!~;@ "):
+            raise ValueError(f"{path.name}:{number}: not a name==version pin: {raw!r}")
+        pins[canonicalize_name(name)] = version
+    return pins
 
 
 def dockerfile_stages(path: Path = DOCKERFILE) -> list[list[Instruction]]:

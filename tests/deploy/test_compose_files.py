@@ -1,5 +1,6 @@
-"""docker-compose.yml and its GPU variant, checked offline by Debian's docker-compose 1.29 and
-against the service's settings. test_compose_up.py runs them."""
+"""docker-compose.yml and its GPU and cpu-image variants, checked offline by Debian's
+docker-compose 1.29 and against the service's settings and the Dockerfile. test_stack.py runs
+them."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import yaml
 
 from app.settings import Settings
 from tests.deploy.support import (
+    COMPOSE_CPU_FILE,
     COMPOSE_FILE,
     COMPOSE_GPU_FILE,
+    CPU_TARGET,
     REPO,
     compose,
+    dockerfile_stage,
     duration_s,
+    env_of,
+    image_instructions,
     load_yaml,
     settings_env_names,
     settings_from_env,
@@ -32,8 +38,12 @@ def _config(*files: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_compose_file_and_gpu_variant_are_valid() -> None:
-    for files in ([COMPOSE_FILE.name], [COMPOSE_FILE.name, COMPOSE_GPU_FILE.name]):
+def test_compose_file_and_its_variants_are_valid() -> None:
+    for files in (
+        [COMPOSE_FILE.name],
+        [COMPOSE_FILE.name, COMPOSE_GPU_FILE.name],
+        [COMPOSE_FILE.name, COMPOSE_CPU_FILE.name],
+    ):
         result = _config(*files)
         assert result.returncode == 0, f"docker-compose config {files}:\n{result.stderr}"
 
@@ -48,6 +58,27 @@ def test_gpu_variant_reserves_an_nvidia_gpu_for_the_detector_only() -> None:
     assert services["detector"]["environment"]["SSD_DEVICE"] == "cuda"
     assert settings_from_env(services["detector"]["environment"]).device == "cuda"
     assert all("deploy" not in services[name] for name in ("prometheus", "grafana"))
+
+
+def test_cpu_variant_runs_the_cpu_image_with_its_own_settings() -> None:
+    """The detector is built from the Dockerfile's cpu target under a tag of its own, and runs
+    with the cpu image's backend and weights (docker-compose.yml names the full image's)."""
+    result = _config(COMPOSE_FILE.name, COMPOSE_CPU_FILE.name)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    detector = services["detector"]
+    assert detector["build"]["target"] == CPU_TARGET
+    dockerfile_stage(detector["build"]["target"])  # KeyError if there is no such stage
+    assert detector["image"] != compose()["services"]["detector"]["image"]
+    image_env = env_of(image_instructions(CPU_TARGET))
+    for name in ("SSD_BACKEND", "SSD_WEIGHTS"):
+        assert detector["environment"][name] == image_env[name]
+    settings = settings_from_env(detector["environment"])
+    assert (settings.backend, settings.device) == ("onnxruntime", "cpu")
+    # The rest of the stack is docker-compose.yml's: the variant changes nothing else.
+    override = load_yaml(COMPOSE_CPU_FILE)
+    assert set(override) == {"services"} and set(override["services"]) == {"detector"}
+    assert set(override["services"]["detector"]) == {"build", "image", "environment"}
 
 
 def test_services_are_detector_prometheus_grafana() -> None:

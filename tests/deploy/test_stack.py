@@ -23,6 +23,8 @@ import pytest
 from tests.app.support import encode, free_port
 from tests.deploy.engine import Engine
 from tests.deploy.support import (
+    COMPOSE_CPU_FILE,
+    COMPOSE_FILE,
     FIGURES,
     READY_TIMEOUT_S,
     alert_rules,
@@ -166,6 +168,35 @@ def test_prometheus_loaded_the_alert_rules_and_evaluates_them(stack: Stack) -> N
     assert all(rule["health"] == "ok" for rule in rules), rules
     # Nothing is wrong with this detector, so nothing fires or is about to.
     assert all(rule["state"] == "inactive" for rule in rules), rules
+
+
+def test_cpu_variant_serves_the_shipped_model_through_compose(
+    engine: Engine, cpu_image: str
+) -> None:
+    """``docker-compose -f docker-compose.yml -f docker-compose.cpu.yml up detector`` runs the
+    cpu image (already built and tagged by the fixture) and answers the README's example."""
+    files = ["-f", COMPOSE_FILE.name, "-f", COMPOSE_CPU_FILE.name, "-p", PROJECT + "-cpu"]
+    env = {"DETECTOR_PORT": str(free_port())}
+    url = f"http://127.0.0.1:{env['DETECTOR_PORT']}"
+    try:
+        engine.compose(*files, "up", "-d", "--no-build", "detector", env=env)
+        _wait_for(
+            lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200,
+            READY_TIMEOUT_S,
+            "the cpu detector's /readyz",
+        )
+        [container] = engine.compose(*files, "ps", "-q", "detector", env=env).stdout.split()
+        image = engine.docker("inspect", "-f", "{{.Config.Image}}", container).stdout.strip()
+        assert image == cpu_image
+        body = encode(shapes_scene(), "JPEG", quality=95)
+        response = httpx.post(
+            url + "/detect", content=body, headers={"content-type": "image/jpeg"}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        labels = {detection["label"] for detection in response.json()["detections"]}
+        assert labels >= {"circle", "triangle"}, response.json()
+    finally:
+        engine.compose(*files, "down", "-v", "--timeout", "30", env=env)
 
 
 def _unix_time(rfc3339: str) -> float:
