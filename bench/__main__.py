@@ -39,7 +39,9 @@ from bench.load import run_clients
 from bench.service import start_server
 from bench.timing import load_figures, median_seconds
 from model import Detector, ssd300_vgg16
+from model.data import load_dataset
 from model.data.synthetic import CLASS_NAMES
+from model.evaluation.int8_guard import calibration_batches, quantize_network
 from model.inference import autotune
 from model.inference.int8 import (
     activation_qparams,
@@ -50,7 +52,6 @@ from model.inference.int8 import (
 from model.inference.runtime import INT8
 from model.network.preprocessing import PIXEL_MEAN
 from model.network.ssd import SSD
-from model.quantize import calibration_batches, quantize_network
 from model.weights.checkpoint import read_metadata, save_checkpoint
 
 JPEGS = Path("../shared/datasets/raccoon/JPEGImages")  # real photos, 0.3-1 megapixel
@@ -194,7 +195,8 @@ def _network_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[Path, s
     path, network, description = random_checkpoint(args.width, folder)
     # Its INT8 artifact, calibrated on synthetic images (random weights time like trained
     # ones), so that int8 is timed in (b) and competes in auto in (b) and (c).
-    calibration = calibration_batches("synthetic:16", 16, 8, network.input_size, PIXEL_MEAN)
+    images = load_dataset("synthetic:16", split="train")
+    calibration = calibration_batches(images, 16, 8, network.input_size, PIXEL_MEAN)
     quantized = quantize_network(network.eval(), calibration)
     save_int8(int8_artifact_path(path), activation_qparams(quantized), path, {"bench": True})
     return path, description

@@ -21,9 +21,9 @@ import torch
 
 from model import ssd300_vgg16
 from model.data.synthetic import SyntheticShapes
+from model.evaluation.int8_guard import quantize_network
 from model.network.preprocessing import preprocess
 from model.network.ssd import SSD
-from model.quantize import quantize_network
 from model.weights.checkpoint import load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "ssd300_shapes.safetensors"
