@@ -35,8 +35,7 @@ from app.errors import (
     OverloadedError,
 )
 from app.metrics import ModelMetrics
-from model import Detections, Detector
-from model.network.postprocess import Cut
+from model.network.detections import Cut, Detections, ServedDetector
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class Batcher:
 
     def __init__(
         self,
-        detector: Detector,
+        detector: ServedDetector,
         metrics: ModelMetrics,
         executor: Executor,
         *,

@@ -36,8 +36,8 @@ from app.errors import (
     TooLargeError,
     UnsupportedTypeError,
 )
-from model import Detections
 from model.inference.drawing import draw_detections
+from model.network.detections import Detections
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,8 @@ from app.routes import deepstack, demo, detect, health, info, models
 from app.service import Service
 from app.settings import UPLOAD_CUT_MARGIN_S, Settings, SettingsError, get_settings
 from app.signals import install_drain_handler, install_reload_handler
-from model import Detector
-from model.inference.runtime import resolve_device
-from model.weights.checkpoint import CheckpointError, read_metadata
-from model.weights.published import is_published
+from model.network.detections import ServedDetector
+from model.weights.sources import file_version, is_published
 
 log = logging.getLogger("app")
 
@@ -44,15 +42,78 @@ Boxes are xyxy, in pixels of the image as displayed (EXIF orientation applied). 
 JSON: `{"error": {"code": "...", "message": "..."}}`."""
 
 
-def load_detector(source: Path, settings: Settings) -> Detector:
-    """The model at ``source`` (SSD_WEIGHTS or one of SSD_MODELS), on the device and
+def load_detector(source: Path, settings: Settings) -> ServedDetector:
+    """The model at ``source`` (SSD_WEIGHTS or one of SSD_MODELS), on the backend, device and
     precision the settings name.
 
     Raises:
         SettingsError: the weights, device or precision cannot be used; names the variable.
     """
+    if settings.backend == "onnxruntime":
+        return _load_onnx(source, settings)
+    return _load_torch(source, settings)
+
+
+def model_version(source: Path, settings: Settings) -> str:
+    """A model's version: the sha256 prefix of its file, or for the torch backend of the
+    published file that a published name converts.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    if settings.backend == "onnxruntime":
+        return file_version(source)
+    from model.weights.published import weights_version  # torch: only for this backend
+
+    return weights_version(source)
+
+
+def _variable(source: Path, settings: Settings) -> str:
+    """``invalid setting SSD_WEIGHTS='...'`` (or SSD_MODELS), for error messages."""
     variable = "SSD_WEIGHTS" if source == settings.weights else "SSD_MODELS"
-    weights = f"invalid setting {variable}={str(source)!r}"
+    return f"invalid setting {variable}={str(source)!r}"
+
+
+def _load_onnx(source: Path, settings: Settings) -> ServedDetector:
+    """An ``OnnxDetector`` for ``source``, an .onnx file (no torch is imported)."""
+    from model.inference.onnx_detector import OnnxDetector, OnnxModelError
+
+    weights = _variable(source, settings)
+    if is_published(source):
+        raise SettingsError(
+            f"{weights}: SSD_BACKEND=onnxruntime serves .onnx files; export the weights "
+            f"first (python -m model.export {source} --format onnx --out FILE.onnx)"
+        )
+    if settings.device not in ("auto", "cpu"):
+        raise SettingsError(
+            f"invalid setting SSD_DEVICE={settings.device!r}: SSD_BACKEND=onnxruntime runs "
+            "on the CPU (auto or cpu)"
+        )
+    if settings.precision not in ("auto", "fp32"):
+        raise SettingsError(
+            f"invalid setting SSD_PRECISION={settings.precision!r}: SSD_BACKEND=onnxruntime "
+            "runs the exported graph in fp32 (auto or fp32)"
+        )
+    try:
+        detector = OnnxDetector(source)
+    except (FileNotFoundError, OnnxModelError) as exc:
+        raise SettingsError(f"{weights}: {exc}") from None
+    if settings.max_detections > detector.max_detections:
+        raise SettingsError(
+            f"invalid setting SSD_MAX_DETECTIONS={settings.max_detections}: {source} keeps "
+            f"{detector.max_detections} detections per image (python -m model.export "
+            "--max-detections N)"
+        )
+    return detector
+
+
+def _load_torch(source: Path, settings: Settings) -> ServedDetector:
+    """A torch ``Detector`` for ``source``, a checkpoint or published weights."""
+    from model.inference.detector import Detector
+    from model.inference.runtime import resolve_device
+    from model.weights.checkpoint import CheckpointError, read_metadata
+
+    weights = _variable(source, settings)
     published = is_published(source)
     if published and settings.precision == "int8":
         raise SettingsError(
@@ -80,7 +141,7 @@ def load_detector(source: Path, settings: Settings) -> Detector:
         raise SettingsError(f"{precision}: {exc}") from None
 
 
-def build_service(config: Settings, detector: Detector | None) -> Service:
+def build_service(config: Settings, detector: ServedDetector | None) -> Service:
     """The service's parts for ``config``, nothing loaded yet; ``detector``, if given, is the
     default model's first copy."""
     sources = config.model_sources()
@@ -97,6 +158,7 @@ def build_service(config: Settings, detector: Detector | None) -> Service:
             max_queue=config.max_queue,
         ),
         preloaded={default: detector} if detector is not None else None,
+        version=functools.partial(model_version, settings=config),
     )
     lifecycle = Lifecycle()
     pipeline = Pipeline(
@@ -116,7 +178,7 @@ def build_service(config: Settings, detector: Detector | None) -> Service:
     return Service(config, metrics, registry, pipeline, lifecycle, keys)
 
 
-def create_app(settings: Settings | None = None, detector: Detector | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, detector: ServedDetector | None = None) -> FastAPI:
     """Build the app. ``settings`` default to ``get_settings()`` (read at start-up, not here);
     ``detector`` is the default model's first copy, loaded from ``settings.weights`` when
     not given (tests pass their own)."""

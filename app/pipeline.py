@@ -28,8 +28,7 @@ from app.lifecycle import Lifecycle
 from app.registry import Copy, Registry
 from app.schemas import ModelRef
 from app.uploads import Upload
-from model import Detections
-from model.network.postprocess import Cut
+from model.network.detections import Cut, Detections
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from app.batcher import Batcher
 from app.errors import ReloadFailedError, UnknownModelError
 from app.metrics import Metrics, ModelMetrics
 from app.schemas import ModelRef
-from model import Detector
-from model.weights.published import weights_version
+from model.network.detections import ServedDetector
+from model.weights.sources import file_version
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Copy:
     """One loaded copy of a model: what answers a request admitted to it."""
 
     ref: ModelRef
-    detector: Detector
+    detector: ServedDetector
     batcher: Batcher
 
 
@@ -60,8 +60,8 @@ class _Slot:
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssd-inference")
         self.current: Copy | None = None
-        # Every copy's Detector while anything holds it: what ``ssd_model_copies`` counts.
-        self.loaded: weakref.WeakSet[Detector] = weakref.WeakSet()
+        # Every copy's detector while anything holds it: what ``ssd_model_copies`` counts.
+        self.loaded: weakref.WeakSet[ServedDetector] = weakref.WeakSet()
         self.lock = asyncio.Lock()  # one load at a time per model
 
     def copies(self) -> float:
@@ -84,21 +84,26 @@ class Registry:
         metrics: where each model's series go (``model`` label).
         limits: each model's batching.
         preloaded: copies already loaded, by name, used instead of loading at ``start``.
+        version: a source's version (``model.weights.published.weights_version`` for the
+            torch backend, which also names published weights); default: the file's sha256
+            prefix.
     """
 
     def __init__(
         self,
         sources: Mapping[str, Path],
         default: str,
-        load: Callable[[Path], Detector],
+        load: Callable[[Path], ServedDetector],
         metrics: Metrics,
         limits: BatchLimits,
-        preloaded: Mapping[str, Detector] | None = None,
+        preloaded: Mapping[str, ServedDetector] | None = None,
+        version: Callable[[Path], str] = file_version,
     ) -> None:
         if default not in sources:
             raise ValueError(f"the default model {default!r} is not among {sorted(sources)}")
         self.default = default
         self._load_source = load
+        self._version = version
         self._limits = limits
         self._preloaded = dict(preloaded or {})
         # Every load on one thread: the copies then come from one malloc arena, where a freed
@@ -200,13 +205,13 @@ class Registry:
                 f"no model is named {name!r}; this server has {', '.join(self.names)}"
             ) from None
 
-    async def _load(self, slot: _Slot, detector: Detector | None = None) -> Copy:
+    async def _load(self, slot: _Slot, detector: ServedDetector | None = None) -> Copy:
         """A new copy of ``slot``'s model, warmed up, its batcher started."""
         loop = asyncio.get_running_loop()
         if detector is None:
             detector, version = await loop.run_in_executor(self._loader, self._read, slot.source)
         else:
-            version = await loop.run_in_executor(self._loader, weights_version, slot.source)
+            version = await loop.run_in_executor(self._loader, self._version, slot.source)
         slot.loaded.add(detector)
         limits = self._limits
         batcher = Batcher(
@@ -221,15 +226,15 @@ class Registry:
         await batcher.start()
         return Copy(ModelRef(name=slot.name, version=version), detector, batcher)
 
-    def _read(self, source: Path) -> tuple[Detector, str]:
+    def _read(self, source: Path) -> tuple[ServedDetector, str]:
         """Load ``source`` and its version, checking that the file did not change meanwhile
         (a file being replaced by a copy or a training run)."""
         try:
-            before: str | None = weights_version(source)
+            before: str | None = self._version(source)
         except OSError:
             before = None  # no such file: the loader says so, naming the setting
         detector = self._load_source(source)
-        after = weights_version(source)
+        after = self._version(source)
         if before != after:
             raise ValueError(
                 f"{source} changed while it was being loaded (version {before}, then {after}); "

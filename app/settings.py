@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.weights.published import is_published
+from model.weights.sources import is_published
 
 ENV_PREFIX = "SSD_"
 # The shipped default model (weights/README.md is its model card).
@@ -32,10 +32,16 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
+    backend: Literal["torch", "onnxruntime"] = Field(
+        default="torch",
+        description="torch: serve checkpoints with PyTorch; onnxruntime: serve .onnx files "
+        "from python -m model.export (full graph) with ONNX Runtime on the CPU, no torch needed",
+    )
     weights: Path = Field(
         default=DEFAULT_WEIGHTS,
         description="checkpoint file (safetensors), or published weights by name: "
-        "torchvision:coco or ssd.pytorch:PATH (model/weights/published.py)",
+        "torchvision:coco or ssd.pytorch:PATH (model/weights/published.py); with "
+        "SSD_BACKEND=onnxruntime, an .onnx file",
     )
     models: str = Field(
         default="",

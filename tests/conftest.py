@@ -105,3 +105,15 @@ def seeded_cache(
     monkeypatch.setenv("TORCH_HOME", str(home))
     assert cache_path(SSD300_VGG16_Weights.COCO_V1).parent == home / "hub" / "checkpoints"
     return reference
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model exported as a ``full`` ONNX graph (``model.export``), once per
+    session (skips when the model is not shipped)."""
+    from model.export import export_onnx
+
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "ssd300_shapes.safetensors"
+    if not shipped.is_file():
+        pytest.skip(f"no shipped model at {shipped}")
+    return export_onnx(shipped, tmp_path_factory.mktemp("onnx") / "shapes.onnx")

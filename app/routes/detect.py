@@ -17,7 +17,7 @@ from app.schemas import BatchResponse, Box, Detection, DetectResponse, ImageSize
 from app.service import Service, ServiceDep
 from app.settings import Settings
 from app.uploads import Upload, read_images
-from model import Detections
+from model.network.detections import Detections
 
 router = APIRouter(tags=["detection"], dependencies=[ClientKey])
 # The defaults the API text names, read from where they are defined.

@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +19,16 @@ from model.inference.int8 import (
     load_int8,
 )
 from model.inference.runtime import INT8, Runtime, resolve_device
-from model.network.postprocess import (
+from model.network.detections import (
     MAX_DETECTIONS,
     NMS_IOU,
     TOP_K,
+    BatchResult,
     Cut,
     Detections,
-    postprocess_each,
+    class_ids_of,
 )
+from model.network.postprocess import postprocess_each
 from model.network.preprocessing import PIXEL_MEAN, RESIZES, ImageLike, preprocess, to_rgb_tensor
 from model.network.ssd import SSD
 from model.weights.checkpoint import load_checkpoint
@@ -216,13 +217,7 @@ class Detector:
         Raises:
             ValueError: none given, or a name this model lacks; the message lists the valid ones.
         """
-        unknown = [name for name in names if name not in self.class_names]
-        if unknown or not names:
-            raise ValueError(
-                f"unknown classes {unknown or list(names)}; this model has "
-                f"{', '.join(self.class_names)}"
-            )
-        return frozenset(self.class_names.index(name) + 1 for name in names)
+        return class_ids_of(self.class_names, names)
 
     @torch.inference_mode()
     def run_batch(
@@ -323,14 +318,3 @@ def _noise_inputs(side: int, pixel_mean: Sequence[float], resize: str) -> Tensor
 # What ``Detector.prepare`` makes of one image (float32 Tensor[3, S, S]) and ``run_batch``
 # takes back: callers that only queue it (the service's batcher) name it by this.
 ModelInput = Tensor
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """What ``Detector.run_batch`` gives: one ``Detections`` per input, in order, and the
-    wall-clock seconds of the batch's forward pass (with its stacking and copy to the device)
-    and of its post-processing."""
-
-    detections: list[Detections]
-    forward_s: float
-    postprocess_s: float

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw, ImageFont
 
-from model.network.postprocess import Detections
+from model.network.detections import Detections
 
 # Ten colours that stay apart on photos (the demo page's).
 COLOURS = (

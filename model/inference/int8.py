@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from model.network.ssd import SSD, fold_unused_slots
 from model.weights.checkpoint import Checkpoint, load_checkpoint, write_atomically
-from model.weights.torch_cache import file_sha256
+from model.weights.sources import file_sha256
 
 # PyTorch's quantized engine for x86 CPUs: fbgemm for large convolutions, oneDNN for small.
 ENGINE = "x86"

@@ -11,19 +11,16 @@ float pixels, as torchvision's detection transform (``F.interpolate``) and ssd.p
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-# The authors' mean_value in RGB order (ssd_pascal.py: [104, 117, 123] for BGR). No std.
-PIXEL_MEAN = (123.0, 117.0, 104.0)
-# Transparent pixels are shown on white, as a browser or image viewer would show them.
-_BACKGROUND = (255, 255, 255)
+from model.network.pixels import BACKGROUND, PIXEL_MEAN, RESIZES, pil_to_rgb
+
+__all__ = ["PIXEL_MEAN", "RESIZES", "ImageLike", "preprocess", "to_rgb_tensor"]
 
 ImageLike = Image.Image | Tensor
-RESIZES = ("antialias", "bilinear")  # see the module docstring
 
 
 def to_rgb_tensor(image: ImageLike) -> Tensor:
@@ -34,7 +31,7 @@ def to_rgb_tensor(image: ImageLike) -> Tensor:
     conversion would clip it instead).
     """
     if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(_pil_to_rgb(image))
+        return TF.pil_to_tensor(pil_to_rgb(image))
     if not isinstance(image, Tensor):
         raise TypeError(f"expected a PIL image or a uint8 Tensor[C, H, W], got {type(image)}")
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3, 4):
@@ -48,32 +45,9 @@ def to_rgb_tensor(image: ImageLike) -> Tensor:
         return image.expand(3, -1, -1).contiguous()
     if image.shape[0] == 4:
         rgb, alpha = image[:3].float(), image[3:].float() / 255.0
-        background = torch.tensor(_BACKGROUND, dtype=torch.float32)[:, None, None]
+        background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None]
         return (rgb * alpha + background * (1.0 - alpha)).round().to(torch.uint8)
     return image
-
-
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"image has no pixels: size {image.size}")
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        # I;16 is 16-bit by definition; Pillow also opens 16-bit greyscale PNGs as "I", so an
-        # "I" image with values above 8 bits is taken as 16-bit. "F" is read as 0..255.
-        sixteen_bit = image.mode.startswith("I;16") or (
-            image.mode == "I" and pixels.max(initial=0) > 255
-        )
-        full_scale = 65535.0 if sixteen_bit else 255.0
-        grey = np.clip(pixels / full_scale * 255.0, 0, 255).round().astype(np.uint8)
-        image = Image.fromarray(grey)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, _BACKGROUND)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return image.convert("RGB")
 
 
 def preprocess(

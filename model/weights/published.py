@@ -45,13 +45,18 @@ from torchvision.models.detection import SSD300_VGG16_Weights
 
 from model.network.ssd import SSD, ssd300_vgg16
 from model.weights.imagenet import read_state_dict
-from model.weights.torch_cache import cache_path, fetch, file_sha256, hash_in_name
+from model.weights.sources import (
+    NAMES,
+    SSD_PYTORCH,
+    TORCHVISION_COCO,
+    file_sha256,
+    file_version,
+    is_published,
+)
+from model.weights.torch_cache import cache_path, fetch, hash_in_name
 
 log = logging.getLogger("model.weights.published")
 
-TORCHVISION_COCO = "torchvision:coco"
-SSD_PYTORCH = "ssd.pytorch:"  # followed by the path of the state dict file
-NAMES = (TORCHVISION_COCO, f"{SSD_PYTORCH}PATH")
 # torchvision's detection transform: image_mean on 0-1 pixels with std 1/255 (ssd300_vgg16),
 # i.e. this mean subtracted from 0-255 pixels.
 _TORCHVISION_MEAN = (0.48235 * 255, 0.45882 * 255, 0.40784 * 255)
@@ -93,12 +98,6 @@ class Converted:
     recipe: dict[str, Any]
 
 
-def is_published(weights: str | os.PathLike[str]) -> bool:
-    """Whether ``weights`` names a published source rather than a checkpoint file."""
-    text = str(weights)
-    return text == TORCHVISION_COCO or text.startswith(SSD_PYTORCH)
-
-
 def convert(weights: str | os.PathLike[str]) -> Converted:
     """The network a published source names (module docstring).
 
@@ -127,15 +126,11 @@ def source_file(weights: str | os.PathLike[str]) -> Path:
     raise ValueError(f"unknown published weights {text!r}; known: {', '.join(NAMES)}")
 
 
-# Hex digits of the checkpoint's sha256 used as the model version.
-VERSION_DIGITS = 12
-
-
 def weights_version(source: str | os.PathLike[str]) -> str:
     """A model's version: the sha256 prefix of its checkpoint file, or of the published file
     the weights are converted from (the service's ``model.version``, ``model.predict``'s)."""
     path = source_file(source) if is_published(source) else Path(source)
-    return file_sha256(path)[:VERSION_DIGITS]
+    return file_version(path)
 
 
 def _torchvision_coco() -> Converted:

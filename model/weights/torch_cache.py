@@ -10,7 +10,6 @@ URL and the exact path to place the file at.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -68,12 +67,3 @@ def fetch(weights: WeightsEnum, alternative: str) -> Path:
     finally:
         socket.setdefaulttimeout(previous)
     return path
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
