@@ -2,7 +2,9 @@
 
 One implementation for the three commands that make the artifact: ``model.quantize`` (any
 checkpoint, by hand), ``model.train`` (beside its final and best checkpoints) and
-``model.convert`` (imported weights, given calibration images). Activation ranges are
+``model.convert`` (imported weights, given calibration images). ``make_onnx_int8`` does the
+same for an exported ONNX graph, with ONNX Runtime's quantizer (``model.inference.onnx_int8``),
+for the torch-free backend. Activation ranges are
 calibrated on images prepared exactly as ``Detector.prepare`` prepares a request (the
 checkpoint's mean, size and resize); the fp32 network and the int8 network rebuilt from the
 stored parameters (as loading will rebuild it) are then scored on held-out images, and both
@@ -11,6 +13,7 @@ mAP@0.5 figures go into the artifact's metadata (``model.inference.int8``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,11 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+import onnx
 import torch
+from PIL import Image
 from torch import Tensor
 
 from model.data import load_dataset
-from model.evaluation.evaluate import check_classes, predict_dataset, score
+from model.evaluation.evaluate import (
+    EVAL_SCORE_THRESHOLD,
+    check_classes,
+    predict_dataset,
+    score,
+)
 from model.inference.detector import Detector
 from model.inference.int8 import (
     MAP50_GUARD,
@@ -35,6 +46,8 @@ from model.inference.int8 import (
     save_int8,
     torch_ao_quiet,
 )
+from model.inference.onnx_detector import OnnxDetector
+from model.inference.onnx_int8 import onnx_int8_path, quantize_onnx
 from model.network.preprocessing import PIXEL_MEAN, preprocess
 from model.network.ssd import SSD
 
@@ -191,3 +204,67 @@ def make_int8_artifact(
     }
     save_int8(out, params, checkpoint, info)
     return Int8Result(out, map50, calibrated, time.perf_counter() - started, info)
+
+
+def make_onnx_int8(
+    model: str | os.PathLike[str],
+    calibration: ImageSet,
+    guard: ImageSet,
+    *,
+    count: int = CALIBRATION_IMAGES,
+    batch_size: int = 8,
+    out: str | os.PathLike[str] | None = None,
+) -> Int8Result:
+    """``make_int8_artifact`` for ONNX Runtime: quantize the fp32 ``full`` graph at ``model``
+    (``model.export``) on the first ``count`` images of ``calibration``
+    (``model.inference.onnx_int8.quantize_onnx``), score both files through ``OnnxDetector``
+    on ``guard`` (mAP@0.5) and write the int8 file to ``out`` (default ``m.int8.onnx``) with
+    the calibration and both figures in its ``int8`` metadata.
+
+    Raises:
+        ValueError: ``count`` < 1, ``model`` is no fp32 full graph, or the guard data has
+            classes the model lacks.
+        FileNotFoundError: no file at ``model``.
+    """
+    started = time.perf_counter()
+    model = Path(model)
+    out = Path(out) if out is not None else onnx_int8_path(model)
+    if count < 1:
+        raise ValueError(f"calibration needs at least 1 image, got {count}")
+    fp32 = OnnxDetector(model)
+    scored = guard_dataset(guard, fp32.class_names)
+    dataset = calibration.dataset
+    calibrated = min(count, len(dataset))
+    quantize_onnx(model, (_pil(dataset[i][0]) for i in range(calibrated)), out)
+    map50 = {}
+    for name, detector in (("fp32", fp32), ("int8", OnnxDetector(out))):
+        map50[name] = _onnx_map50(detector, scored, batch_size)
+    info = {
+        "calibration": {"data": calibration.data, "split": calibration.split, "images": calibrated},
+        "guard": {"data": guard.data, "split": guard.split, "map50": map50},
+    }
+    written = onnx.load(str(out))
+    props = {prop.key: prop.value for prop in written.metadata_props}
+    onnx.helper.set_model_props(written, {**props, "int8": json.dumps(info, sort_keys=True)})
+    onnx.save(written, str(out))
+    return Int8Result(out, map50, calibrated, time.perf_counter() - started, info)
+
+
+def _pil(image: Tensor) -> Image.Image:
+    """A dataset's uint8 Tensor[3, H, W] RGB as the PIL image a request would decode to."""
+    return Image.fromarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+
+
+def _onnx_map50(detector: OnnxDetector, dataset: Any, batch_size: int) -> float:
+    """mAP@0.5 of ``detector`` on ``dataset``, scored as ``predict_dataset`` and ``score``
+    score the torch Detector (the same threshold, the same ground truths)."""
+    detections, truths = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        found = detector.predict([_pil(image) for image, _ in batch], EVAL_SCORE_THRESHOLD)
+        for result in found:
+            arrays = (result.boxes, result.scores, result.class_ids)
+            detections.append(tuple(torch.from_numpy(np.asarray(a)) for a in arrays))
+        for image, target in batch:
+            truths.append({**target, "width": int(image.shape[2]), "height": int(image.shape[1])})
+    return score(detections, truths, detector.class_names).map50

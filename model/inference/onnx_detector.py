@@ -45,7 +45,8 @@ class OnnxDetector:
     """A ``full`` ONNX graph run by ONNX Runtime on the CPU, images in, detections out.
 
     The interface the service uses of ``Detector``: ``class_names``, ``input_size``,
-    ``device`` (``"cpu"``), ``precision`` (``"fp32"``), ``cut``, ``class_ids``, ``prepare``,
+    ``device`` (``"cpu"``), ``precision`` (``"fp32"``, or ``"int8"`` for a file from
+    ``model.inference.onnx_int8``), ``cut``, ``class_ids``, ``prepare``,
     ``run_batch``, ``warm_up``; and ``predict`` for scripts.
 
     Args:
@@ -90,7 +91,8 @@ class OnnxDetector:
             raise OnnxModelError(f"{path}: its metadata lacks or garbles {exc}") from None
         self.path = path
         self.device = "cpu"
-        self.precision = "fp32"
+        # "int8" for a graph quantized by model.inference.onnx_int8, which says so
+        self.precision = meta.get("precision", "fp32")
 
     def cut(
         self,
