@@ -391,6 +391,6 @@ class ConnectionSignals:
 def guarded_app() -> ASGIApp:
     """``app.main:app`` inside ``ConnectionSignals``: the app factory ``python -m app`` serves
     (imported when uvicorn loads it, as ``app.main:app`` would be)."""
-    from app.main import app  # here, not at import: it pulls in torch
+    from app.main import app  # here, not at import: it builds the app (and its routes)
 
     return ConnectionSignals(app)

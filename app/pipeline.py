@@ -120,8 +120,10 @@ class Pipeline:
                 classes,
                 iou_threshold,
             )
-        except ValueError as exc:  # a class name the model lacks: the message lists its own
-            raise BadRequestError(f"classes: {exc}") from None
+        except ValueError as exc:
+            # A class name the model lacks (the message lists its own), or more detections
+            # than an exported model keeps (the message says how many it does).
+            raise BadRequestError(str(exc)) from None
         with copy.batcher.admit() as ticket:
             upload = await read()
             images = upload.images

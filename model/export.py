@@ -17,8 +17,12 @@ SOURCE is anything ``Detector.load`` takes: a checkpoint file, or published weig
     all;
   - ``nms_iou`` float32 [1]: per-class NMS overlap; default 0.45 (one value per call).
 
-  The last four have defaults stored as initializers, so a consumer may feed ``images``
-  alone. Outputs, K = ``max_detections`` (200 unless ``--max-detections``): ``boxes``
+  The last four have defaults stored as initializers, so a consumer of ONNX Runtime may
+  feed ``images`` alone. OpenVINO folds inputs that have initializers into constants
+  (checked here; TensorRT and Triton were not), so ``--no-defaults`` makes all five plain,
+  required inputs for such runtimes.
+
+  Outputs, K = ``max_detections`` (200 unless ``--max-detections``): ``boxes``
   float32 [N, K, 4] xyxy, ``scores`` float32 [N, K], ``class_ids`` int64 [N, K] (1..C-1)
   and ``counts`` int64 [N]. Row i holds ``counts[i]`` detections by descending score, then
   padding rows of zeros (class id 0 is background, never a detection).
@@ -111,6 +115,7 @@ def export_onnx(
     graph: str = FULL,
     opset: int = DEFAULT_OPSET,
     max_detections: int = MAX_DETECTIONS,
+    defaults: bool = True,
 ) -> Path:
     """Write ``source`` as an ONNX file at ``out`` and check it with the ONNX checker.
 
@@ -122,6 +127,9 @@ def export_onnx(
         graph: ``"full"`` or ``"raw"`` (module docstring).
         opset: the ONNX opset, 11..20.
         max_detections: K, the padded rows per image of a ``full`` graph (>= 1).
+        defaults: give a ``full`` graph's optional inputs their defaults (initializers of
+            the same name, honoured by ONNX Runtime); False makes every input required, for
+            runtimes that fold such inputs into constants (OpenVINO does).
 
     Returns:
         ``out`` as a Path.
@@ -185,7 +193,7 @@ def export_onnx(
         )
     model = onnx.load(str(out))
     if graph == FULL:
-        _add_defaults(model, num_classes, max_detections)
+        _add_defaults(model, num_classes, max_detections, defaults)
     metadata = {
         "graph": graph,
         "class_names": json.dumps(detector.class_names),
@@ -208,13 +216,13 @@ def export_onnx(
     return out
 
 
-def _add_defaults(model: onnx.ModelProto, num_classes: int, k: int) -> None:
+def _add_defaults(model: onnx.ModelProto, num_classes: int, k: int, defaults: bool) -> None:
     """Give the ``full`` graph's optional inputs their defaults as initializers of the same
     name (an input with an initializer is an overridable default, ONNX IR >= 4), and turn
     NonMaxSuppression's IoU threshold, a constant in the traced graph, into the ``nms_iou``
     input (torchvision's ``batched_nms`` puts the NMS in a subgraph, the else branch of its
     no-boxes test, which reads the outer graph's inputs by name); name the outputs' K axis
-    by its size, ``k``."""
+    by its size, ``k``. Without ``defaults`` the inputs stay required."""
     graph = model.graph
     found = [(owner, node) for owner, node in _nodes(graph) if node.op_type == "NonMaxSuppression"]
     if len(found) != 1:
@@ -228,13 +236,13 @@ def _add_defaults(model: onnx.ModelProto, num_classes: int, k: int) -> None:
                 owner.node.remove(node)
     nms.input[3] = "nms_iou"
     graph.input.append(helper.make_tensor_value_info("nms_iou", TensorProto.FLOAT, [1]))
-    defaults = {
+    values = {
         "image_sizes": np.ones((1, 2), dtype=np.float32),
         "score_threshold": np.full((1,), _DEFAULT_SCORE_THRESHOLD, dtype=np.float32),
         "class_mask": np.ones((1, num_classes - 1), dtype=bool),
         "nms_iou": iou_value.astype(np.float32).reshape(1),
     }
-    for name, value in defaults.items():
+    for name, value in values.items() if defaults else ():
         graph.initializer.append(numpy_helper.from_array(value, name))
     # The optional inputs take [N, ...] or [1, ...]: name their first axis apart from N's.
     for value_info in graph.input:
@@ -283,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graph", choices=GRAPHS, default=FULL, help="full (with NMS) or raw")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (11..20)")
     parser.add_argument(
+        "--no-defaults",
+        action="store_true",
+        help="full graph: every input required (for runtimes that fold inputs with "
+        "defaults into constants, as OpenVINO does)",
+    )
+    parser.add_argument(
         "--max-detections",
         type=int,
         default=MAX_DETECTIONS,
@@ -297,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         graph=args.graph,
         opset=args.opset,
         max_detections=args.max_detections,
+        defaults=not args.no_defaults,
     )
     seconds = time.perf_counter() - start
     mib = path.stat().st_size / 2**20

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from model.inference.autotune import BATCH_SIZE, PrecisionChoice, choose_inference_precision
@@ -28,6 +29,7 @@ from model.network.detections import (
     Detections,
     class_ids_of,
 )
+from model.network.pixels import prepare_image
 from model.network.postprocess import postprocess_each
 from model.network.preprocessing import PIXEL_MEAN, RESIZES, ImageLike, preprocess, to_rgb_tensor
 from model.network.ssd import SSD
@@ -276,10 +278,16 @@ class Detector:
         """One image to the network's input: float32 Tensor[3, S, S] and its (width, height).
 
         CPU-only work (colour conversion, resize, mean subtraction): safe to run in a thread.
+        It is ``model.network.pixels.prepare_image``, the preparation the ONNX Runtime
+        backend runs too, so both backends feed their networks the same input; it computes
+        what training's ``preprocess`` does (the same filter; ``pixels``' docstring gives the
+        rounding that may differ).
         """
-        rgb = to_rgb_tensor(image)
-        size = (int(rgb.shape[2]), int(rgb.shape[1]))
-        return preprocess([rgb], self.input_size, self.pixel_mean, self.resize)[0], size
+        if isinstance(image, Tensor):
+            # uint8 RGB (3, H, W) -> (H, W, 3) for Pillow
+            image = Image.fromarray(to_rgb_tensor(image.cpu()).permute(1, 2, 0).numpy())
+        array, size = prepare_image(image, self.input_size, self.pixel_mean, self.resize)
+        return torch.from_numpy(array), size
 
     def _postprocess(
         self,

@@ -158,6 +158,7 @@ class OnnxDetector:
                     f"{self.max_detections} per image"
                 )
         batch = np.stack(inputs)  # N x [3, S, S] -> [N, 3, S, S]
+        keep_all = np.ones((1, num_classes - 1), dtype=bool)  # every input fed: see export
         results: list[Detections | None] = [None] * count
         forward_s = postprocess_s = 0.0
         # One graph call per NMS IoU (the graph's NMS takes one), as postprocess_each groups.
@@ -168,11 +169,11 @@ class OnnxDetector:
                 "images": batch[members],
                 "image_sizes": np.asarray([sizes[i] for i in members], np.float32),
                 "score_threshold": np.asarray([c.score_threshold for c in group], np.float32),
+                "class_mask": keep_all
+                if (mask := class_mask(group, num_classes)) is None
+                else mask,
                 "nms_iou": np.asarray([nms_iou], np.float32),
             }
-            mask = class_mask(group, num_classes)
-            if mask is not None:
-                feed["class_mask"] = mask
             start = time.perf_counter()
             boxes, scores, class_ids, counts = self.session.run(None, feed)
             ran = time.perf_counter()
