@@ -1,7 +1,7 @@
 """ONNX Runtime static INT8: a ``full`` graph from ``model.export``, quantized in QDQ form.
 
 ``onnxruntime.quantization.quantize_static`` puts QuantizeLinear/DequantizeLinear pairs
-around the convolutions and max-pools (int8 weights per output channel, uint8 activations per
+around the convolutions, their ReLUs and the max-pools (int8 weights per output channel, uint8 activations per
 tensor, ranges from the min and max seen on calibration images); ONNX Runtime's CPU provider
 then fuses each pair with its convolution into an int8 kernel. The decoding and NMS part of
 the graph stays fp32. Calibration images are prepared exactly as the service prepares a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,16 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from PIL import Image
 
 from model.network.pixels import prepare_image
 
-# The ops given int8 kernels: convolutions (with their ReLU folded into the output range) and
-# the max-pools between them. Everything else (the L2Norm, the heads' reshapes, decoding, NMS)
-# stays fp32.
-QUANTIZED_OPS = ("Conv", "MaxPool")
+# The ops given int8 kernels: convolutions, the ReLUs after them (folded into the
+# convolutions' output ranges) and the max-pools between them. Everything else (the L2Norm,
+# the heads' reshapes, decoding, NMS) stays fp32. Quantizing every op ONNX Runtime can
+# (Transpose, Reshape, Concat too) ran no faster here (docs/performance.md).
+QUANTIZED_OPS = ("Conv", "Relu", "MaxPool")
 CALIBRATION_BATCH = 8
 ONNX_SUFFIX = ".int8.onnx"
 
@@ -103,18 +106,26 @@ def quantize_onnx(
     if first is None:
         raise ValueError("calibration needs at least one image, got none")
     reader = _Batches(itertools.chain([first], batches))
-    quantize_static(
-        str(model),
-        str(out),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(QUANTIZED_OPS),
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        calibration_providers=["CPUExecutionProvider"],
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        # ONNX Runtime's pre-processing (its basic graph optimisations, saved) turns the
+        # folded BatchNorms' biases into initializers; without it the quantizer leaves those
+        # convolutions in fp32 ("Expected bias ... to be an initializer") and the full-width
+        # network ran no faster than fp32 (docs/performance.md). Symbolic shape inference is
+        # skipped: it cannot follow the NMS part of the graph.
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+        )
     quantized = onnx.load(str(out))
     props = {**meta, "precision": "int8", "int8": json.dumps(info or {}, sort_keys=True)}
     onnx.helper.set_model_props(quantized, props)
