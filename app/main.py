@@ -100,7 +100,7 @@ def _load_onnx(source: Path, settings: Settings) -> ServedDetector:
         raise SettingsError(f"{weights}: {exc}") from None
     if settings.precision not in ("auto", detector.precision):
         raise SettingsError(
-            f"invalid setting SSD_PRECISION={settings.precision!r}: {source} is a "
+            f"invalid setting SSD_PRECISION={settings.precision!r}: {source} is an "
             f"{detector.precision} graph (python -m model.quantize --format onnx writes an "
             "int8 one); use auto"
         )

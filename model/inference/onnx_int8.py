@@ -1,17 +1,19 @@
-"""ONNX Runtime static INT8: a ``full`` graph from ``model.export``, quantized in QDQ form.
+"""ONNX Runtime static INT8: a graph from ``model.export``, quantized in QDQ form.
 
 ``onnxruntime.quantization.quantize_static`` puts QuantizeLinear/DequantizeLinear pairs
-around the convolutions, their ReLUs and the max-pools (int8 weights per output channel, uint8 activations per
-tensor, ranges from the min and max seen on calibration images); ONNX Runtime's CPU provider
-then fuses each pair with its convolution into an int8 kernel. The decoding and NMS part of
-the graph stays fp32. Calibration images are prepared exactly as the service prepares a
-request on the ``onnxruntime`` backend (``model.network.pixels.prepare_image``, with the
-file's size, mean and resize), so the ranges are those the served file will see.
+around the convolutions, their ReLUs and the max-pools (int8 weights per output channel,
+uint8 activations per tensor, ranges from the min and max seen on calibration images); ONNX
+Runtime's CPU provider then fuses each pair with its convolution into an int8 kernel. The
+L2Norm, the heads' reshapes and the ``full`` graph's decoding and NMS stay fp32. Calibration
+images are prepared exactly as the service prepares a request on the ``onnxruntime``
+backend (``model.network.pixels.prepare_image``, with the file's size, mean and resize), so
+the ranges are those the served file will see.
 
-The result is a ``full`` graph like its source, with the same inputs, outputs and metadata,
-plus ``precision`` = ``"int8"`` and ``int8`` (JSON: the calibration data, the guard's
-figures). ``OnnxDetector`` (``SSD_BACKEND=onnxruntime``) serves it as it serves the fp32
-file. No torch is needed here. Figures against PyTorch's INT8: docs/performance.md.
+The result is a graph like its source (``full``, or ``raw`` for consumers who decode
+themselves), with the same inputs, outputs and metadata, plus ``precision`` = ``"int8"`` and
+``int8`` (JSON: the calibration data, the guard's figures). ``OnnxDetector``
+(``SSD_BACKEND=onnxruntime``) serves a ``full`` one as it serves the fp32 file. No torch is
+needed here. Figures against PyTorch's INT8: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -85,19 +87,20 @@ def quantize_onnx(
     out: str | os.PathLike[str] | None = None,
     info: dict[str, Any] | None = None,
 ) -> Path:
-    """Quantize the ``full`` graph at ``model`` on ``images`` (PIL, any mode and size) and
+    """Quantize the graph at ``model`` (``full``, or ``raw`` for consumers who decode
+    themselves) on ``images`` (PIL, any mode and size) and
     write it to ``out`` (default ``onnx_int8_path(model)``); ``info`` (JSON-able) goes into
     its ``int8`` metadata. Returns ``out``.
 
     Raises:
-        ValueError: ``model`` is not a ``full`` graph of ``model.export``, or ``images`` was
+        ValueError: ``model`` is not an fp32 graph of ``model.export``, or ``images`` was
             empty.
     """
     model, out = Path(model), Path(out) if out is not None else onnx_int8_path(model)
     meta = onnx_metadata(model)
-    if meta.get("graph") != "full" or meta.get("precision", "fp32") != "fp32":
+    if meta.get("graph") not in ("full", "raw") or meta.get("precision", "fp32") != "fp32":
         raise ValueError(
-            f"{model}: expected an fp32 full graph from python -m model.export, its metadata "
+            f"{model}: expected an fp32 graph from python -m model.export, its metadata "
             f"says graph={meta.get('graph')!r}, precision={meta.get('precision', 'fp32')!r}"
         )
     mean = tuple(float(m) for m in json.loads(meta["pixel_mean"]))
