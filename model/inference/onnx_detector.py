@@ -65,6 +65,10 @@ class OnnxDetector:
             raise FileNotFoundError(f"no ONNX file at {path}")
         options = ort.SessionOptions()
         options.log_severity_level = _LOG_ERRORS_ONLY
+        # ONNX Runtime's intra-op threads spin between operations by default, taking the
+        # cores from the service's decode threads and event loop: on 2 cores the int8 service
+        # ran at 0.4-0.5x with spinning on (docs/performance.md, "INT8").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
