@@ -2,19 +2,17 @@
 
 One implementation for the three commands that make the artifact: ``model.quantize`` (any
 checkpoint, by hand), ``model.train`` (beside its final and best checkpoints) and
-``model.convert`` (imported weights, given calibration images). ``make_onnx_int8`` does the
-same for an exported ONNX graph, with ONNX Runtime's quantizer (``model.inference.onnx_int8``),
-for the torch-free backend. Activation ranges are
+``model.convert`` (imported weights, given calibration images). Activation ranges are
 calibrated on images prepared exactly as ``Detector.prepare`` prepares a request (the
 checkpoint's mean, size and resize); the fp32 network and the int8 network rebuilt from the
 stored parameters (as loading will rebuild it) are then scored on held-out images, and both
 mAP@0.5 figures go into the artifact's metadata (``model.inference.int8``).
+``make_onnx_int8`` does the same for an exported ONNX graph with ONNX Runtime's quantizer
+(``model.inference.onnx_int8``), for the torch-free backend.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,7 +21,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import onnx
 import torch
 from PIL import Image
 from torch import Tensor
@@ -47,14 +44,12 @@ from model.inference.int8 import (
     torch_ao_quiet,
 )
 from model.inference.onnx_detector import OnnxDetector
-from model.inference.onnx_int8 import onnx_int8_path, quantize_onnx
+from model.inference.onnx_int8 import onnx_int8_path, quantize_onnx, write_int8_info
 from model.network.preprocessing import PIXEL_MEAN, preprocess
 from model.network.ssd import SSD
 
-log = logging.getLogger(__name__)
-
-# Calibration images by default: enough for stable histogram ranges on this network (the
-# shipped artifact was calibrated on 256; weights/README.md).
+# Calibration images by default: as many as the shipped artifact was calibrated on, which
+# kept int8 within the guard (weights/README.md).
 CALIBRATION_IMAGES = 256
 
 
@@ -243,10 +238,7 @@ def make_onnx_int8(
         "calibration": {"data": calibration.data, "split": calibration.split, "images": calibrated},
         "guard": {"data": guard.data, "split": guard.split, "map50": map50},
     }
-    written = onnx.load(str(out))
-    props = {prop.key: prop.value for prop in written.metadata_props}
-    onnx.helper.set_model_props(written, {**props, "int8": json.dumps(info, sort_keys=True)})
-    onnx.save(written, str(out))
+    write_int8_info(out, info)
     return Int8Result(out, map50, calibrated, time.perf_counter() - started, info)
 
 

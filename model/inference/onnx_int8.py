@@ -129,11 +129,21 @@ def quantize_onnx(
             calibrate_method=CalibrationMethod.MinMax,
             calibration_providers=["CPUExecutionProvider"],
         )
-    quantized = onnx.load(str(out))
-    props = {**meta, "precision": "int8", "int8": json.dumps(info or {}, sort_keys=True)}
-    onnx.helper.set_model_props(quantized, props)
-    onnx.save(quantized, str(out))
+    _set_props(out, {**meta, "precision": "int8"})
+    write_int8_info(out, info or {})
     return out
+
+
+def write_int8_info(path: str | os.PathLike[str], info: dict[str, Any]) -> None:
+    """Put ``info`` (JSON-able: calibration, guard) into the file's ``int8`` metadata."""
+    _set_props(path, {**onnx_metadata(path), "int8": json.dumps(info, sort_keys=True)})
+
+
+def _set_props(path: str | os.PathLike[str], props: dict[str, str]) -> None:
+    """Rewrite the file with exactly ``props`` as its ``metadata_props``."""
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
 
 
 def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

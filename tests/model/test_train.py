@@ -27,7 +27,10 @@ from model.weights.checkpoint import load_checkpoint, load_training_state, save_
 from model.weights.torch_cache import file_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1"]
+# No INT8 artifacts (their calibration and guard cost seconds a run): the tests of them
+# give --calibration after TINY.
+TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1",
+        "--calibration", "0"]  # fmt: skip
 
 
 def _log(out: Path) -> list[dict]:
@@ -365,6 +368,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
             "2",
             "-m",
             "model.train",
+            "--calibration",
+            "0",
             "--data",
             "synthetic:8",
             "--out",
@@ -434,7 +439,7 @@ def test_the_default_command_trains_stably_on_real_photos(tmp_path, raccoon, cap
     with caplog.at_level("INFO", logger="model.train"):
         code = main(["--data", f"voc:{raccoon}", "--out", str(out), "--steps", "30",
                      "--width", "0.125", "--batch-size", "2", "--workers", "0",
-                     "--eval-every", "0", "--log-every", "1"])  # fmt: skip
+                     "--eval-every", "0", "--log-every", "1", "--calibration", "0"])  # fmt: skip
     assert code == 0
     losses = [r["loss"] for r in _log(out) if "loss" in r]
     assert len(losses) == 30 and all(map(math.isfinite, losses)), losses
@@ -508,7 +513,7 @@ def test_split_names_train_on_the_holdouts_parts_and_the_log_says_so(
 def test_int8_artifacts_beside_final_and_best_load_and_compete_in_auto(tmp_path, caplog):
     out = tmp_path / "m.safetensors"
     argv = ["--data", "synthetic:8", "--val-data", "synthetic:4", "--out", str(out),
-            "--epochs", "2", "--batch-size", "4", "--calibration", "4", *TINY]  # fmt: skip
+            "--epochs", "2", "--batch-size", "4", *TINY, "--calibration", "4"]  # fmt: skip
     with caplog.at_level("INFO", logger="model.train"):
         assert main(argv) == 0
     best = tmp_path / "m.best.safetensors"
@@ -536,6 +541,6 @@ def test_int8_artifacts_beside_final_and_best_load_and_compete_in_auto(tmp_path,
 def test_calibration_0_writes_no_int8_artifact(tmp_path):
     out = tmp_path / "m.safetensors"
     argv = ["--data", "synthetic:8", "--out", str(out), "--steps", "1", "--batch-size", "4",
-            "--eval-every", "0", "--calibration", "0", *TINY]  # fmt: skip
+            "--eval-every", "0", *TINY, "--calibration", "0"]  # fmt: skip
     assert main(argv) == 0
     assert out.is_file() and int8_artifact_for(out) is None

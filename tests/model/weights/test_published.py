@@ -322,6 +322,7 @@ def test_finetune_from_torchvision_coco_replaces_only_the_class_head(
     args = ["--data", "synthetic:4", "--val-data", "synthetic:2", "--out", str(out)]
     args += ["--init", "torchvision:coco", "--recipe", "finetune", "--steps", "2"]
     args += ["--batch-size", "2", "--workers", "0", "--precision", "fp32", "--eval-every", "0"]
+    args += ["--calibration", "0"]
     with caplog.at_level(logging.INFO, logger="model.train"):
         assert train_main(args) == 0
     line = next(r.getMessage() for r in caplog.records if "initialised" in r.getMessage())
