@@ -24,7 +24,7 @@ from model.inference.int8 import (
 from model.network.default_boxes import box_spec, make_default_boxes, preset_spec
 from model.train import RECIPES, SCRATCH_DEFAULTS, _datasets, _parse_args, main, split_summary
 from model.weights.checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from model.weights.torch_cache import file_sha256
+from model.weights.sources import file_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 # No INT8 artifacts (their calibration and guard cost seconds a run): the tests of them

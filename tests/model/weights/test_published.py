@@ -23,7 +23,7 @@ from model.quantize import main as quantize_main
 from model.train import main as train_main
 from model.weights.checkpoint import load_checkpoint, read_metadata
 from model.weights.published import SSD_PYTORCH_VOC_SHA256, VOC_CLASSES
-from model.weights.torch_cache import file_sha256
+from model.weights.sources import file_sha256
 from tests.support.offline import use_refusing_proxy
 
 COCO = SSD300_VGG16_Weights.COCO_V1
