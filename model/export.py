@@ -49,6 +49,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -280,8 +281,9 @@ def _constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray:
     raise RuntimeError(f"no constant named {name!r} in the graph")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Read the arguments, export, and print where the file went and what it holds."""
+def main(argv: list[str] | None = None) -> int:
+    """Read the arguments, export, and print where the file went and what it holds; returns
+    the exit status (0 written, 2 bad input: the message names it)."""
     parser = argparse.ArgumentParser(
         prog="python -m model.export", description=__doc__.split("\n\n")[0]
     )
@@ -305,20 +307,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    path = export_onnx(
-        args.source,
-        args.out,
-        graph=args.graph,
-        opset=args.opset,
-        max_detections=args.max_detections,
-        defaults=not args.no_defaults,
-    )
+    try:
+        path = export_onnx(
+            args.source,
+            args.out,
+            graph=args.graph,
+            opset=args.opset,
+            max_detections=args.max_detections,
+            defaults=not args.no_defaults,
+        )
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     mib = path.stat().st_size / 2**20
     print(
         f"wrote {path} ({args.graph} graph, opset {args.opset}, {mib:.1f} MiB) in {seconds:.1f} s"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

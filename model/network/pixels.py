@@ -90,9 +90,20 @@ def _bilinear(pixels: np.ndarray, size: int) -> np.ndarray:
     CPU kernel computes it: horizontal blend inside, vertical outside, in float32."""
     x0, x1, wx = _taps(pixels.shape[1], size)
     y0, y1, wy = _taps(pixels.shape[0], size)
-    left, right = pixels[:, x0].astype(np.float32), pixels[:, x1].astype(np.float32)
-    cols = left * (1 - wx)[None, :, None] + right * wx[None, :, None]  # (H, S, 3)
-    return cols[y0] * (1 - wy)[:, None, None] + cols[y1] * wy[:, None, None]  # (S, S, 3)
+
+    # Weights per value of a row of (S, 3) pixels flattened to S*3, so numpy's inner loops
+    # run over contiguous memory.
+    right_w = np.repeat(wx, 3)[None, :]
+    left_w = np.repeat(1 - wx, 3)[None, :]
+
+    def across(rows: np.ndarray) -> np.ndarray:  # (S, W, 3) uint8 -> (S, S*3) float32
+        left = rows[:, x0].reshape(size, -1).astype(np.float32)
+        right = rows[:, x1].reshape(size, -1).astype(np.float32)
+        return left * left_w + right * right_w
+
+    # Only the rows that are read: (H, W, 3) -> (S, W, 3) twice.
+    out = across(pixels[y0]) * (1 - wy)[:, None] + across(pixels[y1]) * wy[:, None]
+    return out.reshape(size, size, 3)
 
 
 def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

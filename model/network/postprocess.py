@@ -81,7 +81,7 @@ def postprocess_padded(
     scores = conf.float().softmax(dim=-1)[..., 1:]  # (N, P, C-1), background dropped
     if class_mask is not None:
         # (N|1, C-1) -> (N, 1, C-1)
-        scores = scores * class_mask.expand(num_images, -1)[:, None, :].to(scores.dtype)
+        scores = scores * class_mask.expand(num_images, -1)[:, None, :].to(scores)
     thresholds = score_thresholds.float().expand(num_images)
     image_idx, cand_prior, class_idx, cand_scores = _candidates(scores, thresholds, top_k)
 

@@ -18,8 +18,10 @@ from PIL import Image
 from app.main import create_app, load_detector
 from app.settings import SettingsError
 from model import Detector
+from model.export import export_onnx
 from tests.app.support import (
     DEFAULT_ENV,
+    SHIPPED_WEIGHTS,
     Server,
     encode,
     in_process,
@@ -216,3 +218,33 @@ def test_a_precision_the_file_is_not_in_is_named(shapes_int8_onnx: Path):
     with pytest.raises(SettingsError, match=r"SSD_PRECISION='fp32': .* is an int8 graph"):
         load_detector(settings.weights, settings)
     assert load_detector(settings_from(env).weights, settings_from(env)).precision == "int8"
+
+
+@pytest.mark.anyio
+async def test_several_onnx_models_serve_and_reload(shapes_onnx: Path, tmp_path: Path):
+    # SSD_MODELS names .onnx files too; a reload loads the replaced file, with its version.
+    second = tmp_path / "second.onnx"
+    second.write_bytes(shapes_onnx.read_bytes())
+    env = {
+        **DEFAULT_ENV,
+        "SSD_BACKEND": "onnxruntime",
+        "SSD_WEIGHTS": str(shapes_onnx),
+        "SSD_MODELS": f"other={second}",
+        "SSD_ALLOW_RELOAD": "true",
+    }
+    async with in_process(create_app(settings_from(env))) as client:
+        models = (await client.get("/models")).json()["models"]
+        assert [m["name"] for m in models] == ["shapes", "other"]
+        image = encode(shapes_image(), "PNG")
+        headers = {"Content-Type": "image/png"}
+        answer = await client.post("/detect?model=other", content=image, headers=headers)
+        assert answer.status_code == 200 and answer.json()["model"]["name"] == "other"
+        first = answer.json()["detections"]
+        fresh = tmp_path / "fresh.onnx"
+        export_onnx(SHIPPED_WEIGHTS, fresh, max_detections=150)  # another file: new version
+        fresh.replace(second)
+        reloaded = await client.post("/models/other/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        after = await client.post("/detect?model=other", content=image, headers=headers)
+        assert after.json()["model"]["version"] != answer.json()["model"]["version"]
+        _same_answers(after.json()["detections"], first)

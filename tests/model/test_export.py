@@ -211,7 +211,7 @@ def test_more_detections_than_the_file_keeps_are_refused(shapes_onnx: Path):
 def test_published_weights_export_from_the_command_line(seeded_cache, tmp_path, capsys):
     # torchvision's COCO SSD300 (the suite's stand-in, full width, "bilinear" resize).
     out = tmp_path / "coco.onnx"
-    main(["torchvision:coco", "--format", "onnx", "--out", str(out)])
+    assert main(["torchvision:coco", "--format", "onnx", "--out", str(out)]) == 0
     assert f"wrote {out} (full graph, opset 17," in capsys.readouterr().out
     detector = Detector.load("torchvision:coco", device="cpu", precision="fp32")
     served = OnnxDetector(out)
@@ -262,3 +262,11 @@ def test_without_defaults_every_input_is_required_and_means_the_same(shapes_onnx
         plain.run(None, {"images": images})
     for ours, theirs in zip(plain.run(None, feed), served.session.run(None, feed), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_command_names_a_bad_source(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    assert main([str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert f"error: {bad}: not a readable safetensors checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
