@@ -89,15 +89,21 @@ def _load_onnx(source: Path, settings: Settings) -> ServedDetector:
             f"invalid setting SSD_DEVICE={settings.device!r}: SSD_BACKEND=onnxruntime runs "
             "on the CPU (auto or cpu)"
         )
-    if settings.precision not in ("auto", "fp32"):
+    if settings.precision not in ("auto", "fp32", "int8"):
         raise SettingsError(
             f"invalid setting SSD_PRECISION={settings.precision!r}: SSD_BACKEND=onnxruntime "
-            "runs the exported graph in fp32 (auto or fp32)"
+            "runs the exported graph in the precision it was written in (auto, fp32 or int8)"
         )
     try:
         detector = OnnxDetector(source)
     except (FileNotFoundError, OnnxModelError) as exc:
         raise SettingsError(f"{weights}: {exc}") from None
+    if settings.precision not in ("auto", detector.precision):
+        raise SettingsError(
+            f"invalid setting SSD_PRECISION={settings.precision!r}: {source} is an "
+            f"{detector.precision} graph (python -m model.quantize --format onnx writes an "
+            "int8 one); use auto"
+        )
     if settings.max_detections > detector.max_detections:
         raise SettingsError(
             f"invalid setting SSD_MAX_DETECTIONS={settings.max_detections}: {source} keeps "

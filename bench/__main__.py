@@ -2,8 +2,11 @@
 
 (a) torchvision's ``ssd300_vgg16`` (weights=None, the same number of classes) through its own
 eager pipeline; (b) our ``Detector`` from JPEG bytes to detections, for every precision
-``auto`` may choose here and for ``auto`` itself; (c) the service end to end (``python -m
-app``) under concurrent clients posting the same JPEGs. (a) and (b) are timed at batch 1 and
+``auto`` may choose here and for ``auto`` itself, and beside it the same network exported to
+ONNX (``model.export``, the full graph) run by ONNX Runtime's ``OnnxDetector`` in fp32 and
+in static INT8 (``model.inference.onnx_int8``); (c) the service end to end (``python -m
+app``) under concurrent clients posting the same JPEGs, on torch (``SSD_PRECISION=auto``) and
+on ``SSD_BACKEND=onnxruntime`` serving each ONNX file. (a) and (b) are timed at batch 1 and
 8 and decode the JPEGs with PIL inside the timed call. Prints the table and the ratios (b)/(a)
 and (c)/(b), writes everything with the machine's description to
 ``bench/results/<machine>-<date>.json``, and never fails on a time.
@@ -27,6 +30,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -39,7 +43,10 @@ from bench.load import run_clients
 from bench.service import start_server
 from bench.timing import load_figures, median_seconds
 from model import Detector, ssd300_vgg16
+from model.data import load_dataset
 from model.data.synthetic import CLASS_NAMES
+from model.evaluation.int8_guard import calibration_batches, quantize_network
+from model.export import export_onnx
 from model.inference import autotune
 from model.inference.int8 import (
     activation_qparams,
@@ -47,10 +54,11 @@ from model.inference.int8 import (
     int8_artifact_path,
     save_int8,
 )
+from model.inference.onnx_detector import OnnxDetector
+from model.inference.onnx_int8 import onnx_int8_path, quantize_onnx
 from model.inference.runtime import INT8
 from model.network.preprocessing import PIXEL_MEAN
 from model.network.ssd import SSD
-from model.quantize import calibration_batches, quantize_network
 from model.weights.checkpoint import read_metadata, save_checkpoint
 
 JPEGS = Path("../shared/datasets/raccoon/JPEGImages")  # real photos, 0.3-1 megapixel
@@ -58,6 +66,9 @@ RESULTS = Path("bench/results")
 JPEG_COUNT = 16  # distinct images cycled through by every part
 BATCHES = (1, 8)  # issue #12: batch 1 and 8; 8 is also the service's SSD_MAX_BATCH_SIZE
 CONCURRENCY = (1, 8, 16, 32)  # issue #12: clients at once (its target is at 16)
+Rates = dict[str, dict[int, float]]  # {precision: {batch size: images/s}}
+ONNX_CONCURRENCY = (1, 8, 16)  # issue #26: the onnxruntime backend at 1, 8 and 16 clients
+CALIBRATION_IMAGES = 16  # int8 speed does not depend on how many images set its ranges
 # Requests per level: 4 per client, and at least 32 so the percentiles rest on some data.
 REQUESTS_PER_CLIENT, MIN_REQUESTS = 4, 32
 
@@ -94,39 +105,62 @@ def torchvision_rates(
 
 
 def detector_rates(
-    weights: Path, jpegs: list[bytes], batches: tuple[int, ...], repeats: int
-) -> tuple[dict[str, dict[int, float]], autotune.PrecisionChoice | None]:
-    """(b) images/s of ``Detector.predict`` from bytes, per precision and batch size.
+    weights: Path,
+    onnx: dict[str, Path],
+    jpegs: list[bytes],
+    batches: tuple[int, ...],
+    repeats: int,
+    threads: int,
+) -> tuple[Rates, Rates, autotune.PrecisionChoice | None]:
+    """(b) images/s of ``Detector.predict`` from bytes, per precision and batch size, and of
+    ``OnnxDetector.predict`` on each ONNX file of ``onnx`` (``{precision: path}``).
 
     Every precision ``auto`` may choose on the CPU is forced, and ``auto`` itself is loaded
     (choosing by its own measurement). The timed runs are interleaved, one of each detector
     and batch size per round, so that a drift of the machine's speed (another tenant, the
     clock) falls on every figure alike, not on whichever was timed last: ``auto`` against the
     fastest single precision is a comparison of a few percent. Returns the median rates
-    (``{precision: {batch: images/s}}``) and what ``auto`` measured.
+    (``{precision: {batch: images/s}}``) of torch's and of ONNX Runtime's, and what ``auto``
+    measured.
     """
     int8 = [INT8] if int8_artifact_for(weights) is not None else []
     precisions = [*autotune.candidates(torch.device("cpu")), *int8, "auto"]
-    detectors = {p: Detector.load(weights, device="cpu", precision=p) for p in precisions}
-    choice = detectors["auto"].precision_choice
+    detectors: dict[str, Detector | OnnxDetector] = {
+        p: Detector.load(weights, device="cpu", precision=p) for p in precisions
+    }
+    choice = detectors["auto"].precision_choice  # type: ignore[union-attr]
+    for precision, path in onnx.items():
+        detectors[f"onnxruntime {precision}"] = OnnxDetector(path, threads=threads)
     runs = {}
-    for precision, detector in detectors.items():
+    for name, detector in detectors.items():
         for size in batches:
 
-            def run(batch: list[bytes] = jpegs[:size], detector: Detector = detector) -> None:
+            def run(batch: list[bytes] = jpegs[:size], detector: Any = detector) -> None:
                 detector.predict([Image.open(io.BytesIO(data)) for data in batch])
 
             run()  # warm-up
-            runs[precision, size] = run
+            runs[name, size] = run
     seconds: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
     for _ in range(repeats):
         for key, run in runs.items():
             seconds[key].append(median_seconds(run, repeats=1, warmup=0))
     rates = {
-        p: {size: size / statistics.median(seconds[p, size]) for size in batches}
-        for p in precisions
+        name: {size: size / statistics.median(seconds[name, size]) for size in batches}
+        for name in detectors
     }
-    return rates, choice
+    ours = {p: rates[p] for p in precisions}
+    theirs = {p: rates[f"onnxruntime {p}"] for p in onnx}
+    return ours, theirs, choice
+
+
+def onnx_files(weights: Path, folder: Path) -> dict[str, Path]:
+    """``weights`` exported as a full ONNX graph into ``folder``, and its ONNX Runtime INT8
+    graph calibrated on ``CALIBRATION_IMAGES`` synthetic images: ``{"fp32": path, "int8":
+    path}``."""
+    fp32 = export_onnx(weights, folder / "model.onnx")
+    images = load_dataset(f"synthetic:{CALIBRATION_IMAGES}", split="train")
+    pictures = (Image.fromarray(images[i][0].permute(1, 2, 0).numpy()) for i in range(len(images)))
+    return {"fp32": fp32, "int8": quantize_onnx(fp32, pictures, onnx_int8_path(fp32))}
 
 
 def service_rates(
@@ -136,10 +170,14 @@ def service_rates(
     max_batch: int,
     threads: int,
     min_requests: int = MIN_REQUESTS,
+    backend: str = "torch",
 ) -> dict[int, dict[str, float]]:
     """(c) images/s and latency percentiles (ms) of ``python -m app`` (SSD_PRECISION=auto,
-    batches of at most ``max_batch``) under each number of concurrent clients in ``levels``."""
-    server = start_server(weights, max_batch_size=max_batch, clients=max(levels), threads=threads)
+    batches of at most ``max_batch``, on ``backend``: ``weights`` an .onnx file for
+    onnxruntime) under each number of concurrent clients in ``levels``."""
+    server = start_server(
+        weights, max_batch_size=max_batch, clients=max(levels), threads=threads, backend=backend
+    )
     results = {}
     try:
         for clients in levels:
@@ -163,6 +201,17 @@ def ratios(report: dict) -> dict[str, float]:
     largest = max(ours)
     for clients, row in service.items():
         out[f"service@{clients}/detector_auto@batch{largest}"] = row["images_per_s"] / ours[largest]
+    for precision, rates in report["onnxruntime"].items():
+        torch_rates = report["detector"].get(precision)
+        for b in rates:
+            if torch_rates:
+                key = f"onnxruntime_{precision}/detector_{precision}@batch{b}"
+                out[key] = rates[b] / torch_rates[b]
+    for precision, levels in report["onnxruntime_service"].items():
+        for clients, row in levels.items():
+            key = f"service_onnxruntime_{precision}@{clients}/service@{clients}"
+            if clients in service:
+                out[key] = row["images_per_s"] / service[clients]["images_per_s"]
     return out
 
 
@@ -177,12 +226,18 @@ def print_table(report: dict) -> None:
     for precision, rates in report["detector"].items():
         for size, rate in rates.items():
             print(f"{f'(b) Detector {precision}, batch {size}':<44} {rate:9.2f}")
-    for clients, row in report["service"].items():
-        name = f"(c) service, {clients} clients"
-        print(
-            f"{name:<44} {row['images_per_s']:9.2f} {row['p50_ms']:8.0f} "
-            f"{row['p95_ms']:8.0f} {row['p99_ms']:8.0f}"
-        )
+    for precision, rates in report["onnxruntime"].items():
+        for size, rate in rates.items():
+            print(f"{f'(b) ONNX Runtime {precision}, batch {size}':<44} {rate:9.2f}")
+    services = {"torch auto": report["service"]}
+    services.update({f"onnxruntime {p}": rows for p, rows in report["onnxruntime_service"].items()})
+    for backend, rows in services.items():
+        for clients, row in rows.items():
+            name = f"(c) service {backend}, {clients} clients"
+            print(
+                f"{name:<44} {row['images_per_s']:9.2f} {row['p50_ms']:8.0f} "
+                f"{row['p95_ms']:8.0f} {row['p99_ms']:8.0f}"
+            )
     for name, value in report["ratios"].items():
         print(f"  {name:<50} {value:.2f}x")
 
@@ -194,7 +249,8 @@ def _network_checkpoint(args: argparse.Namespace, folder: Path) -> tuple[Path, s
     path, network, description = random_checkpoint(args.width, folder)
     # Its INT8 artifact, calibrated on synthetic images (random weights time like trained
     # ones), so that int8 is timed in (b) and competes in auto in (b) and (c).
-    calibration = calibration_batches("synthetic:16", 16, 8, network.input_size, PIXEL_MEAN)
+    images = load_dataset("synthetic:16", split="train")
+    calibration = calibration_batches(images, 16, 8, network.input_size, PIXEL_MEAN)
     quantized = quantize_network(network.eval(), calibration)
     save_int8(int8_artifact_path(path), activation_qparams(quantized), path, {"bench": True})
     return path, description
@@ -240,11 +296,22 @@ def main() -> None:
         report["command"] = "python -m bench " + " ".join(sys.argv[1:])
         report["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         report["torchvision"] = torchvision_rates(jpegs, len(CLASS_NAMES) + 1, batches, repeats)
-        report["detector"], choice = detector_rates(weights, jpegs, batches, repeats)
-        report["auto_choice"] = choice.summary() if choice else "nothing to choose"
-        report["service"] = service_rates(
-            weights, jpegs, levels, max(batches), args.threads, 4 if args.quick else MIN_REQUESTS
+        onnx = onnx_files(weights, Path(tmp))
+        report["detector"], report["onnxruntime"], choice = detector_rates(
+            weights, onnx, jpegs, batches, repeats, args.threads
         )
+        report["auto_choice"] = choice.summary() if choice else "nothing to choose"
+        requests = 4 if args.quick else MIN_REQUESTS
+        report["service"] = service_rates(
+            weights, jpegs, levels, max(batches), args.threads, requests
+        )
+        onnx_levels = (1,) if args.quick else ONNX_CONCURRENCY
+        report["onnxruntime_service"] = {
+            precision: service_rates(
+                path, jpegs, onnx_levels, max(batches), args.threads, requests, "onnxruntime"
+            )
+            for precision, path in onnx.items()
+        }
     report["ratios"] = ratios(report)
     print_table(report)
     out = args.out or RESULTS / f"{_machine_name()}-{datetime.date.today().isoformat()}.json"

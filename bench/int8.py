@@ -2,17 +2,20 @@
 
 Times the full-width network (random weights) and the shipped width-0.25 model, batch
 ``--batch``, in interleaved rounds, and prints the median ms/image and each candidate's speed
-relative to fp32 measured in the same rounds. With ``--openvino`` (needs the ``openvino`` and
-``nncf`` packages, not project dependencies) it adds OpenVINO fp32 and its NNCF INT8, for
-comparison. Never fails on a time.
+relative to fp32 measured in the same rounds. With ``--onnxruntime`` it adds ONNX Runtime on
+the exported raw graph (``model.export``, the bare network): fp32, and the static INT8 of
+``model.inference.onnx_int8`` calibrated on the same images. With ``--openvino`` (needs the
+``openvino`` and ``nncf`` packages, not project dependencies) it adds OpenVINO fp32 and its
+NNCF INT8, for comparison. Never fails on a time.
 
-    .venv/bin/python -m bench.int8 [--batch 8] [--rounds 5] [--openvino]
+    .venv/bin/python -m bench.int8 [--batch 8] [--rounds 5] [--onnxruntime] [--openvino]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +24,20 @@ import torch
 
 from model import ssd300_vgg16
 from model.data.synthetic import SyntheticShapes
+from model.evaluation.int8_guard import quantize_network
 from model.network.preprocessing import preprocess
 from model.network.ssd import SSD
-from model.quantize import quantize_network
 from model.weights.checkpoint import load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "ssd300_shapes.safetensors"
 CALIBRATION_IMAGES = 16
 
 
-def _candidates(network: SSD, x: torch.Tensor, openvino: bool) -> dict[str, Callable[[], object]]:
-    """Name -> a call that runs one forward pass of ``x`` (Tensor[N, 3, 300, 300])."""
+def _candidates(
+    network: SSD, x: torch.Tensor, openvino: bool, onnxruntime: bool, folder: Path
+) -> dict[str, Callable[[], object]]:
+    """Name -> a call that runs one forward pass of ``x`` (Tensor[N, 3, 300, 300]); ONNX
+    files go to ``folder``."""
     data = SyntheticShapes(CALIBRATION_IMAGES, split="train")
     images = preprocess([data[i][0] for i in range(len(data))], 300)
     start = time.perf_counter()
@@ -43,6 +49,8 @@ def _candidates(network: SSD, x: torch.Tensor, openvino: bool) -> dict[str, Call
         "fp32 channels_last": lambda: fp32(x_cl),
         "int8 torch.ao x86": lambda: int8(x_cl),
     }
+    if onnxruntime:
+        calls.update(_onnxruntime(network, x, data, folder))
     if openvino:
         import nncf
         import openvino as ov
@@ -59,6 +67,35 @@ def _candidates(network: SSD, x: torch.Tensor, openvino: bool) -> dict[str, Call
         x_np = x.numpy()
         calls["openvino fp32"] = lambda: ov_fp32(x_np)
         calls["openvino int8 (nncf)"] = lambda: ov_int8(x_np)
+    return calls
+
+
+def _onnxruntime(
+    network: SSD, x: torch.Tensor, data: SyntheticShapes, folder: Path
+) -> dict[str, Callable[[], object]]:
+    """ONNX Runtime fp32 and static INT8 on the network's raw graph, as many threads as
+    torch uses."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from model import Detector
+    from model.export import export_onnx
+    from model.inference.onnx_int8 import quantize_onnx
+
+    detector = Detector(network, [f"class{i}" for i in range(1, network.num_classes)])
+    fp32 = export_onnx(detector, folder / f"{id(network)}.onnx", graph="raw")
+    images = (Image.fromarray(data[i][0].permute(1, 2, 0).numpy()) for i in range(len(data)))
+    start = time.perf_counter()
+    int8 = quantize_onnx(fp32, images)
+    print(f"  onnx_int8 calibrate + quantize: {time.perf_counter() - start:.1f} s")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # errors only
+    calls: dict[str, Callable[[], object]] = {}
+    x_np = x.numpy()
+    for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8 (QDQ)", int8)):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        calls[name] = lambda session=session: session.run(None, {"images": x_np})
     return calls
 
 
@@ -85,6 +122,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--openvino", action="store_true", help="add OpenVINO fp32 and INT8")
+    parser.add_argument(
+        "--onnxruntime", action="store_true", help="add ONNX Runtime fp32 and static INT8"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -93,9 +133,11 @@ def main() -> None:
         networks["shipped width 0.25"] = load_checkpoint(SHIPPED).network.float().eval()
     x = torch.randn(args.batch, 3, 300, 300) * 58  # the 0-255 scale minus the mean
     print(f"SSD300, batch {args.batch}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    for name, network in networks.items():
-        print(name)
-        _time(_candidates(network, x, args.openvino), args.rounds, args.batch)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, network in networks.items():
+            print(name)
+            calls = _candidates(network, x, args.openvino, args.onnxruntime, Path(folder))
+            _time(calls, args.rounds, args.batch)
 
 
 if __name__ == "__main__":

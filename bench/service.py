@@ -53,6 +53,7 @@ def start_server(
     clients: int = 32,
     threads: int = 1,
     device: str = "cpu",
+    backend: str = "torch",
 ) -> ServerProcess:
     """``python -m app`` serving ``weights`` on ``device`` with these settings, ready.
 
@@ -60,6 +61,7 @@ def start_server(
     discarded. Its warnings and errors go to stderr, which stays.
     """
     env = {
+        "SSD_BACKEND": backend,  # onnxruntime: weights is an .onnx file (model.export)
         "SSD_WEIGHTS": str(weights.resolve()),  # the server runs from the repository root
         "SSD_DEVICE": device,
         "SSD_PRECISION": precision,

@@ -14,6 +14,15 @@ Command::
 artifact belongs to a checkpoint file, so they are first converted into one
 (``model.convert``), written beside ``--out`` (which is then required): ``--out
 weights/coco.int8.safetensors`` writes ``weights/coco.safetensors`` too.
+
+``--format onnx`` quantizes for ONNX Runtime instead (``model.inference.onnx_int8``, for
+``SSD_BACKEND=onnxruntime`` and the torch-free image): the checkpoint is exported as a
+``full`` graph (``model.export``) to ``<stem>.onnx`` beside it, unless ``--weights`` is such
+an .onnx file already, and its INT8 graph written to ``<stem>.int8.onnx`` (or ``--out``),
+calibrated and guarded on the same images::
+
+    python -m model.quantize --weights weights/ssd300_shapes.safetensors \
+        --data synthetic --format onnx
 """
 
 from __future__ import annotations
@@ -21,69 +30,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
 from model.convert import convert_to_file
-from model.data import SPEC_FORMS, load_dataset
-from model.evaluation.evaluate import evaluate
-from model.inference.detector import Detector
-from model.inference.int8 import (
-    ARTIFACT_SUFFIX,
-    QuantizableSSD,
-    activation_qparams,
-    int8_artifact_path,
-    prepare_observed,
-    rebuild,
-    save_int8,
-    torch_ao_quiet,
+from model.data import SPEC_FORMS
+from model.evaluation.int8_guard import (
+    CALIBRATION_IMAGES,
+    ImageSet,
+    Int8Result,
+    make_int8_artifact,
+    make_onnx_int8,
 )
-from model.network.preprocessing import PIXEL_MEAN, preprocess
-from model.network.ssd import SSD
-from model.weights.checkpoint import load_checkpoint
+from model.export import export_onnx
+from model.inference.int8 import ARTIFACT_SUFFIX, int8_artifact_path
+from model.inference.onnx_int8 import ONNX_SUFFIX, onnx_int8_path
 from model.weights.published import is_published
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def quantize_network(network: SSD, batches: Iterable[Tensor]) -> QuantizableSSD:
-    """Calibrate on ``batches`` (each Tensor[N, 3, S, S], prepared as ``Detector.prepare``
-    makes them) and convert: a quantized network with the ``SSD.forward`` contract.
-
-    Raises:
-        ValueError: ``batches`` was empty.
-    """
-    prepared = prepare_observed(network)
-    seen = 0
-    for batch in batches:
-        prepared(batch.contiguous(memory_format=torch.channels_last))
-        seen += int(batch.shape[0])
-    if seen == 0:
-        raise ValueError("calibration needs at least one image, got none")
-    with torch_ao_quiet():
-        return torch.ao.quantization.convert(prepared)
-
-
-def calibration_batches(
-    data: str,
-    count: int,
-    batch_size: int,
-    input_size: int,
-    mean: Sequence[float],
-    resize: str = "antialias",
-) -> Iterator[Tensor]:
-    """Prepared Tensors[n, 3, S, S] of the first ``count`` images of ``data``'s train split
-    (fewer if it is smaller), ``batch_size`` at a time, resized as ``resize`` says
-    (``model.network.preprocessing``)."""
-    dataset = load_dataset(data, split="train")
-    count = min(count, len(dataset))
-    for start in range(0, count, batch_size):
-        images = [dataset[i][0] for i in range(start, min(start + batch_size, count))]
-        yield preprocess(images, input_size, tuple(mean), resize)
+FORMATS = ("torch", "onnx")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -97,11 +62,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data", required=True, help=SPEC_FORMS)
     parser.add_argument(
-        "--calibration", type=int, default=256, help="train-split images to calibrate on"
+        "--calibration",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help="train-split images to calibrate on",
     )
     parser.add_argument("--guard-data", default="synthetic:500", help="scored on its test split")
     parser.add_argument("--out", type=Path, help=f"default: beside --weights, *{ARTIFACT_SUFFIX}")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="torch",
+        help="torch: the artifact for PyTorch's int8 kernels; onnx: an INT8 ONNX graph for "
+        "ONNX Runtime (--weights may then be an exported .onnx)",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        suffix = ONNX_SUFFIX if args.format == "onnx" else ARTIFACT_SUFFIX
         if is_published(args.weights):
             if args.out is None:
                 raise ValueError(
@@ -116,54 +92,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "checkpoint are written there"
                 )
             checkpoint = args.out.with_name(
-                args.out.name.removesuffix(ARTIFACT_SUFFIX).removesuffix(".safetensors")
-                + ".safetensors"
+                args.out.name.removesuffix(suffix).removesuffix(".safetensors") + ".safetensors"
             )
             args.weights = convert_to_file(str(args.weights), checkpoint)
             log.info("converted the published weights into %s", checkpoint)
-        out = args.out or int8_artifact_path(args.weights)
-        if not args.weights.is_file():
-            raise FileNotFoundError(f"no checkpoint at {args.weights}")
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"no folder {out.parent} to write {out.name} into")
-        if args.calibration < 1:
-            raise ValueError(f"--calibration must be >= 1, got {args.calibration}")
-        loaded = load_checkpoint(args.weights)
-        mean = loaded.normalization.get("mean", PIXEL_MEAN)
-        resize = loaded.normalization.get("resize", "antialias")
-        network = loaded.network.float().eval()
-        batches = calibration_batches(
-            args.data, args.calibration, args.batch_size, network.input_size, mean, resize
+        calibration = ImageSet.load(args.data, "train")
+        guard = ImageSet.load(args.guard_data, "test")
+        result = (
+            _onnx(args, calibration, guard)
+            if args.format == "onnx"
+            else make_int8_artifact(
+                args.weights,
+                calibration,
+                guard,
+                count=args.calibration,
+                batch_size=args.batch_size,
+                out=args.out or int8_artifact_path(args.weights),
+            )
         )
-        quantized = quantize_network(network, batches)
-        calibrated = min(args.calibration, len(load_dataset(args.data, split="train")))
-        params = activation_qparams(quantized)
-        # The guard scores the network as loading will rebuild it from the stored parameters.
-        rebuilt = rebuild(network, params)
-        fp32 = Detector.load(args.weights, device="cpu", precision="fp32")
-        int8 = Detector(
-            rebuilt,
-            loaded.class_names,
-            device="cpu",
-            precision="int8",
-            pixel_mean=mean,
-            resize=resize,
-        )
-        guard = {}
-        for name, detector in (("fp32", fp32), ("int8", int8)):
-            report, _ = evaluate(detector, args.guard_data, split="test")
-            guard[name] = report.map50
-            log.info("%s mAP@0.5 on %s test: %.4f", name, args.guard_data, report.map50)
-        info = {
-            "calibration": {"data": args.data, "split": "train", "images": calibrated},
-            "guard": {"data": args.guard_data, "split": "test", "map50": guard},
-        }
-        save_int8(out, params, args.weights, info)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: fp32 mAP@0.5 {guard['fp32']:.4f}, int8 {guard['int8']:.4f}")
+    print(result.summary())
     return 0
+
+
+def _onnx(args: argparse.Namespace, calibration: ImageSet, guard: ImageSet) -> Int8Result:
+    """``--format onnx``: export the checkpoint (unless it is an .onnx file), quantize it."""
+    weights = Path(args.weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    if weights.suffix == ".onnx":
+        fp32 = weights
+    else:
+        stem = weights.name.removesuffix(".safetensors")
+        fp32 = export_onnx(weights, weights.with_name(f"{stem}.onnx"))
+        log.info("exported %s to %s", weights, fp32)
+    out = args.out or onnx_int8_path(fp32)
+    return make_onnx_int8(
+        fp32, calibration, guard, count=args.calibration, batch_size=args.batch_size, out=out
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ Besides ``--out``:
 * ``<out stem>.state.safetensors``: model, optimiser, scheduler, step and RNG state, for
   ``--resume`` (safetensors with JSON metadata; nothing pickled);
 * ``<out stem>.best.safetensors``: the best checkpoint by validation mAP@0.5;
-* ``<out stem>.jsonl``: one JSON line per logged step and per evaluation.
+* ``<out stem>.jsonl``: one JSON line per logged step and per evaluation;
+* ``<out stem>.int8.safetensors`` and ``<out stem>.best.int8.safetensors``: the INT8 artifacts
+  of the final and best checkpoints (``Detector.load(..., precision="int8")``, and a candidate
+  of ``auto`` on CPUs while int8 stays within the mAP guard on the validation images),
+  calibrated on the first ``--calibration`` training images (``model.evaluation.int8_guard``);
+  ``--calibration 0`` skips them.
 
 Runs on several GPUs or nodes under ``torchrun`` (DDP; gloo on the CPU, NCCL on GPUs) with the
 same command line. Every random choice is a function of ``--seed``, the epoch and the sample
@@ -41,7 +46,9 @@ from model.data import SPEC_FORMS, load_dataset, split_spec
 from model.data.loader import AugmentedDataset
 from model.data.mosaic import Mosaic
 from model.data.transforms import EvalTransform, TrainTransform, ZoomOut
+from model.evaluation.int8_guard import CALIBRATION_IMAGES, ImageSet, make_int8_artifact
 from model.inference.autotune import candidates, choose_training_precision
+from model.inference.int8 import artifact_is_current
 from model.inference.runtime import PRECISIONS, Runtime
 from model.network.box_fitting import fit_default_boxes
 from model.network.default_boxes import FITTED, PRESETS
@@ -317,6 +324,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--stop-at", type=int, help="stop after this step, resumable (splits long runs)")
     p.add_argument(
+        "--calibration",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        metavar="N",
+        help="calibrate the INT8 artifacts of the final and best checkpoints on the first N "
+        "training images, guarded on the validation images (0: write none)",
+    )
+    p.add_argument(
         "--save-dtype",
         default="fp32",
         choices=SAVE_DTYPES,
@@ -433,8 +448,7 @@ def _datasets(args: argparse.Namespace) -> tuple[Any, Validation | None]:
     ``--val-data`` names another dataset and ``--data`` names no part, ``--data`` is used
     whole (or its split file's "train" images): nothing of it is held out."""
     source, part = split_spec(args.data)
-    val_spec = args.val_data or source
-    whole = part is None and not _same_dataset(val_spec, source)
+    whole = part is None and not _same_dataset(args.val_data or source, source)
     train_set = load_dataset(
         args.data,
         split="train",
@@ -444,13 +458,43 @@ def _datasets(args: argparse.Namespace) -> tuple[Any, Validation | None]:
     )
     if args.eval_every <= 0:
         return train_set, None
-    val_set = load_dataset(
-        val_spec,
+    val_set = _val_set(args, train_set)
+    return train_set, Validation(val_set, batch_size=args.batch_size, workers=args.workers)
+
+
+def _val_set(args: argparse.Namespace, train_set: Any) -> Any:
+    """The validation images (``_datasets``' rule), with ``train_set``'s classes."""
+    return load_dataset(
+        _val_spec(args),
         split="val",
         val_fraction=args.val_fraction,
         classes=list(train_set.class_names),
     )
-    return train_set, Validation(val_set, batch_size=args.batch_size, workers=args.workers)
+
+
+def _val_spec(args: argparse.Namespace) -> str:
+    return args.val_data or split_spec(args.data)[0]
+
+
+def write_int8_artifacts(args: argparse.Namespace, files: RunFiles) -> None:
+    """The INT8 artifacts of the run's final and best checkpoints (those present and without
+    a current one), calibrated on ``--data``'s training images and guarded on the
+    validation images; each outcome logged."""
+    train_set, validation = _datasets(args)
+    val_set = validation.dataset if validation else _val_set(args, train_set)
+    calibration = ImageSet(train_set, args.data, "train")
+    guard = ImageSet(val_set, _val_spec(args), "val")
+    for checkpoint in (files.checkpoint, files.best):
+        if not checkpoint.is_file() or artifact_is_current(checkpoint):
+            continue
+        result = make_int8_artifact(
+            checkpoint,
+            calibration,
+            guard,
+            count=args.calibration,
+            batch_size=args.batch_size,
+        )
+        logger.info("INT8 of %s: %s", checkpoint.name, result.summary())
 
 
 def _same_dataset(spec: str, other: str) -> bool:
@@ -618,6 +662,12 @@ def main(argv: Sequence[str] | None = None, clock: Callable[[], float] = time.mo
         Processes.stop()
     if trainer.processes.is_main and trainer.best_map >= 0:
         logger.info("best validation mAP@0.5 %.4f (%s)", trainer.best_map, trainer.files.best)
+    if trainer.processes.is_main and args.calibration > 0:
+        try:
+            write_int8_artifacts(args, trainer.files)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: INT8 artifact: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

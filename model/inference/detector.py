@@ -12,7 +12,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from model.inference.autotune import BATCH_SIZE, PrecisionChoice, choose_inference_precision
-from model.inference.int8 import QuantizableSSD, int8_artifact_for, load_int8
+from model.inference.int8 import (
+    MAP50_GUARD,
+    QuantizableSSD,
+    guard_shortfall,
+    int8_artifact_for,
+    load_int8,
+)
 from model.inference.runtime import INT8, Runtime, resolve_device
 from model.network.detections import (
     MAX_DETECTIONS,
@@ -112,7 +118,8 @@ class Detector:
         the figures), and build the Detector at the fastest that passes the accuracy guard.
         ``int8`` reads the quantized network from the artifact beside the checkpoint
         (``model.inference.int8.int8_artifact_path``; FileNotFoundError naming it when absent), and
-        ``auto`` on the CPU lets it compete when it is there.
+        ``auto`` on the CPU lets it compete when it is there and its recorded mAP@0.5 met the
+        guard (``model.inference.int8.guard_shortfall``).
         """
         if precision == INT8:
             network, checkpoint = load_int8(source)
@@ -125,7 +132,16 @@ class Detector:
         if precision == "auto":
             on = resolve_device(device)
             quantized = None
-            if on.type == "cpu" and int8_artifact_for(source) is not None:
+            artifact = int8_artifact_for(source) if on.type == "cpu" else None
+            if artifact is not None and (short := guard_shortfall(artifact)) is not None:
+                log.warning(
+                    "%s: int8 fell %.4f mAP@0.5 below fp32 beyond the %.2f guard when it was "
+                    "made; auto leaves it out (precision int8 still loads it)",
+                    artifact,
+                    short,
+                    MAP50_GUARD,
+                )
+            elif artifact is not None:
                 quantized, _ = load_int8(source)
             inputs = _noise_inputs(network.input_size, pixel_mean, resize)
             choice = choose_inference_precision(network, on, inputs, quantized)

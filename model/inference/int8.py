@@ -40,6 +40,9 @@ from model.weights.sources import file_sha256
 ENGINE = "x86"
 ARTIFACT_SUFFIX = ".int8.safetensors"
 FORMAT = "ssd-int8-qparams/1"
+# The guard on reduced precision (weights/README.md): int8 within 1.0 point of fp32's mAP@0.5
+# on held-out images, as recorded in the artifact by model.evaluation.int8_guard.
+MAP50_GUARD = 0.01
 
 
 @contextlib.contextmanager
@@ -72,6 +75,24 @@ def int8_artifact_for(checkpoint: str | os.PathLike[str]) -> Path | None:
     """The INT8 artifact beside ``checkpoint`` if there is one, else None (for ``auto``)."""
     path = int8_artifact_path(checkpoint)
     return path if path.is_file() else None
+
+
+def artifact_is_current(checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether an INT8 artifact beside ``checkpoint`` was made from these very weights."""
+    path = int8_artifact_path(checkpoint)
+    if not path.is_file():
+        return False
+    return read_int8_info(path).get("checkpoint_sha256") == file_sha256(checkpoint)
+
+
+def guard_shortfall(path: str | os.PathLike[str]) -> float | None:
+    """How far the artifact's recorded int8 mAP@0.5 fell below fp32's beyond ``MAP50_GUARD``
+    (a positive number), or None when it is within the guard or recorded no guard."""
+    map50 = read_int8_info(path)["info"].get("guard", {}).get("map50", {})
+    if not {"fp32", "int8"} <= set(map50):
+        return None
+    shortfall = float(map50["fp32"]) - float(map50["int8"]) - MAP50_GUARD
+    return shortfall if shortfall > 0 else None
 
 
 class QuantizableSSD(nn.Module):

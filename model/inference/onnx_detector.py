@@ -45,7 +45,8 @@ class OnnxDetector:
     """A ``full`` ONNX graph run by ONNX Runtime on the CPU, images in, detections out.
 
     The interface the service uses of ``Detector``: ``class_names``, ``input_size``,
-    ``device`` (``"cpu"``), ``precision`` (``"fp32"``), ``cut``, ``class_ids``, ``prepare``,
+    ``device`` (``"cpu"``), ``precision`` (``"fp32"``, or ``"int8"`` for a file from
+    ``model.inference.onnx_int8``), ``cut``, ``class_ids``, ``prepare``,
     ``run_batch``, ``warm_up``; and ``predict`` for scripts.
 
     Args:
@@ -64,6 +65,10 @@ class OnnxDetector:
             raise FileNotFoundError(f"no ONNX file at {path}")
         options = ort.SessionOptions()
         options.log_severity_level = _LOG_ERRORS_ONLY
+        # ONNX Runtime's intra-op threads spin between operations by default, taking the
+        # cores from the service's decode threads and event loop: on 2 cores the int8 service
+        # ran at 0.4-0.5x with spinning on (docs/performance.md, "INT8").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
@@ -90,7 +95,8 @@ class OnnxDetector:
             raise OnnxModelError(f"{path}: its metadata lacks or garbles {exc}") from None
         self.path = path
         self.device = "cpu"
-        self.precision = "fp32"
+        # "int8" for a graph quantized by model.inference.onnx_int8, which says so
+        self.precision = meta.get("precision", "fp32")
 
     def cut(
         self,

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from app.main import create_app, load_detector
 from app.settings import SettingsError
@@ -174,6 +175,49 @@ def test_a_checkpoint_is_not_an_onnx_file(shipped_weights: Path):
     settings = settings_from({"SSD_BACKEND": "onnxruntime", "SSD_WEIGHTS": str(shipped_weights)})
     with pytest.raises(SettingsError, match=r"SSD_WEIGHTS=.*not a readable ONNX model"):
         load_detector(settings.weights, settings)
+
+
+@pytest.fixture(scope="module")
+def shapes_int8_onnx(shapes_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exported shipped model's ONNX Runtime INT8 graph, calibrated on 16 images."""
+    from model.data.synthetic import SyntheticShapes
+    from model.inference.onnx_int8 import quantize_onnx
+
+    samples = SyntheticShapes(16, split="train")
+    images = [Image.fromarray(samples[i][0].permute(1, 2, 0).numpy()) for i in range(16)]
+    return quantize_onnx(shapes_onnx, images, tmp_path_factory.mktemp("int8") / "s.int8.onnx")
+
+
+def test_an_int8_graph_is_served_without_torch(
+    shapes_int8_onnx: Path, onnx_server: Server, no_torch: Path, tmp_path: Path
+):
+    env = {**DEFAULT_ENV, "SSD_BACKEND": "onnxruntime", "SSD_WEIGHTS": str(shapes_int8_onnx),
+           "SSD_PRECISION": "int8", "PYTHONPATH": str(no_torch)}  # fmt: skip
+    server = Server(env, tmp_path / "server.log").wait_ready()
+    try:
+        models = httpx.get(server.url + "/models").json()["models"]
+        assert models[0]["precision"] == "int8"
+        headers = {"Content-Type": "image/png"}
+        data = encode(shapes_image(), "PNG")
+        ours = httpx.post(server.url + "/detect", content=data, headers=headers)
+        theirs = httpx.post(onnx_server.url + "/detect", content=data, headers=headers)
+    finally:
+        server.stop()
+    assert ours.status_code == theirs.status_code == 200, ours.text
+    # int8 rounding moves scores a little, not what is found: the same confident labels
+    confident = [
+        sorted(d["label"] for d in answer.json()["detections"] if d["score"] >= 0.5)
+        for answer in (ours, theirs)
+    ]
+    assert confident[0] == confident[1] and confident[1]
+
+
+def test_a_precision_the_file_is_not_in_is_named(shapes_int8_onnx: Path):
+    env = {"SSD_BACKEND": "onnxruntime", "SSD_WEIGHTS": str(shapes_int8_onnx)}
+    settings = settings_from({**env, "SSD_PRECISION": "fp32"})
+    with pytest.raises(SettingsError, match=r"SSD_PRECISION='fp32': .* is an int8 graph"):
+        load_detector(settings.weights, settings)
+    assert load_detector(settings_from(env).weights, settings_from(env)).precision == "int8"
 
 
 @pytest.mark.anyio

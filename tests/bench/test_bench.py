@@ -29,12 +29,23 @@ def test_quick_bench_writes_a_complete_report(tmp_path: Path) -> None:
     assert report["machine"]["torch"] and report["machine"]["cpu_model"]
     assert set(report["torchvision"]) == {"1"}
     assert set(report["detector"]) == {"fp32", "bf16", "int8", "auto"}
-    assert set(report["service"]["1"]) == {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "requests"}
+    load = {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "requests"}
+    assert set(report["service"]["1"]) == load
+    # ONNX Runtime beside torch: the exported graph in fp32 and in int8, bare and served
+    assert set(report["onnxruntime"]) == {"fp32", "int8"}
+    assert all(set(rates) == {"1"} for rates in report["onnxruntime"].values())
+    assert set(report["onnxruntime_service"]) == {"fp32", "int8"}
+    assert all(set(rows["1"]) == load for rows in report["onnxruntime_service"].values())
     assert set(report["ratios"]) == {
         "detector_auto/torchvision@batch1",
         "detector_auto/fastest_forced@batch1",
         "service@1/detector_auto@batch1",
+        "onnxruntime_fp32/detector_fp32@batch1",
+        "onnxruntime_int8/detector_int8@batch1",
+        "service_onnxruntime_fp32@1/service@1",
+        "service_onnxruntime_int8@1/service@1",
     }
-    figures = [report["torchvision"], report["detector"], report["service"], report["ratios"]]
+    figures = [report[key] for key in ("torchvision", "detector", "service", "ratios")]
+    figures += [report["onnxruntime"], report["onnxruntime_service"]]
     numbers = [n for part in figures for n in _numbers(part)]
     assert numbers and all(n > 0 for n in numbers)

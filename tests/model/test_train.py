@@ -13,12 +13,24 @@ from PIL import Image
 from model import Detector, ssd300_vgg16
 from model.data.synthetic import CLASS_NAMES, SyntheticShapes
 from model.evaluation.evaluate import evaluate
+from model.inference.autotune import candidates
+from model.inference.int8 import (
+    MAP50_GUARD,
+    QuantizableSSD,
+    int8_artifact_for,
+    int8_artifact_path,
+    read_int8_info,
+)
 from model.network.default_boxes import box_spec, make_default_boxes, preset_spec
 from model.train import RECIPES, SCRATCH_DEFAULTS, _datasets, _parse_args, main, split_summary
 from model.weights.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from model.weights.sources import file_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1"]
+# No INT8 artifacts (their calibration and guard cost seconds a run): the tests of them
+# give --calibration after TINY.
+TINY = ["--width", "0.125", "--batch-norm", "--workers", "0", "--log-every", "1",
+        "--calibration", "0"]  # fmt: skip
 
 
 def _log(out: Path) -> list[dict]:
@@ -356,6 +368,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
             "2",
             "-m",
             "model.train",
+            "--calibration",
+            "0",
             "--data",
             "synthetic:8",
             "--out",
@@ -425,7 +439,7 @@ def test_the_default_command_trains_stably_on_real_photos(tmp_path, raccoon, cap
     with caplog.at_level("INFO", logger="model.train"):
         code = main(["--data", f"voc:{raccoon}", "--out", str(out), "--steps", "30",
                      "--width", "0.125", "--batch-size", "2", "--workers", "0",
-                     "--eval-every", "0", "--log-every", "1"])  # fmt: skip
+                     "--eval-every", "0", "--log-every", "1", "--calibration", "0"])  # fmt: skip
     assert code == 0
     losses = [r["loss"] for r in _log(out) if "loss" in r]
     assert len(losses) == 30 and all(map(math.isfinite, losses)), losses
@@ -494,3 +508,39 @@ def test_split_names_train_on_the_holdouts_parts_and_the_log_says_so(
         f"split: training on 180 images of voc:{raccoon_unsplit} (train: the rest of a holdout "
         f"of 0.1); validating on 20 images of voc:{raccoon_unsplit} (val: held out 0.1)\n"
     ) in caplog.text
+
+
+def test_int8_artifacts_beside_final_and_best_load_and_compete_in_auto(tmp_path, caplog):
+    out = tmp_path / "m.safetensors"
+    argv = ["--data", "synthetic:8", "--val-data", "synthetic:4", "--out", str(out),
+            "--epochs", "2", "--batch-size", "4", *TINY, "--calibration", "4"]  # fmt: skip
+    with caplog.at_level("INFO", logger="model.train"):
+        assert main(argv) == 0
+    best = tmp_path / "m.best.safetensors"
+    for checkpoint in (out, best):
+        artifact = int8_artifact_path(checkpoint)
+        info = read_int8_info(artifact)
+        assert info["checkpoint_sha256"] == file_sha256(checkpoint)
+        assert info["info"]["calibration"] == {"data": "synthetic:8", "split": "train", "images": 4}
+        guard = info["info"]["guard"]
+        assert (guard["data"], guard["split"]) == ("synthetic:4", "val")
+        assert f"INT8 of {checkpoint.name}: wrote {artifact}" in caplog.text
+        detector = Detector.load(checkpoint, device="cpu", precision="int8")
+        assert detector.precision == "int8" and isinstance(detector.network, QuantizableSSD)
+        assert len(detector.predict([SyntheticShapes(1, split="test")[0][0]])) == 1
+    # The guard scored fp32 on the very images and with the very scoring the trainer's
+    # validation used, by its own path: the best checkpoint's recorded mAP comes out again.
+    recorded = read_int8_info(int8_artifact_path(best))["info"]["guard"]["map50"]
+    assert recorded["fp32"] == pytest.approx(load_checkpoint(best).recipe["val_map50"], abs=1e-9)
+    assert recorded["fp32"] - recorded["int8"] <= MAP50_GUARD
+    # auto on the CPU times fp32, bf16 where offered, and int8 from the artifact
+    choice = Detector.load(best, device="cpu", precision="auto").precision_choice
+    assert set(choice.images_per_s) == {*candidates(torch.device("cpu")), "int8"}
+
+
+def test_calibration_0_writes_no_int8_artifact(tmp_path):
+    out = tmp_path / "m.safetensors"
+    argv = ["--data", "synthetic:8", "--out", str(out), "--steps", "1", "--batch-size", "4",
+            "--eval-every", "0", *TINY, "--calibration", "0"]  # fmt: skip
+    assert main(argv) == 0
+    assert out.is_file() and int8_artifact_for(out) is None

@@ -38,6 +38,8 @@ def raccoon_checkpoint(raccoon: Path, tmp_path_factory) -> Path:
             "0",
             "--eval-every",
             "0",
+            "--calibration",
+            "0",
         ]
     )
     assert code == 0

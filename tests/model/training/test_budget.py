@@ -117,7 +117,7 @@ def test_minutes_with_the_recipe_trains_what_fits_and_fits_the_schedule_to_it(tm
             "--data", "synthetic:24", "--val-data", "synthetic:4", "--out", str(out),
             "--minutes", "0.25", "--batch-size", "2", "--width", "0.125",
             "--batch-norm", "--workers", "0", "--log-every", "1", "--warmup-steps", "5",
-            "--lr", "0.005", "--recipe", "small-scratch",
+            "--lr", "0.005", "--recipe", "small-scratch", "--calibration", "0",
         ],
         clock=clock,
     )  # fmt: skip

@@ -23,6 +23,7 @@ from model.quantize import main as quantize_main
 from model.train import main as train_main
 from model.weights.checkpoint import load_checkpoint, read_metadata
 from model.weights.published import SSD_PYTORCH_VOC_SHA256, VOC_CLASSES
+from model.weights.sources import file_sha256
 from tests.support.offline import use_refusing_proxy
 
 COCO = SSD300_VGG16_Weights.COCO_V1
@@ -321,6 +322,7 @@ def test_finetune_from_torchvision_coco_replaces_only_the_class_head(
     args = ["--data", "synthetic:4", "--val-data", "synthetic:2", "--out", str(out)]
     args += ["--init", "torchvision:coco", "--recipe", "finetune", "--steps", "2"]
     args += ["--batch-size", "2", "--workers", "0", "--precision", "fp32", "--eval-every", "0"]
+    args += ["--calibration", "0"]
     with caplog.at_level(logging.INFO, logger="model.train"):
         assert train_main(args) == 0
     line = next(r.getMessage() for r in caplog.records if "initialised" in r.getMessage())
@@ -396,3 +398,33 @@ def test_a_damaged_cached_file_is_named_and_never_unpickled_freely(tmp_path, mon
     with pytest.raises(ValueError, match="damaged or holds more than tensors") as caught:
         load_checkpoint("torchvision:coco")
     assert str(cached) in str(caught.value) and "weights_only=False" not in str(caught.value)
+
+
+def test_convert_writes_the_int8_artifact_given_calibration_images(seeded_cache, coco128, tmp_path):
+    # A user's own photos in a COCO file: the train part calibrates, the val part guards. As
+    # above, the stand-in's random weights make the guard's figures meaningless, not absent.
+    data = json.loads((coco128 / "annotations" / "instances.json").read_text())
+    images = data["images"][:6]
+    ids = {image["id"] for image in images}
+    annotations = [a for a in data["annotations"] if a["image_id"] in ids]
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
+    spec = f"coco:{coco128 / 'images'}:{mine}"
+    out = tmp_path / "coco.safetensors"
+    argv = ["torchvision:coco", "--out", str(out), "--calibration-data", spec,
+            "--calibration", "2"]  # fmt: skip
+    assert convert_main(argv) == 0
+    info = read_int8_info(tmp_path / "coco.int8.safetensors")
+    assert info["checkpoint_sha256"] == file_sha256(out)
+    assert info["info"]["calibration"] == {"data": spec, "split": "train", "images": 2}
+    assert (info["info"]["guard"]["data"], info["info"]["guard"]["split"]) == (spec, "val")
+    detector = Detector.load(out, device="cpu", precision="int8")
+    assert detector.precision == "int8" and detector.class_names[:2] == ["person", "bicycle"]
+
+
+def test_convert_refuses_calibration_data_it_cannot_read_before_writing(tmp_path, capsys):
+    out = tmp_path / "coco.safetensors"
+    missing = tmp_path / "nowhere"
+    argv = ["torchvision:coco", "--out", str(out), "--calibration-data", f"voc:{missing}"]
+    assert convert_main(argv) == 2
+    assert str(missing) in capsys.readouterr().err and not out.exists()
