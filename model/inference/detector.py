@@ -28,6 +28,7 @@ from model.network.detections import (
     Cut,
     Detections,
     class_ids_of,
+    make_cut,
 )
 from model.network.pixels import prepare_image
 from model.network.postprocess import postprocess_each
@@ -206,11 +207,8 @@ class Detector:
             ValueError: a value out of range, or a class name this model lacks (the message
                 lists the valid ones).
         """
-        return Cut(
-            score_threshold=score_threshold,
-            max_detections=max_detections,
-            classes=None if classes is None else self.class_ids(classes),
-            nms_iou=self.nms_iou if nms_iou is None else nms_iou,
+        return make_cut(
+            self.class_names, self.nms_iou, score_threshold, max_detections, classes, nms_iou
         )
 
     def class_ids(self, names: Sequence[str]) -> frozenset[int]:

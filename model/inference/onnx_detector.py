@@ -27,6 +27,7 @@ from model.network.detections import (
     Detections,
     class_ids_of,
     class_mask,
+    make_cut,
 )
 from model.network.pixels import prepare_image
 
@@ -117,11 +118,8 @@ class OnnxDetector:
                 f"per image that {self.path.name} keeps (re-export it with python -m "
                 "model.export --max-detections N)"
             )
-        return Cut(
-            score_threshold=score_threshold,
-            max_detections=max_detections,
-            classes=None if classes is None else self.class_ids(classes),
-            nms_iou=self.nms_iou if nms_iou is None else nms_iou,
+        return make_cut(
+            self.class_names, self.nms_iou, score_threshold, max_detections, classes, nms_iou
         )
 
     def class_ids(self, names: Sequence[str]) -> frozenset[int]:

@@ -59,6 +59,30 @@ def class_ids_of(class_names: Sequence[str], names: Sequence[str]) -> frozenset[
     return frozenset(list(class_names).index(name) + 1 for name in names)
 
 
+def make_cut(
+    class_names: Sequence[str],
+    default_nms_iou: float,
+    score_threshold: float,
+    max_detections: int,
+    classes: Sequence[str] | None = None,
+    nms_iou: float | None = None,
+) -> Cut:
+    """The ``Cut`` for these settings on a model of ``class_names``: class names turned into ids
+    (``class_ids_of``), ``nms_iou`` None meaning the model's ``default_nms_iou``. What both
+    detectors' ``cut`` give.
+
+    Raises:
+        ValueError: a value out of range, or a class name this model lacks (the message lists
+            the valid ones).
+    """
+    return Cut(
+        score_threshold=score_threshold,
+        max_detections=max_detections,
+        classes=None if classes is None else class_ids_of(class_names, classes),
+        nms_iou=default_nms_iou if nms_iou is None else nms_iou,
+    )
+
+
 def class_mask(cuts: Sequence[Cut], num_classes: int) -> np.ndarray | None:
     """bool array [len(cuts), C-1]: the classes (ids 1..C-1) each cut keeps, for a model of
     ``num_classes`` classes (background included); None when every cut keeps all.

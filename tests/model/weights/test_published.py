@@ -364,17 +364,22 @@ def test_coco_classes_line_up_with_coco_json_data(seeded_cache, coco128):
         assert slots[category_id] == names[label - 1]
 
 
-def test_int8_of_torchvision_coco_calibrated_on_the_users_photos(seeded_cache, coco128, tmp_path):
-    # A user's own photos, here two of coco128 in a COCO file of their own: calibration and
-    # the accuracy guard run on them. The stand-in's random weights make the guard's mAP
-    # meaningless; what is checked is that each step runs on imported weights and reports.
+def _own_coco_file(coco128: Path, tmp_path: Path, count: int) -> str:
+    """A user's own COCO file of coco128's first ``count`` photos, as a data spec."""
     data = json.loads((coco128 / "annotations" / "instances.json").read_text())
-    images = data["images"][:2]
+    images = data["images"][:count]
     ids = {image["id"] for image in images}
     annotations = [a for a in data["annotations"] if a["image_id"] in ids]
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
-    spec = f"coco:{coco128 / 'images'}:{mine}"
+    return f"coco:{coco128 / 'images'}:{mine}"
+
+
+def test_int8_of_torchvision_coco_calibrated_on_the_users_photos(seeded_cache, coco128, tmp_path):
+    # A user's own photos, here two of coco128 in a COCO file of their own: calibration and
+    # the accuracy guard run on them. The stand-in's random weights make the guard's mAP
+    # meaningless; what is checked is that each step runs on imported weights and reports.
+    spec = _own_coco_file(coco128, tmp_path, 2)
     out = tmp_path / "coco.int8.safetensors"
     argv = ["--weights", "torchvision:coco", "--data", spec, "--calibration", "2",
             "--guard-data", spec, "--out", str(out)]  # fmt: skip
@@ -403,13 +408,7 @@ def test_a_damaged_cached_file_is_named_and_never_unpickled_freely(tmp_path, mon
 def test_convert_writes_the_int8_artifact_given_calibration_images(seeded_cache, coco128, tmp_path):
     # A user's own photos in a COCO file: the train part calibrates, the val part guards. As
     # above, the stand-in's random weights make the guard's figures meaningless, not absent.
-    data = json.loads((coco128 / "annotations" / "instances.json").read_text())
-    images = data["images"][:6]
-    ids = {image["id"] for image in images}
-    annotations = [a for a in data["annotations"] if a["image_id"] in ids]
-    mine = tmp_path / "mine.json"
-    mine.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
-    spec = f"coco:{coco128 / 'images'}:{mine}"
+    spec = _own_coco_file(coco128, tmp_path, 6)
     out = tmp_path / "coco.safetensors"
     argv = ["torchvision:coco", "--out", str(out), "--calibration-data", spec,
             "--calibration", "2"]  # fmt: skip
